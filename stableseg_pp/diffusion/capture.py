@@ -1,0 +1,187 @@
+"""Attention-capture processors for diffusers ``Attention`` layers.
+
+Installed with ``unet.set_attn_processor`` on the layers whose maps are needed;
+every other layer keeps the stock fused processor. Maps are reduced as they
+are produced:
+
+* cross-attention: ``softmax(QK^T / sqrt(d))`` averaged over heads and
+  multiplied by a (tokens x classes) weight matrix -> one map per class, so a
+  layer costs HW x classes, never HW x 77 x heads;
+* self-attention: only the head-split Query and Key features are kept (for
+  SAR, which needs O(HW x classes)); the output uses the fused kernel and no
+  HW x HW map is ever formed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+
+@dataclass
+class AttentionStore:
+    """What one forward captured; reset before each forward."""
+
+    token_weights: torch.Tensor | None = None  # (B, T, C): averages each class's tokens
+    latent_hw: tuple[int, int] = (0, 0)
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, C, h, w)
+    self_qk: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (B, heads, N, d)
+    qk_dtype: torch.dtype | None = None
+
+    def reset(self, token_weights: torch.Tensor | None, latent_hw: tuple[int, int]) -> None:
+        self.token_weights = token_weights
+        self.latent_hw = latent_hw
+        self.cross.clear()
+        self.self_qk.clear()
+
+    def map_shape(self, n_tokens: int) -> tuple[int, int]:
+        """Side lengths of a layer's map from its number of image tokens."""
+        h, w = self.latent_hw
+        factor = math.sqrt(h * w / n_tokens)
+        return round(h / factor), round(w / factor)
+
+
+def _project(attn: Attention, hidden_states, encoder_hidden_states, attention_mask, temb):
+    """Q, K, V split into heads, exactly as ``AttnProcessor2_0`` computes them."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_shape = hidden_states.shape
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    batch_size, sequence_length, _ = (
+        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    )
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, attention_mask, residual, input_shape
+
+
+def _finish(attn: Attention, out: torch.Tensor, query: torch.Tensor, residual, input_shape) -> torch.Tensor:
+    """Output projection, reshape and residual, as ``AttnProcessor2_0`` does."""
+    b, heads, n, d = out.shape
+    out = out.transpose(1, 2).reshape(b, n, heads * d).to(query.dtype)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if len(input_shape) == 4:
+        out = out.transpose(-1, -2).reshape(*input_shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+class CrossAttentionMapProcessor:
+    """Cross-attention that also records the head-mean probability map of each class.
+
+    The probabilities are computed once and reused for the output, so the layer
+    costs one explicit softmax instead of the fused kernel.
+    """
+
+    def __init__(self, store: AttentionStore, name: str):
+        self.store = store
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        if encoder_hidden_states is None:
+            raise ValueError(f"{self.name}: CrossAttentionMapProcessor installed on a self-attention layer")
+        q, k, v, mask, residual, shape = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1)
+        out = torch.matmul(probs, v)
+        weights = self.store.token_weights
+        if weights is not None:
+            mean = probs.mean(dim=1)  # (B, N, T)
+            per_class = torch.bmm(mean.float(), weights.to(mean.device, torch.float32))  # (B, N, C)
+            h, w = self.store.map_shape(mean.shape[1])
+            self.store.cross[self.name] = per_class.transpose(1, 2).reshape(mean.shape[0], -1, h, w)
+        return _finish(attn, out, q, residual, shape)
+
+
+class SelfAttentionQKProcessor:
+    """Fused self-attention that keeps the Query and Key features for SAR."""
+
+    def __init__(self, store: AttentionStore, name: str):
+        self.store = store
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        q, k, v, mask, residual, shape = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+        dtype = self.store.qk_dtype or q.dtype
+        self.store.self_qk[self.name] = (q.detach().to(dtype), k.detach().to(dtype))
+        return _finish(attn, out, q, residual, shape)
+
+
+class FullAttentionStoreProcessor:
+    """The naive 'attention store' (as in prompt-to-prompt): keeps every head-mean
+    probability map, self-attention's HW x HW ones included. Only for the benchmark."""
+
+    def __init__(self, maps: dict[str, torch.Tensor], name: str):
+        self.maps = maps
+        self.name = name
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        q, k, v, mask, residual, shape = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
+        if mask is not None:
+            scores = scores + mask
+        probs = scores.softmax(dim=-1)
+        self.maps[self.name] = probs.mean(dim=1)
+        return _finish(attn, torch.matmul(probs, v), q, residual, shape)
+
+
+def stock_processors(unet) -> dict[str, AttnProcessor2_0]:
+    """The fused processor on every layer (what the library installs by default)."""
+    return {name: AttnProcessor2_0() for name in unet.attn_processors}

@@ -1,0 +1,51 @@
+"""mIoU from a torchmetrics confusion matrix (ignore label 255)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from stableseg_pp.data.palette import IGNORE_INDEX
+
+
+class SegmentationMetrics:
+    """Accumulates a confusion matrix; reports per-class IoU and mIoU with and without background.
+
+    Classes that appear neither in the ground truth nor in the predictions are
+    left out of the mean (their IoU is undefined).
+    """
+
+    def __init__(self, class_names: Sequence[str], background_index: int | None = 0):
+        self.class_names = list(class_names)
+        self.background_index = background_index
+        self.confmat = MulticlassConfusionMatrix(num_classes=len(class_names), ignore_index=IGNORE_INDEX)
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
+        pred = torch.as_tensor(pred).long().flatten()
+        target = torch.as_tensor(target).long().flatten()
+        bad = (pred >= len(self.class_names)) & (pred != IGNORE_INDEX)
+        if bad.any():
+            raise ValueError(f"prediction holds class ids >= {len(self.class_names)}")
+        pred = torch.where(pred == IGNORE_INDEX, torch.zeros_like(pred), pred)
+        self.confmat.update(pred, target)
+
+    def compute(self) -> dict:
+        cm = self.confmat.compute().double()
+        tp = cm.diag()
+        union = cm.sum(0) + cm.sum(1) - tp
+        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+        per_class = {n: (None if torch.isnan(v) else float(v)) for n, v in zip(self.class_names, iou)}
+        keep = ~torch.isnan(iou)
+        fg = keep.clone()
+        if self.background_index is not None:
+            fg[self.background_index] = False
+        pixels = cm.sum()
+        return {
+            "miou": float(iou[keep].mean()) if keep.any() else float("nan"),
+            "miou_without_background": float(iou[fg].mean()) if fg.any() else float("nan"),
+            "pixel_accuracy": float(tp.sum() / pixels) if pixels > 0 else float("nan"),
+            "per_class_iou": per_class,
+            "pixels": int(pixels),
+        }

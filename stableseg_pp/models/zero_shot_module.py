@@ -1,0 +1,99 @@
+"""LightningModule that runs StableSeg in Lightning's predict loop.
+
+Each rank loads the diffusion model itself (``configure_model``), so running
+stage 0 on several GPUs is a matter of trainer configuration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from stableseg_pp.data.voc import Sample
+from stableseg_pp.diffusion.backbone import load_unet_backbone
+from stableseg_pp.models.stableseg import StableSeg, resize_scores
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class ZeroShotPrediction:
+    """Stage 0's result for one image."""
+
+    id: str
+    mask: np.ndarray  # (H, W) uint8 dataset class ids
+    class_ids: list[int]  # dataset ids of the prompted classes (channel c+1 of the maps)
+    cross_maps: dict[str, np.ndarray]  # layer -> (C, h, w) float16
+    sample: Sample
+
+
+class ZeroShotSegmenter(L.LightningModule):
+    """StableSeg on a diffusers U-Net; ``predict_step`` returns one prediction per image."""
+
+    def __init__(
+        self,
+        pretrained: str,
+        class_names: Sequence[str],
+        prompt_names: Mapping[str, str] | None = None,
+        dtype: str = "float32",
+        stableseg: Mapping[str, Any] | None = None,
+    ):
+        super().__init__()
+        if dtype not in DTYPES:
+            raise ValueError(f"diffusion.dtype={dtype!r}: use one of {sorted(DTYPES)}")
+        self.pretrained = pretrained
+        self.class_names = list(class_names)
+        unknown = set(prompt_names or {}) - set(self.class_names)
+        if unknown:
+            raise ValueError(f"data.prompt_names names unknown classes {sorted(unknown)}; classes: {self.class_names}")
+        self.prompt_names = dict(prompt_names or {})
+        self.dtype_name = dtype
+        self.stableseg_kwargs = dict(stableseg or {})
+        self.segmenter: StableSeg | None = None
+
+    def configure_model(self) -> None:
+        if self.segmenter is not None:
+            return
+        backbone = load_unet_backbone(self.pretrained, dtype=DTYPES[self.dtype_name])
+        self.segmenter = StableSeg(backbone, **self.stableseg_kwargs)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.stableseg_kwargs.get("resolution", 512))
+
+    def prompt_name(self, class_id: int) -> str:
+        name = self.class_names[class_id]
+        return self.prompt_names.get(name, name)
+
+    def predict_step(self, batch: list[Sample], batch_idx: int) -> list[ZeroShotPrediction]:
+        if not batch:
+            return []
+        self.configure_model()
+        seg = self.segmenter
+        batch = [s for s in batch if s.class_ids] + [s for s in batch if not s.class_ids]
+        with_classes = [s for s in batch if s.class_ids]
+        results = []
+        if with_classes:
+            pixels = torch.stack([s.pixels for s in with_classes]).to(self.device)
+            names = [[self.prompt_name(c) for c in s.class_ids] for s in with_classes]
+            out = seg(pixels, names)
+            valid = out.valid
+            for i, s in enumerate(with_classes):
+                h, w = s.image.shape[:2]
+                scores = resize_scores(out.scores[i : i + 1].float(), (h, w))[0]
+                scores = scores.masked_fill(~valid[i, :, None, None], float("-inf"))
+                channel = scores.argmax(0).cpu().numpy()
+                lut = np.array([0] + s.class_ids, dtype=np.uint8)
+                n = len(s.class_ids)
+                maps = {k: v[i, :n].to(torch.float16).cpu().numpy() for k, v in out.cross_maps.items()}
+                results.append(ZeroShotPrediction(s.id, lut[channel], list(s.class_ids), maps, s))
+        for s in batch:
+            if not s.class_ids:  # nothing to look for: all background
+                mask = np.zeros(s.image.shape[:2], dtype=np.uint8)
+                results.append(ZeroShotPrediction(s.id, mask, [], {}, s))
+        return results

@@ -1,0 +1,89 @@
+"""Per-image outputs of stage 0, written atomically by a Lightning prediction writer."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from stableseg_pp.data.palette import IGNORE_INDEX, colorize, save_palette_png
+from stableseg_pp.models.zero_shot_module import ZeroShotPrediction
+from stableseg_pp.pipeline.atomic import atomic_save, atomic_write_bytes
+
+
+class PseudoMaskLayout:
+    """Where a split's pseudo-masks, stored maps and overlays live."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.masks = self.root / "masks"
+        self.maps = self.root / "maps"
+        self.overlays = self.root / "overlays"
+
+    def mask_path(self, sid: str) -> Path:
+        return self.masks / f"{sid}.png"
+
+    def maps_path(self, sid: str) -> Path:
+        return self.maps / f"{sid}.npz"
+
+    def is_done(self, sid: str) -> bool:
+        """Maps are written before the mask, so a mask means both are complete."""
+        return self.mask_path(sid).exists()
+
+    def done_ids(self, ids: Sequence[str]) -> set[str]:
+        return {sid for sid in ids if self.is_done(sid)}
+
+
+def overlay_png(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, alpha: float = 0.55) -> Image.Image:
+    """Image, image blended with the pseudo-mask, and with the ground truth, side by side."""
+
+    def blend(mask: np.ndarray) -> np.ndarray:
+        col = colorize(mask).astype(np.float32)
+        keep = (mask == 0) | (mask == IGNORE_INDEX)
+        out = image.astype(np.float32) * (1 - alpha) + col * alpha
+        out[keep] = image[keep] * 0.6 + colorize(mask)[keep] * 0.4 * (mask[keep, None] == IGNORE_INDEX)
+        return out.clip(0, 255).astype(np.uint8)
+
+    panels = [image, blend(pred)] + ([blend(gt)] if gt is not None else [])
+    return Image.fromarray(np.concatenate(panels, axis=1))
+
+
+class PseudoMaskWriter(BasePredictionWriter):
+    """Writes each image's stored maps (float16 npz), then its palette PNG mask, atomically."""
+
+    def __init__(self, layout: PseudoMaskLayout, overlay_ids: Sequence[str] = ()):
+        super().__init__(write_interval="batch")
+        self.layout = layout
+        self.overlay_ids = set(overlay_ids)
+        self.written = 0
+
+    def write_prediction(self, p: ZeroShotPrediction) -> None:
+        buf = io.BytesIO()
+        arrays = {f"map/{k}": v for k, v in p.cross_maps.items()}
+        np.savez_compressed(buf, class_ids=np.array(p.class_ids, dtype=np.int64), **arrays)
+        atomic_write_bytes(self.layout.maps_path(p.id), buf.getvalue())
+        if p.id in self.overlay_ids:
+            img = overlay_png(p.sample.image, p.mask, p.sample.mask)
+            atomic_save(self.layout.overlays / f"{p.id}.png", lambda t, im=img: im.save(t, format="PNG"))
+        atomic_save(self.layout.mask_path(p.id), lambda t: save_palette_png(p.mask, t))
+        self.written += 1
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        for p in prediction:
+            self.write_prediction(p)
+
+
+def load_stored_maps(path: str | Path) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Read back what :class:`PseudoMaskWriter` stored: class ids and per-layer maps."""
+    with np.load(path) as data:
+        maps = {k[len("map/") :]: data[k] for k in data.files if k.startswith("map/")}
+        return data["class_ids"].tolist(), maps
+
+
+def write_json(path: str | Path, obj) -> None:
+    atomic_write_bytes(path, json.dumps(obj, indent=2).encode())

@@ -1,0 +1,146 @@
+"""Stage 0: StableSeg zero-shot pseudo-masks (METHOD.md section 1).
+
+Per image: a palette PNG pseudo-mask, the per-layer low-resolution class maps
+(float16, for stage 2), overlays for a few images, and ``metrics.json`` when
+ground truth exists. Finished images are skipped on resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from stableseg_pp.data.datasets import build_dataset, prepare_dataset, split_ids
+from stableseg_pp.data.voc import collate_samples, load_mask
+from stableseg_pp.diffusion.backbone import resolve_model_path
+from stableseg_pp.evaluation.miou import SegmentationMetrics
+from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
+from stableseg_pp.pipeline.progress import ImagesPerSecondBar
+from stableseg_pp.pipeline.run_dir import (
+    folder_fingerprint,
+    is_complete,
+    read_record,
+    stage_dir,
+    write_key,
+    write_record,
+)
+from stableseg_pp.pipeline.writers import PseudoMaskLayout, PseudoMaskWriter, write_json
+
+log = logging.getLogger(__name__)
+NAME = "stage0"
+
+
+def model_identity(pretrained: str) -> dict:
+    path = Path(resolve_model_path(pretrained)).expanduser()
+    if path.is_dir():
+        return {"folder": path.name, "fingerprint": folder_fingerprint(path)}
+    return {"hub_id": pretrained}
+
+
+def stage_key(cfg: DictConfig) -> dict:
+    """Everything stage 0's outputs depend on."""
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    for k in ("batch_size", "num_workers"):  # execution details, not results
+        data.pop(k, None)
+    data["root"] = str(Path(data["root"]).resolve())
+    return {
+        "stage": NAME,
+        "data": data,
+        "diffusion": {"dtype": cfg.diffusion.dtype, **model_identity(cfg.diffusion.pretrained)},
+        "zero_shot": OmegaConf.to_container(cfg.zero_shot, resolve=True),
+        "seed": cfg.seed,
+    }
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    return stage_dir(cfg.paths.run_dir, NAME, stage_key(cfg))
+
+
+def build_module(cfg: DictConfig) -> ZeroShotSegmenter:
+    zs = OmegaConf.to_container(cfg.zero_shot, resolve=True)
+    zs.pop("splits", None)
+    zs.pop("n_overlays", None)
+    return ZeroShotSegmenter(
+        pretrained=cfg.diffusion.pretrained,
+        class_names=list(cfg.data.class_names),
+        prompt_names=OmegaConf.to_container(cfg.data.prompt_names, resolve=True),
+        dtype=cfg.diffusion.dtype,
+        stableseg=zs,
+    )
+
+
+def evaluate_split(data: DictConfig, ids: list[str], layout: PseudoMaskLayout) -> dict | None:
+    """mIoU of the written pseudo-masks against the ground truth, when it exists."""
+    mask_dir = Path(data.root) / "SegmentationClass"
+    names = list(data.class_names)
+    metrics = SegmentationMetrics(names)
+    n = 0
+    for sid in ids:
+        gt_path = mask_dir / f"{sid}.png"
+        if not layout.is_done(sid) or not gt_path.exists():
+            continue
+        gt = load_mask(gt_path, len(names))
+        pred = np.array(Image.open(layout.mask_path(sid)))
+        metrics.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        n += 1
+    if n == 0:
+        return None
+    return {**metrics.compute(), "images": n, "labels": data.labels}
+
+
+def run(cfg: DictConfig) -> Path:
+    prepare_dataset(cfg.data)
+    key = stage_key(cfg)
+    out = stage_dir(cfg.paths.run_dir, NAME, key)
+    if is_complete(out):
+        if not cfg.force:
+            log.info("stage 0: finished outputs at %s, skipped (force=true recomputes)", out)
+            return out
+        log.info("stage 0: force=true, recomputing %s", out)
+        shutil.rmtree(out)
+    write_key(out, key)
+    module = build_module(cfg)
+    resolution = module.resolution
+    results: dict[str, dict] = {}
+    for split in cfg.zero_shot.splits:
+        ids = split_ids(cfg.data, split)
+        layout = PseudoMaskLayout(out / split)
+        todo = [sid for sid in ids if not layout.is_done(sid)]
+        log.info("stage 0 [%s]: %d images, %d already done, %d to do", split, len(ids), len(ids) - len(todo), len(todo))
+        if todo:
+            dataset = build_dataset(cfg.data, split, resolution, todo)
+            loader = DataLoader(
+                dataset,
+                batch_size=cfg.data.batch_size,
+                num_workers=cfg.data.num_workers,
+                collate_fn=collate_samples,
+                shuffle=False,
+            )
+            writer = PseudoMaskWriter(layout, overlay_ids=ids[: cfg.zero_shot.n_overlays])
+            trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
+            trainer.predict(module, dataloaders=loader, return_predictions=False)
+            if trainer.world_size > 1:
+                trainer.strategy.barrier()
+        missing = [sid for sid in ids if not layout.is_done(sid)]
+        if missing:
+            log.warning("stage 0 [%s]: %d images skipped for bad input: %s", split, len(missing), missing[:10])
+        write_json(layout.root / "skipped.json", missing)
+        metrics = evaluate_split(cfg.data, ids, layout)
+        results[split] = {"images": len(ids) - len(missing), "skipped": len(missing), "metrics": metrics}
+        if metrics:
+            log.info("stage 0 [%s]: mIoU %.4f (%s labels)", split, metrics["miou"], metrics["labels"])
+    write_json(out / "metrics.json", {s: r["metrics"] for s, r in results.items()})
+    write_record(out, key, splits=results)
+    return out
+
+
+def summary(out: Path) -> dict:
+    return read_record(out)["splits"]
