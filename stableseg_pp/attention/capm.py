@@ -8,9 +8,7 @@ import torch
 import torch.nn.functional as F
 
 
-def aggregate_maps(
-    maps: Mapping[str, torch.Tensor], weights: Mapping[str, float], size: tuple[int, int]
-) -> torch.Tensor:
+def aggregate_maps(maps: Mapping[str, torch.Tensor], weights: Mapping[str, float], size: tuple[int, int]) -> torch.Tensor:
     """Weighted mean of (B, C, h_l, w_l) maps, each upsampled (bilinear) to ``size``.
 
     Layers with weight 0 are skipped; the weights are normalised to sum to 1.

@@ -22,9 +22,7 @@ def prepare_dataset(data: DictConfig) -> Path:
             log.info("writing the miniature world to %s", root)
         write_miniature_voc(root, **gen)
     elif not root.is_dir():
-        raise FileNotFoundError(
-            f"dataset {data.name}: folder {root} does not exist; set data.root or see docs/datasets.md"
-        )
+        raise FileNotFoundError(f"dataset {data.name}: folder {root} does not exist; set data.root or see docs/datasets.md")
     return root
 
 

@@ -57,9 +57,7 @@ def load_unet_backbone(pretrained: str, dtype: torch.dtype = torch.float32) -> U
             "pass a folder written by save_pretrained or a hub id such as 'runwayml/stable-diffusion-v1-5'"
         )
     if not is_local and ("/" not in source or source.startswith((".", "/", "~"))):
-        raise FileNotFoundError(
-            f"diffusion model {pretrained!r}: no such folder, and not a hub id of the form 'org/name'"
-        )
+        raise FileNotFoundError(f"diffusion model {pretrained!r}: no such folder, and not a hub id of the form 'org/name'")
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)

@@ -54,9 +54,7 @@ def _project(attn: Attention, hidden_states, encoder_hidden_states, attention_ma
     if hidden_states.ndim == 4:
         b, c, h, w = hidden_states.shape
         hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
-    batch_size, sequence_length, _ = (
-        hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-    )
+    batch_size, sequence_length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
     if attention_mask is not None:
         attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
         attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])

@@ -36,7 +36,7 @@ class SegmentationMetrics:
         tp = cm.diag()
         union = cm.sum(0) + cm.sum(1) - tp
         iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-        per_class = {n: (None if torch.isnan(v) else float(v)) for n, v in zip(self.class_names, iou)}
+        per_class = {n: (None if torch.isnan(v) else float(v)) for n, v in zip(self.class_names, iou, strict=False)}
         keep = ~torch.isnan(iou)
         fg = keep.clone()
         if self.background_index is not None:

@@ -81,9 +81,7 @@ class StableSeg(torch.nn.Module):
         layers = unet_attention_layers(backbone.unet)
         self.aggregated_layers = select_layers(layers, "cross", cross_scales, self.latent_side)
         stored = select_layers(layers, "cross", stored_cross_scales, self.latent_side)
-        self.cross_layers: list[AttentionLayer] = [
-            lay for lay in layers if lay in stored or lay in self.aggregated_layers
-        ]
+        self.cross_layers: list[AttentionLayer] = [lay for lay in layers if lay in stored or lay in self.aggregated_layers]
         self.self_layers = select_layers(layers, "self", self_scales, self.latent_side) if mode != "ca" else []
         self.layer_weights = dict(layer_weights) if layer_weights else {lay.name: 1.0 for lay in self.aggregated_layers}
         unknown = set(self.layer_weights) - {lay.name for lay in self.cross_layers}
@@ -103,20 +101,24 @@ class StableSeg(torch.nn.Module):
                 processors[name] = SelfAttentionQKProcessor(self.store, name)
             else:
                 processors[name] = AttnProcessor2_0()
-        self.backbone.unet.set_attn_processor(processors)
+        self._processors = processors
+        self.backbone.unet.set_attn_processor(dict(processors))
+
+    def _ensure_processors(self) -> None:
+        """Reinstall our processors if another user of the same U-Net replaced them."""
+        name = self.cross_layers[0].name
+        if self.backbone.unet.attn_processors[name] is not self._processors[name]:
+            self.backbone.unet.set_attn_processor(dict(self._processors))
 
     def class_names_for_prompt(self, names: Sequence[str]) -> list[str]:
         return list(names) + ([self.background_word] if self.background == "word" else [])
 
-    def encode_prompts(
-        self, class_names: Sequence[Sequence[str]], device
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def encode_prompts(self, class_names: Sequence[Sequence[str]], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Text embeddings (B, T, D), token weights (B, T, K) and class validity (B, K)."""
         tok = self.backbone.tokenizer
         length = tok.model_max_length
         mapped = [
-            map_class_tokens(tok, self.class_names_for_prompt(names), self.prompt_template, self.joiner)
-            for names in class_names
+            map_class_tokens(tok, self.class_names_for_prompt(names), self.prompt_template, self.joiner) for names in class_names
         ]
         k = max(len(m.positions) for m in mapped)
         ids = torch.full((len(mapped), length), tok.pad_token_id, dtype=torch.long)
@@ -150,6 +152,7 @@ class StableSeg(torch.nn.Module):
         if self.add_noise:
             noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
             latents = self.backbone.scheduler.add_noise(latents, noise, t)
+        self._ensure_processors()
         self.store.reset(token_weights, tuple(latents.shape[-2:]))
         unet(latents.to(unet.dtype), t, encoder_hidden_states=emb.to(unet.dtype))
         size = (self.resolution, self.resolution)

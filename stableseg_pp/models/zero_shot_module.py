@@ -70,7 +70,7 @@ class ZeroShotSegmenter(L.LightningModule):
         name = self.class_names[class_id]
         return self.prompt_names.get(name, name)
 
-    def predict_step(self, batch: list[Sample], batch_idx: int) -> list[ZeroShotPrediction]:
+    def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> list[ZeroShotPrediction]:
         if not batch:
             return []
         self.configure_model()

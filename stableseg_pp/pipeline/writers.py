@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,28 +54,31 @@ def overlay_png(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, alph
 
 
 class PseudoMaskWriter(BasePredictionWriter):
-    """Writes each image's stored maps (float16 npz), then its palette PNG mask, atomically."""
+    """Writes each image's stored maps (float16 npz), then its palette PNG mask, atomically.
 
-    def __init__(self, layout: PseudoMaskLayout, overlay_ids: Sequence[str] = ()):
+    ``layouts[i]`` is where the predictions of dataloader ``i`` go.
+    """
+
+    def __init__(self, layouts: Sequence[PseudoMaskLayout], overlay_ids: Iterable[str] = ()):
         super().__init__(write_interval="batch")
-        self.layout = layout
+        self.layouts = list(layouts)
         self.overlay_ids = set(overlay_ids)
         self.written = 0
 
-    def write_prediction(self, p: ZeroShotPrediction) -> None:
+    def write_prediction(self, p: ZeroShotPrediction, layout: PseudoMaskLayout) -> None:
         buf = io.BytesIO()
         arrays = {f"map/{k}": v for k, v in p.cross_maps.items()}
         np.savez_compressed(buf, class_ids=np.array(p.class_ids, dtype=np.int64), **arrays)
-        atomic_write_bytes(self.layout.maps_path(p.id), buf.getvalue())
+        atomic_write_bytes(layout.maps_path(p.id), buf.getvalue())
         if p.id in self.overlay_ids:
             img = overlay_png(p.sample.image, p.mask, p.sample.mask)
-            atomic_save(self.layout.overlays / f"{p.id}.png", lambda t, im=img: im.save(t, format="PNG"))
-        atomic_save(self.layout.mask_path(p.id), lambda t: save_palette_png(p.mask, t))
+            atomic_save(layout.overlays / f"{p.id}.png", lambda t, im=img: im.save(t, format="PNG"))
+        atomic_save(layout.mask_path(p.id), lambda t: save_palette_png(p.mask, t))
         self.written += 1
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for p in prediction:
-            self.write_prediction(p)
+            self.write_prediction(p, self.layouts[dataloader_idx])
 
 
 def load_stored_maps(path: str | Path) -> tuple[list[int], dict[str, np.ndarray]]:

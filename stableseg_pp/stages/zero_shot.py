@@ -108,27 +108,35 @@ def run(cfg: DictConfig) -> Path:
         shutil.rmtree(out)
     write_key(out, key)
     module = build_module(cfg)
-    resolution = module.resolution
-    results: dict[str, dict] = {}
-    for split in cfg.zero_shot.splits:
-        ids = split_ids(cfg.data, split)
-        layout = PseudoMaskLayout(out / split)
+    splits = list(cfg.zero_shot.splits)
+    layouts = {split: PseudoMaskLayout(out / split) for split in splits}
+    all_ids = {split: split_ids(cfg.data, split) for split in splits}
+    loaders, loader_layouts, overlay_ids = [], [], set()
+    for split in splits:
+        ids, layout = all_ids[split], layouts[split]
         todo = [sid for sid in ids if not layout.is_done(sid)]
         log.info("stage 0 [%s]: %d images, %d already done, %d to do", split, len(ids), len(ids) - len(todo), len(todo))
+        overlay_ids.update(ids[: cfg.zero_shot.n_overlays])
         if todo:
-            dataset = build_dataset(cfg.data, split, resolution, todo)
-            loader = DataLoader(
-                dataset,
-                batch_size=cfg.data.batch_size,
-                num_workers=cfg.data.num_workers,
-                collate_fn=collate_samples,
-                shuffle=False,
+            dataset = build_dataset(cfg.data, split, module.resolution, todo)
+            loaders.append(
+                DataLoader(
+                    dataset,
+                    batch_size=cfg.data.batch_size,
+                    num_workers=cfg.data.num_workers,
+                    collate_fn=collate_samples,
+                    shuffle=False,
+                )
             )
-            writer = PseudoMaskWriter(layout, overlay_ids=ids[: cfg.zero_shot.n_overlays])
-            trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
-            trainer.predict(module, dataloaders=loader, return_predictions=False)
-            if trainer.world_size > 1:
-                trainer.strategy.barrier()
+            loader_layouts.append(layout)
+    if loaders:
+        writer = PseudoMaskWriter(loader_layouts, overlay_ids=overlay_ids)
+        trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
+        trainer.predict(module, dataloaders=loaders, return_predictions=False)
+        trainer.strategy.barrier()
+    results: dict[str, dict] = {}
+    for split in splits:
+        ids, layout = all_ids[split], layouts[split]
         missing = [sid for sid in ids if not layout.is_done(sid)]
         if missing:
             log.warning("stage 0 [%s]: %d images skipped for bad input: %s", split, len(missing), missing[:10])

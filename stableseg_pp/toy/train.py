@@ -108,13 +108,12 @@ def train_denoiser(latent_mean, latent_std, captions, tokenizer, args, seed: int
     ]
     opt = torch.optim.AdamW(params, weight_decay=1e-2)
     warmup = 100
-    lr_lambda = lambda s: (
-        min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.9 + 0.1)
-    )  # noqa: E731
+
+    def lr_lambda(s):
+        return min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.9 + 0.1)  # noqa: E731
+
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    ids_all = tokenizer(
-        captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
+    ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     gen = torch.Generator().manual_seed(seed)
     alphas = sched.alphas_cumprod
     start = time.time()
@@ -142,7 +141,8 @@ def train_denoiser(latent_mean, latent_std, captions, tokenizer, args, seed: int
         lr_sched.step()
         if step % 100 == 0 or step == args.steps:
             log(
-                f"seed {seed} step {step}/{args.steps} eps-loss {loss.item():.4f} sep {sep.item():.4f} ({time.time() - start:.0f}s)"
+                f"seed {seed} step {step}/{args.steps} eps-loss {loss.item():.4f} sep {sep.item():.4f} "
+                f"({time.time() - start:.0f}s)"
             )
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
@@ -269,9 +269,7 @@ def main(argv: list[str] | None = None) -> None:
             cos = max_pairwise_cosine(class_token_embeddings(text_encoder, tokenizer)).item()
         check = binding_check(backbone, args.check_images)
         bound = check["accuracy"] >= check["chance"] + args.min_gain and cos <= args.max_cosine
-        tries.append(
-            {"seed": seed, **check, "max_class_cosine": cos, "bound": bound, "minutes": (time.time() - t0) / 60}
-        )
+        tries.append({"seed": seed, **check, "max_class_cosine": cos, "bound": bound, "minutes": (time.time() - t0) / 60})
         log(
             f"seed {seed}: foreground class accuracy {check['accuracy']:.3f} (chance {check['chance']:.3f}), "
             f"max class-token cosine {cos:.3f} -> {'binds' if bound else 'does NOT bind; trying the next seed'}"
@@ -298,9 +296,7 @@ def main(argv: list[str] | None = None) -> None:
         .replace("{summary}", "```json\n" + json.dumps(summary, indent=2) + "\n```")
         .replace("{argv}", flags)
     )
-    log(
-        f"saved to {args.out} ({summary['minutes']:.1f} min, {summary['seeds_bound']}/{summary['seeds_tried']} seeds bound)"
-    )
+    log(f"saved to {args.out} ({summary['minutes']:.1f} min, {summary['seeds_bound']}/{summary['seeds_tried']} seeds bound)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,57 @@
+"""Shared fixtures. Tests never touch the network: HF_HUB_OFFLINE=1."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from stableseg_pp.diffusion.backbone import MINIATURE_MODEL, UNetBackbone  # noqa: E402
+from stableseg_pp.fit import CONFIG_DIR  # noqa: E402
+from stableseg_pp.toy.architecture import build_noise_scheduler, build_text_encoder, build_tokenizer, build_unet, build_vae  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def random_backbone(tmp_path_factory) -> UNetBackbone:
+    """The miniature architecture with random weights: fast, for exactness tests."""
+    torch.manual_seed(0)
+    tok = build_tokenizer(tmp_path_factory.mktemp("tok"))
+    backbone = UNetBackbone(
+        vae=build_vae().eval(),
+        unet=build_unet().eval(),
+        text_encoder=build_text_encoder(tok).eval(),
+        tokenizer=tok,
+        scheduler=build_noise_scheduler(),
+        source="random",
+    )
+    return backbone
+
+
+@pytest.fixture(scope="session")
+def miniature_model() -> Path:
+    if not (MINIATURE_MODEL / "model_index.json").exists():
+        pytest.fail(f"the shipped miniature model is missing at {MINIATURE_MODEL}")
+    return MINIATURE_MODEL
+
+
+@pytest.fixture()
+def compose_fit(tmp_path):
+    """Compose the real `fit` config with overrides, writing into tmp_path."""
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            return compose(
+                config_name="fit",
+                overrides=[f"paths.root_dir={tmp_path}", "trainer.accelerator=cpu", *overrides],
+            )
+
+    return _compose

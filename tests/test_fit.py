@@ -1,0 +1,110 @@
+"""`fit` on the real composed config: stage 0 end to end, skipping, resuming, forcing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stableseg_pp.fit import run
+from stableseg_pp.pipeline import writers
+from stableseg_pp.pipeline.run_dir import COMPLETE
+from stableseg_pp.stages import resolve_stages
+
+SMALL = [
+    "stage=0",
+    "data.limit=6",
+    "data.batch_size=2",
+    "zero_shot.n_overlays=2",
+    "data.generate.n_train=12",
+    "data.generate.n_val=6",
+]
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_stage0_end_to_end_then_skipped(compose_fit, miniature_model):
+    cfg = compose_fit(*SMALL)
+    out = run(cfg)["0"]
+    for split in ("train", "val"):
+        masks = sorted((out / split / "masks").glob("*.png"))
+        assert [m.stem for m in masks] == [f"{split}_{i:05d}" for i in range(6)]
+        img = Image.open(masks[0])
+        assert img.mode == "P" and img.size == (64, 64)
+        assert set(np.unique(np.array(img))) <= set(range(7))
+        class_ids, maps = writers.load_stored_maps(out / split / "maps" / f"{split}_00000.npz")
+        assert maps and all(m.dtype == np.float16 and m.shape[0] == len(class_ids) for m in maps.values())
+        assert len(list((out / split / "overlays").glob("*.png"))) == 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0.0 <= metrics["val"]["miou"] <= 1.0 and metrics["val"]["labels"] == "oracle"
+    assert set(metrics["val"]["per_class_iou"]) == set(cfg.data.class_names)
+    assert (out / COMPLETE).exists()
+
+    before = _files(out)
+    again = run(compose_fit(*SMALL))["0"]
+    assert again == out
+    assert _files(out) == before  # nothing rewritten
+
+    forced = run(compose_fit(*SMALL, "force=true"))["0"]
+    assert forced == out and _files(out)[COMPLETE] != before[COMPLETE]
+
+
+def test_changed_setting_gets_its_own_folder(compose_fit, miniature_model):
+    a = run(compose_fit(*SMALL, "data.limit=2"))["0"]
+    b = run(compose_fit(*SMALL, "data.limit=2", "zero_shot.background_threshold=0.4"))["0"]
+    assert a != b and a.parent == b.parent
+
+
+def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, monkeypatch):
+    cfg = compose_fit(*SMALL)
+    original = writers.PseudoMaskWriter.write_prediction
+    calls: list[str] = []
+
+    def dying(self, p, layout):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")
+        calls.append(p.id)
+        original(self, p, layout)
+
+    monkeypatch.setattr(writers.PseudoMaskWriter, "write_prediction", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run(cfg)
+    monkeypatch.setattr(writers.PseudoMaskWriter, "write_prediction", original)
+    out = Path(cfg.paths.run_dir).glob("stage0-*").__next__()
+    assert not (out / COMPLETE).exists()
+    done = _files(out / "train" / "masks")
+    assert sorted(Path(k).stem for k in done) == calls
+    assert not list(out.rglob("*.tmp*"))  # no half-written file under any name
+
+    seen: list[str] = []
+
+    def recording(self, p, layout):
+        seen.append(p.id)
+        original(self, p, layout)
+
+    monkeypatch.setattr(writers.PseudoMaskWriter, "write_prediction", recording)
+    run(compose_fit(*SMALL))
+    assert not set(seen) & set(calls)
+    assert len(seen) == 12 - len(calls)
+    after = _files(out / "train" / "masks")
+    assert all(after[k] == v for k, v in done.items())  # finished images untouched
+    assert (out / COMPLETE).exists()
+
+
+def test_stage_is_a_plain_value(compose_fit):
+    assert not (Path(__file__).parents[1] / "configs" / "stage").exists()
+    assert compose_fit("stage=0").stage == 0
+    assert resolve_stages("all") == ["0"] and resolve_stages(0) == ["0"]
+    with pytest.raises(ValueError, match="stage='7' is not a stage"):
+        resolve_stages("7")
+
+
+def test_bad_scale_is_a_clear_error(compose_fit, miniature_model):
+    cfg = compose_fit(*SMALL, "zero_shot.cross_scales=[3]")
+    with pytest.raises(ValueError, match=r"cross-attention scales \[3\] do not exist.*available map sides: \[4, 8, 16\]"):
+        run(cfg)

@@ -1,0 +1,36 @@
+"""Zero-shot segmentation of arbitrary pictures from the command line."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stableseg_pp.data.miniature import draw_sample
+from stableseg_pp.segment import main
+
+
+def test_segment_writes_mask_and_overlay(tmp_path, miniature_model):
+    paths = []
+    for seed, size in ((3, (64, 64)), (4, (96, 80))):
+        p = tmp_path / f"pic{seed}.png"
+        Image.fromarray(draw_sample(seed).image).resize(size).save(p)
+        paths.append(p)
+    out = tmp_path / "out"
+    written = main([*map(str, paths), "--classes", "circle,half moon,star", "--out", str(out)])
+    assert len(written) == 2
+    mask = Image.open(out / "pic4_mask.png")
+    assert mask.mode == "P" and mask.size == (96, 80)
+    assert set(np.unique(np.array(mask))) <= {0, 1, 2, 3}
+    overlay = Image.open(out / "pic4_overlay.png")
+    assert overlay.size == (2 * 96, 80)
+    assert json.loads((out / "classes.json").read_text())["2"] == "half moon"
+
+
+def test_segment_rejects_bad_image(tmp_path, miniature_model):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(SystemExit, match="bad.png cannot be read"):
+        main([str(bad), "--classes", "circle", "--out", str(tmp_path / "o")])

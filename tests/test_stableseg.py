@@ -1,0 +1,69 @@
+"""StableSeg's modes and background options on the miniature model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample
+from stableseg_pp.diffusion.backbone import load_unet_backbone
+from stableseg_pp.models.stableseg import StableSeg
+
+
+@pytest.fixture(scope="module")
+def batch():
+    samples = [draw_sample(s) for s in (11, 12)]
+    pixels = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 127.5 - 1 for s in samples])
+    names = [[CLASS_NAMES[c] for c in s.classes] for s in samples]
+    return pixels, names, samples
+
+
+@pytest.fixture(scope="module")
+def backbone(miniature_model):
+    return load_unet_backbone(str(miniature_model))
+
+
+@pytest.mark.parametrize("mode", ["ca", "sa", "ca+sa"])
+def test_modes_give_scores_for_the_named_classes(backbone, batch, mode):
+    pixels, names, _ = batch
+    seg = StableSeg(backbone, resolution=64, mode=mode)
+    out = seg(pixels, names)
+    k = 1 + max(len(n) for n in names)
+    assert out.scores.shape == (2, k, 64, 64) and out.valid.shape == (2, k)
+    for i, n in enumerate(names):
+        assert out.valid[i].sum() == 1 + len(n)
+        assert out.labels[i].max() <= len(n)
+    assert set(out.cross_maps) == {lay.name for lay in seg.cross_layers}
+    if mode != "ca":
+        sa = out.scores - (out.capm if mode == "ca+sa" else 0)
+        torch.testing.assert_close(sa.sum(1), torch.ones(2, 64, 64), rtol=1e-4, atol=1e-4)
+
+
+def test_background_word_takes_channel_zero(backbone, batch):
+    pixels, names, _ = batch
+    seg = StableSeg(backbone, resolution=64, mode="ca", background="word", background_word="background")
+    out = seg(pixels, names)
+    ref = StableSeg(backbone, resolution=64, mode="ca")(pixels, names)
+    assert out.scores.shape == ref.scores.shape
+    assert torch.equal(out.valid, ref.valid)
+    assert not torch.allclose(out.capm[:, 0], ref.capm[:, 0])  # a map, not a constant threshold
+
+
+def test_learned_layer_weights_change_the_aggregate(backbone, batch):
+    pixels, names, _ = batch
+    uniform = StableSeg(backbone, resolution=64, mode="ca")
+    first = uniform.aggregated_layers[0].name
+    only_first = StableSeg(backbone, resolution=64, mode="ca", layer_weights={first: 1.0})
+    a, b = uniform(pixels, names), only_first(pixels, names)
+    assert not torch.allclose(a.capm, b.capm)
+    with pytest.raises(ValueError, match="not captured"):
+        StableSeg(backbone, resolution=64, layer_weights={"nope": 1.0})
+
+
+def test_noise_and_timestep_are_used(backbone, batch):
+    pixels, names, _ = batch
+    clean = StableSeg(backbone, resolution=64, mode="ca")(pixels, names)
+    noisy = StableSeg(backbone, resolution=64, mode="ca", timestep=400, add_noise=True)(
+        pixels, names, generator=torch.Generator().manual_seed(0)
+    )
+    assert not torch.allclose(clean.capm, noisy.capm)
