@@ -37,8 +37,10 @@ def test_stage0_end_to_end_then_skipped(compose_fit, miniature_model):
         img = Image.open(masks[0])
         assert img.mode == "P" and img.size == (64, 64)
         assert set(np.unique(np.array(img))) <= set(range(7))
-        class_ids, maps = writers.load_stored_maps(out / split / "maps" / f"{split}_00000.npz")
-        assert maps and all(m.dtype == np.float16 and m.shape[0] == len(class_ids) for m in maps.values())
+        stored = writers.load_stored_maps(out / split / "maps" / f"{split}_00000.npz")
+        n = len(stored.class_ids)
+        assert stored.cross_maps and all(m.dtype == np.float16 and m.shape[0] == n for m in stored.cross_maps.values())
+        assert stored.scores.shape == (1 + n, 16, 16) and stored.scores.dtype == np.float16
         assert len(list((out / split / "overlays").glob("*.png"))) == 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["val"]["miou"] <= 1.0 and metrics["val"]["labels"] == "oracle"
@@ -99,7 +101,7 @@ def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, mo
 def test_stage_is_a_plain_value(compose_fit):
     assert not (Path(__file__).parents[1] / "configs" / "stage").exists()
     assert compose_fit("stage=0").stage == 0
-    assert resolve_stages("all") == ["0"] and resolve_stages(0) == ["0"]
+    assert resolve_stages("all") == ["2"] and resolve_stages(0) == ["0"]
     with pytest.raises(ValueError, match="stage='7' is not a stage"):
         resolve_stages("7")
 

@@ -138,7 +138,7 @@ def draw_sample(seed: int, size: int = 64, min_objects: int = 1, max_objects: in
     coverage = np.zeros((len(CLASS_NAMES), size, size), dtype=np.float32)
     coverage[0] = 1.0
     for cid in classes:
-        radius = rng.uniform(0.13, 0.26) * size
+        radius = rng.uniform(0.17, 0.30) * size
         cx, cy = rng.uniform(radius * 0.6, size - radius * 0.6, size=2)
         angle = rng.uniform(0, 2 * math.pi)
         shape = _shape_mask(cid, big, (cx * SUPERSAMPLE, cy * SUPERSAMPLE), radius * SUPERSAMPLE, angle)
@@ -170,7 +170,7 @@ def sample_seed(split: str, index: int, seed: int = 0) -> int:
 def write_miniature_voc(root: str | Path, n_train: int = 400, n_val: int = 100, size: int = 64, seed: int = 0) -> Path:
     """Write the miniature world to ``root`` in the PASCAL VOC layout; idempotent and resumable."""
     root = Path(root)
-    spec = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed, "classes": list(CLASS_NAMES), "version": 1}
+    spec = {"n_train": n_train, "n_val": n_val, "size": size, "seed": seed, "classes": list(CLASS_NAMES), "version": 2}
     done = root / "miniature.json"
     if done.exists() and json.loads(done.read_text()) == spec:
         return root

@@ -162,7 +162,8 @@ class StableSeg(torch.nn.Module):
             # the word is the last valid channel of each image: move it to channel 0
             n_valid = valid.sum(dim=1)
             capm = self._background_word_first(class_maps, n_valid)
-            valid = torch.cat([torch.ones_like(valid[:, :1]), valid[:, :-1]], dim=1)
+            # channel 0 = the word, 1..n-1 = the classes: the same count of valid channels
+            valid = torch.arange(valid.shape[1], device=valid.device)[None] < n_valid[:, None]
         else:
             capm = with_background(class_maps, self.background_threshold)
             valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)

@@ -13,6 +13,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from stableseg_pp.data.voc import Sample
 from stableseg_pp.diffusion.backbone import load_unet_backbone
@@ -29,6 +30,7 @@ class ZeroShotPrediction:
     mask: np.ndarray  # (H, W) uint8 dataset class ids
     class_ids: list[int]  # dataset ids of the prompted classes (channel c+1 of the maps)
     cross_maps: dict[str, np.ndarray]  # layer -> (C, h, w) float16
+    scores: np.ndarray | None  # (1 + C, h, w) float16 final class scores at the latent resolution (for the CRF)
     sample: Sample
 
 
@@ -91,9 +93,11 @@ class ZeroShotSegmenter(L.LightningModule):
                 lut = np.array([0] + s.class_ids, dtype=np.uint8)
                 n = len(s.class_ids)
                 maps = {k: v[i, :n].to(torch.float16).cpu().numpy() for k, v in out.cross_maps.items()}
-                results.append(ZeroShotPrediction(s.id, lut[channel], list(s.class_ids), maps, s))
+                low = F.adaptive_avg_pool2d(out.scores[i : i + 1, : n + 1].float(), seg.latent_side)[0]
+                low = low.to(torch.float16).cpu().numpy()
+                results.append(ZeroShotPrediction(s.id, lut[channel], list(s.class_ids), maps, low, s))
         for s in batch:
             if not s.class_ids:  # nothing to look for: all background
                 mask = np.zeros(s.image.shape[:2], dtype=np.uint8)
-                results.append(ZeroShotPrediction(s.id, mask, [], {}, s))
+                results.append(ZeroShotPrediction(s.id, mask, [], {}, None, s))
         return results

@@ -68,6 +68,8 @@ class PseudoMaskWriter(BasePredictionWriter):
     def write_prediction(self, p: ZeroShotPrediction, layout: PseudoMaskLayout) -> None:
         buf = io.BytesIO()
         arrays = {f"map/{k}": v for k, v in p.cross_maps.items()}
+        if p.scores is not None:
+            arrays["scores"] = p.scores
         np.savez_compressed(buf, class_ids=np.array(p.class_ids, dtype=np.int64), **arrays)
         atomic_write_bytes(layout.maps_path(p.id), buf.getvalue())
         if p.id in self.overlay_ids:

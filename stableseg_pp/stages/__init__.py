@@ -7,15 +7,17 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from stableseg_pp.stages import zero_shot
+from stableseg_pp.stages import self_training, zero_shot
 
 StageFn = Callable[[DictConfig], Path]
 
 STAGES: dict[str, StageFn] = {
-    "0": zero_shot.run,
+    "0": zero_shot.run,  # StableSeg zero-shot pseudo-masks
+    "1": self_training.run_stage1,  # StableSeg+: CRF + DeepLabV3+
+    "2": self_training.run_stage2,  # StableSeg++: learned map weights, regenerate, retrain
 }
-# ``all`` runs every stage that exists, in order.
-PIPELINE: tuple[str, ...] = ("0",)
+# ``all`` runs the whole pipeline; stage 2 reuses (or runs) stages 0 and 1 through content-addressed outputs.
+PIPELINE: tuple[str, ...] = ("2",)
 
 
 def resolve_stages(stage: object) -> list[str]:

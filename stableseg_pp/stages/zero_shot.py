@@ -11,17 +11,13 @@ import logging
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from stableseg_pp.data.datasets import build_dataset, prepare_dataset, split_ids
-from stableseg_pp.data.voc import collate_samples, load_mask
+from stableseg_pp.data.voc import collate_samples
 from stableseg_pp.diffusion.backbone import resolve_model_path
-from stableseg_pp.evaluation.miou import SegmentationMetrics
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
 from stableseg_pp.pipeline.progress import ImagesPerSecondBar
 from stableseg_pp.pipeline.run_dir import (
@@ -33,6 +29,7 @@ from stableseg_pp.pipeline.run_dir import (
     write_record,
 )
 from stableseg_pp.pipeline.writers import PseudoMaskLayout, PseudoMaskWriter, write_json
+from stableseg_pp.stages.evaluate import evaluate_masks
 
 log = logging.getLogger(__name__)
 NAME = "stage0"
@@ -75,25 +72,6 @@ def build_module(cfg: DictConfig) -> ZeroShotSegmenter:
         dtype=cfg.diffusion.dtype,
         stableseg=zs,
     )
-
-
-def evaluate_split(data: DictConfig, ids: list[str], layout: PseudoMaskLayout) -> dict | None:
-    """mIoU of the written pseudo-masks against the ground truth, when it exists."""
-    mask_dir = Path(data.root) / "SegmentationClass"
-    names = list(data.class_names)
-    metrics = SegmentationMetrics(names)
-    n = 0
-    for sid in ids:
-        gt_path = mask_dir / f"{sid}.png"
-        if not layout.is_done(sid) or not gt_path.exists():
-            continue
-        gt = load_mask(gt_path, len(names))
-        pred = np.array(Image.open(layout.mask_path(sid)))
-        metrics.update(torch.from_numpy(pred), torch.from_numpy(gt))
-        n += 1
-    if n == 0:
-        return None
-    return {**metrics.compute(), "images": n, "labels": data.labels}
 
 
 def run(cfg: DictConfig) -> Path:
@@ -141,7 +119,7 @@ def run(cfg: DictConfig) -> Path:
         if missing:
             log.warning("stage 0 [%s]: %d images skipped for bad input: %s", split, len(missing), missing[:10])
         write_json(layout.root / "skipped.json", missing)
-        metrics = evaluate_split(cfg.data, ids, layout)
+        metrics = evaluate_masks(cfg.data, ids, layout)
         results[split] = {"images": len(ids) - len(missing), "skipped": len(missing), "metrics": metrics}
         if metrics:
             log.info("stage 0 [%s]: mIoU %.4f (%s labels)", split, metrics["miou"], metrics["labels"])

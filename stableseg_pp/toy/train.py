@@ -31,6 +31,8 @@ import torch.nn.functional as F
 
 from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample, sample_seed
 from stableseg_pp.diffusion.backbone import UNetBackbone
+from stableseg_pp.diffusion.capture import stock_processors
+from stableseg_pp.evaluation.miou import SegmentationMetrics
 from stableseg_pp.models.stableseg import StableSeg
 from stableseg_pp.toy.architecture import (
     build_noise_scheduler,
@@ -97,7 +99,7 @@ def max_pairwise_cosine(emb: torch.Tensor) -> torch.Tensor:
     return off.max()
 
 
-def train_denoiser(latent_mean, latent_std, captions, tokenizer, args, seed: int):
+def train_denoiser(latent_mean, latent_std, captions, tokenizer, vae, args, seed: int):
     torch.manual_seed(seed)
     unet = build_unet()
     text_encoder = build_text_encoder(tokenizer)
@@ -116,6 +118,8 @@ def train_denoiser(latent_mean, latent_std, captions, tokenizer, args, seed: int
     ids_all = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     gen = torch.Generator().manual_seed(seed)
     alphas = sched.alphas_cumprod
+    best: dict | None = None
+    history: list[dict] = []
     start = time.time()
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(latent_mean), (args.batch,), generator=gen)
@@ -144,9 +148,31 @@ def train_denoiser(latent_mean, latent_std, captions, tokenizer, args, seed: int
                 f"seed {seed} step {step}/{args.steps} eps-loss {loss.item():.4f} sep {sep.item():.4f} "
                 f"({time.time() - start:.0f}s)"
             )
+        if step % args.eval_every == 0 or step == args.steps:
+            # Keep the checkpoint whose attention segments best on the held-out 'check' stream.
+            unet.eval()
+            text_encoder.eval()
+            backbone = UNetBackbone(
+                vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sched, source=""
+            )
+            check = binding_check(backbone, args.check_images)
+            backbone.unet.set_attn_processor(stock_processors(unet))
+            history.append({"step": step, **check})
+            log(f"seed {seed} step {step}: check mIoU {check['miou']:.3f}, foreground class accuracy {check['accuracy']:.3f}")
+            if best is None or check["miou"] > best["check"]["miou"]:
+                best = {
+                    "step": step,
+                    "check": check,
+                    "unet": {k: v.clone() for k, v in unet.state_dict().items()},
+                    "text": {k: v.clone() for k, v in text_encoder.state_dict().items()},
+                }
+            unet.train()
+            text_encoder.train()
+    unet.load_state_dict(best["unet"])
+    text_encoder.load_state_dict(best["text"])
     unet.eval().requires_grad_(False)
     text_encoder.eval().requires_grad_(False)
-    return unet, text_encoder, sched
+    return unet, text_encoder, sched, best["step"], history
 
 
 @torch.no_grad()
@@ -158,6 +184,7 @@ def binding_check(backbone: UNetBackbone, n_images: int, seed: int = 0) -> dict:
     """
     seg = StableSeg(backbone, resolution=64, cross_scales=(8, 16), mode="ca", background_threshold=0.55)
     images, masks, _, classes = make_images("check", n_images, seed)
+    metrics = SegmentationMetrics(CLASS_NAMES)
     correct = chance = total = 0.0
     for i in range(0, n_images, 16):
         names = [[CLASS_NAMES[c] for c in cls] for cls in classes[i : i + 16]]
@@ -168,11 +195,12 @@ def binding_check(backbone: UNetBackbone, n_images: int, seed: int = 0) -> dict:
             pred_idx = fg_scores[j, : len(cls)].argmax(0)
             lut = torch.tensor(cls)
             pred = lut[pred_idx]
+            metrics.update(torch.tensor([0, *cls])[out.labels[j]], gt)
             fg = (gt != 0) & (gt != 255)
             correct += (pred[fg] == gt[fg]).sum().item()
             chance += fg.sum().item() / len(cls)
             total += fg.sum().item()
-    return {"accuracy": correct / total, "chance": chance / total}
+    return {"accuracy": correct / total, "chance": chance / total, "miou": metrics.compute()["miou"]}
 
 
 def save_pipeline(out: Path, vae, unet, text_encoder, tokenizer, noise_scheduler) -> None:
@@ -229,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--images", type=int, default=6000, help="training images (seed stream 'diffusion')")
     p.add_argument("--vae-steps", type=int, default=500)
     p.add_argument("--vae-batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=1500, help="U-Net + text encoder steps per seed")
+    p.add_argument("--steps", type=int, default=3000, help="U-Net + text encoder steps per seed")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--text-lr", type=float, default=5e-4)
@@ -237,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--margin-weight", type=float, default=0.1)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--check-images", type=int, default=96)
+    p.add_argument("--eval-every", type=int, default=500, help="steps between checks; the best checkpoint is kept")
+    p.add_argument("--min-miou", type=float, default=0.45, help="required stage-0 mIoU on the check stream")
     p.add_argument("--min-gain", type=float, default=0.2, help="required class accuracy above chance")
     p.add_argument("--max-cosine", type=float, default=0.8, help="collapse limit for class-token embeddings")
     p.add_argument("--threads", type=int, default=0)
@@ -261,18 +291,31 @@ def main(argv: list[str] | None = None) -> None:
     chosen = None
     for seed in args.seeds:
         log(f"training U-Net + text encoder, seed {seed}")
-        unet, text_encoder, sched = train_denoiser(latent_mean, latent_std, captions, tokenizer, args, seed)
+        unet, text_encoder, sched, best_step, history = train_denoiser(
+            latent_mean, latent_std, captions, tokenizer, vae, args, seed
+        )
         backbone = UNetBackbone(
             vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=sched, source="training"
         )
         with torch.no_grad():
             cos = max_pairwise_cosine(class_token_embeddings(text_encoder, tokenizer)).item()
         check = binding_check(backbone, args.check_images)
-        bound = check["accuracy"] >= check["chance"] + args.min_gain and cos <= args.max_cosine
-        tries.append({"seed": seed, **check, "max_class_cosine": cos, "bound": bound, "minutes": (time.time() - t0) / 60})
+        bound = check["accuracy"] >= check["chance"] + args.min_gain and cos <= args.max_cosine and check["miou"] >= args.min_miou
+        tries.append(
+            {
+                "seed": seed,
+                **check,
+                "max_class_cosine": cos,
+                "bound": bound,
+                "best_step": best_step,
+                "history": history,
+                "minutes": (time.time() - t0) / 60,
+            }
+        )
         log(
             f"seed {seed}: foreground class accuracy {check['accuracy']:.3f} (chance {check['chance']:.3f}), "
-            f"max class-token cosine {cos:.3f} -> {'binds' if bound else 'does NOT bind; trying the next seed'}"
+            f"check mIoU {check['miou']:.3f}, max class-token cosine {cos:.3f} -> "
+            f"{'binds' if bound else 'does NOT bind; trying the next seed'}"
         )
         if bound:
             chosen = (unet, text_encoder, sched, seed)

@@ -1,0 +1,81 @@
+"""DeepLabV3+ (segmentation-models-pytorch) trained on pseudo-masks, as a LightningModule.
+
+Cross-entropy with ignore 255, SGD with the poly learning-rate schedule of the
+DeepLab papers, validation mIoU against the real ground truth (torchmetrics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from stableseg_pp.data.palette import IGNORE_INDEX
+
+
+class DeepLabV3PlusModule(L.LightningModule):
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        encoder_name: str = "resnet101",
+        encoder_weights: str | None = None,
+        encoder_depth: int = 5,
+        decoder_channels: int = 256,
+        output_stride: int = 16,
+        lr: float = 0.01,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        poly_power: float = 0.9,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.class_names = list(class_names)
+        self.model = smp.DeepLabV3Plus(
+            encoder_name=encoder_name,
+            encoder_weights=encoder_weights,
+            encoder_depth=encoder_depth,
+            decoder_channels=decoder_channels,
+            encoder_output_stride=output_stride,
+            classes=len(self.class_names),
+        )
+        self.val_miou = MulticlassJaccardIndex(num_classes=len(self.class_names), ignore_index=IGNORE_INDEX)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits at the input size; inputs of any size are padded to the encoder's stride and cropped back."""
+        h, w = images.shape[-2:]
+        stride = 2**self.hparams.encoder_depth
+        ph, pw = (-h) % stride, (-w) % stride
+        if ph or pw:
+            images = F.pad(images, (0, pw, 0, ph))
+        return self.model(images)[..., :h, :w]
+
+    def training_step(self, batch, batch_idx):
+        images, masks = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, masks.long(), ignore_index=IGNORE_INDEX)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, masks = batch
+        logits = self(images)
+        self.val_miou.update(logits.argmax(1), masks.long())
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/miou", self.val_miou.compute(), prog_bar=True, sync_dist=True)
+        self.val_miou.reset()
+
+    def predict_step(self, batch, batch_idx):
+        images, index = batch
+        return self(images).softmax(1), index
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        opt = torch.optim.SGD(self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        poly = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1 - step / total) ** hp.poly_power)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": poly, "interval": "step"}}

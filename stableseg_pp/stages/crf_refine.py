@@ -1,0 +1,85 @@
+"""DenseCRF refinement of a stage-0 pseudo-mask set (part of StableSeg+, METHOD.md section 2).
+
+Reads stage 0's stored class scores (soft, not only the hard labels), turns
+them into probabilities, refines them with the image as the bilateral guide in
+a pool of worker processes, and writes palette PNG masks (atomically; finished
+images are skipped on resume) plus ``metrics.json`` against the ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from stableseg_pp.crf.dense_crf import CRFParams, refine_many
+from stableseg_pp.data.datasets import split_ids
+from stableseg_pp.data.palette import IGNORE_INDEX, save_palette_png
+from stableseg_pp.data.voc import load_rgb
+from stableseg_pp.pipeline.atomic import atomic_save
+from stableseg_pp.pipeline.run_dir import is_complete, stage_dir, write_key, write_record
+from stableseg_pp.pipeline.writers import PseudoMaskLayout, load_stored_maps, write_json
+from stableseg_pp.stages.evaluate import evaluate_masks
+
+log = logging.getLogger(__name__)
+NAME = "crf"
+
+
+def crf_params(crf: DictConfig) -> CRFParams:
+    keep = {k: v for k, v in OmegaConf.to_container(crf, resolve=True).items() if k in CRFParams.__dataclass_fields__}
+    return CRFParams(**keep)
+
+
+def scores_to_probs(scores: np.ndarray, size: tuple[int, int], temperature: float) -> np.ndarray:
+    """(K, h, w) stage-0 scores -> (K, H, W) probabilities: bilinear upsampling, softmax(scores / T)."""
+    t = torch.from_numpy(scores.astype(np.float32))[None]
+    t = F.interpolate(t, size=size, mode="bilinear", align_corners=False)[0]
+    return torch.softmax(t / temperature, dim=0).numpy()
+
+
+def _jobs(data: DictConfig, ids: list[str], source: PseudoMaskLayout, temperature: float):
+    image_dir = Path(data.root) / "JPEGImages"
+    for sid in ids:
+        stored = load_stored_maps(source.maps_path(sid))
+        image = load_rgb(image_dir / f"{sid}.jpg", data.convert_to_rgb)
+        lut = np.array([0, *stored.class_ids], dtype=np.uint8)
+        if stored.scores is None:  # an image with no class to look for
+            yield sid, image, np.ones((1, *image.shape[:2]), np.float32), lut
+            continue
+        yield sid, image, scores_to_probs(stored.scores, image.shape[:2], temperature), lut
+
+
+def run(cfg: DictConfig, stage0_dir: Path) -> Path:
+    """Refine every split of ``stage0_dir``; returns the content-addressed output folder."""
+    key = {"stage": NAME, "input": stage0_dir.name, "crf": OmegaConf.to_container(cfg.crf, resolve=True)}
+    key["crf"].pop("workers", None)
+    out = stage_dir(cfg.paths.run_dir, NAME, key)
+    if is_complete(out) and not cfg.force:
+        log.info("crf: finished outputs at %s, skipped", out)
+        return out
+    write_key(out, key)
+    params = crf_params(cfg.crf)
+    results = {}
+    for split in cfg.zero_shot.splits:
+        source = PseudoMaskLayout(stage0_dir / split)
+        target = PseudoMaskLayout(out / split)
+        ids = [sid for sid in split_ids(cfg.data, split) if source.is_done(sid)]
+        todo = [sid for sid in ids if not target.is_done(sid)]
+        log.info("crf [%s]: %d masks, %d to refine with %d workers", split, len(ids), len(todo), cfg.crf.workers)
+        jobs = (((sid, lut), image, probs) for sid, image, probs, lut in _jobs(cfg.data, todo, source, cfg.crf.score_temperature))
+        refined = refine_many(jobs, params, cfg.crf.workers)
+        for (sid, lut), labels in tqdm(refined, total=len(todo), desc=f"CRF {split}", unit="img"):
+            mask = np.where(labels == IGNORE_INDEX, IGNORE_INDEX, lut[np.minimum(labels, len(lut) - 1)]).astype(np.uint8)
+            atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t))
+        metrics = evaluate_masks(cfg.data, ids, target)
+        results[split] = {"images": len(ids), "metrics": metrics}
+        if metrics:
+            log.info("crf [%s]: mIoU %.4f", split, metrics["miou"])
+    write_json(out / "metrics.json", {s: r["metrics"] for s, r in results.items()})
+    write_record(out, key, splits=results)
+    return out

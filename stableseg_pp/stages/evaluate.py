@@ -1,0 +1,33 @@
+"""mIoU of a written mask set against the dataset's ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from stableseg_pp.data.voc import load_mask
+from stableseg_pp.evaluation.miou import SegmentationMetrics
+from stableseg_pp.pipeline.writers import PseudoMaskLayout
+
+
+def evaluate_masks(data: DictConfig, ids: list[str], layout: PseudoMaskLayout) -> dict | None:
+    """Metrics of the masks in ``layout`` for ``ids`` that have ground truth; None when none has."""
+    mask_dir = Path(data.root) / "SegmentationClass"
+    names = list(data.class_names)
+    metrics = SegmentationMetrics(names)
+    n = 0
+    for sid in ids:
+        gt_path = mask_dir / f"{sid}.png"
+        if not layout.is_done(sid) or not gt_path.exists():
+            continue
+        gt = load_mask(gt_path, len(names))
+        pred = np.array(Image.open(layout.mask_path(sid)))
+        metrics.update(torch.from_numpy(pred), torch.from_numpy(gt))
+        n += 1
+    if n == 0:
+        return None
+    return {**metrics.compute(), "images": n, "labels": data.labels}

@@ -1,0 +1,136 @@
+"""Train DeepLabV3+ on a pseudo-mask set, evaluate it, and predict the training images.
+
+Checkpoints go to ``<out>/checkpoints``; a killed training resumes from
+``last.ckpt``. The predictions on the training images (masks and the
+confidence of the predicted class) are the next stage's pseudo ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from stableseg_pp.data.datasets import split_ids
+from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
+from stableseg_pp.data.palette import save_palette_png
+from stableseg_pp.pipeline.atomic import atomic_save
+from stableseg_pp.pipeline.run_dir import is_complete, stage_dir, write_key, write_record
+from stableseg_pp.pipeline.writers import PseudoMaskLayout, write_json
+from stableseg_pp.stages.evaluate import evaluate_masks
+
+log = logging.getLogger(__name__)
+NAME = "deeplab"
+
+
+class SegmenterMaskWriter(BasePredictionWriter):
+    """Writes the predicted class (palette PNG) and its confidence (8-bit PNG) per image, atomically."""
+
+    def __init__(self, layout: PseudoMaskLayout, ids: list[str]):
+        super().__init__(write_interval="batch")
+        self.layout = layout
+        self.ids = ids
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        probs, index = prediction
+        conf, labels = probs.max(1)
+        for j, i in enumerate(index.tolist()):
+            sid = self.ids[i]
+            c = (conf[j].float().cpu().numpy() * 255).round().astype(np.uint8)
+            atomic_save(self.layout.root / "confidence" / f"{sid}.png", lambda t, a=c: Image.fromarray(a).save(t, format="PNG"))
+            m = labels[j].to(torch.uint8).cpu().numpy()
+            atomic_save(self.layout.mask_path(sid), lambda t, a=m: save_palette_png(a, t))
+
+
+def _precision(cfg: DictConfig) -> str:
+    on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+    return str(cfg.segmenter.train.precision) if on_gpu else "32-true"
+
+
+def run(cfg: DictConfig, masks_dir: Path) -> Path:
+    """Train on ``masks_dir/train``; returns the content-addressed output folder."""
+    seg = cfg.segmenter
+    key = {
+        "stage": NAME,
+        "masks": masks_dir.name,
+        "segmenter": OmegaConf.to_container(seg, resolve=True),
+        "seed": cfg.seed,
+    }
+    for k in ("num_workers",):
+        key["segmenter"]["train"].pop(k, None)
+    key["segmenter"].pop("eval_batch_size", None)
+    out = stage_dir(cfg.paths.run_dir, NAME, key)
+    if is_complete(out) and not cfg.force:
+        log.info("deeplab: finished outputs at %s, skipped", out)
+        return out
+    write_key(out, key)
+    data = cfg.data
+    names = list(data.class_names)
+    root = Path(data.root)
+    pseudo = PseudoMaskLayout(masks_dir / "train")
+    train_ids = [sid for sid in split_ids(data, "train") if pseudo.is_done(sid)]
+    val_ids = split_ids(data, "val")
+    if not train_ids:
+        raise FileNotFoundError(f"no pseudo-masks in {pseudo.masks}: run the earlier stages first")
+    images = lambda ids: [root / "JPEGImages" / f"{i}.jpg" for i in ids]  # noqa: E731
+    t = seg.train
+    train_ds = ImageMaskPairs(
+        images(train_ids),
+        [pseudo.mask_path(i) for i in train_ids],
+        len(names),
+        train_transform(t.crop_size, tuple(t.scale), t.base_size),
+        data.convert_to_rgb,
+    )
+    val_ds = ImageMaskPairs(
+        images(val_ids),
+        [root / "SegmentationClass" / f"{i}.png" for i in val_ids],
+        len(names),
+        eval_transform(),
+        data.convert_to_rgb,
+    )
+    train_loader = DataLoader(
+        train_ds, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers, drop_last=len(train_ds) > t.batch_size
+    )
+    val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
+    module = instantiate(seg.model, class_names=names)
+    ckpt_dir = out / "checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+    trainer = instantiate(
+        cfg.trainer,
+        max_epochs=t.max_epochs,
+        precision=_precision(cfg),
+        callbacks=[checkpoint],
+        logger=CSVLogger(out, name="logs", version=0),
+        enable_progress_bar=True,
+        log_every_n_steps=5,
+    )
+    last = ckpt_dir / "last.ckpt"
+    if last.exists():
+        log.info("deeplab: resuming from %s", last)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
+
+    # Predict the training images (next stage's targets) and the val images (the reported mIoU).
+    results = {}
+    for split, ids in (("train", train_ids), ("val", val_ids)):
+        layout = PseudoMaskLayout(out / split)
+        ds = ImageMaskPairs(images(ids), None, len(names), eval_transform(), data.convert_to_rgb)
+        loader = DataLoader(ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
+        predictor = instantiate(
+            cfg.trainer, callbacks=[SegmenterMaskWriter(layout, ids)], logger=False, precision=_precision(cfg)
+        )
+        predictor.predict(module, loader, return_predictions=False)
+        metrics = evaluate_masks(data, ids, layout)
+        results[split] = {"images": len(ids), "metrics": metrics}
+        if metrics:
+            log.info("deeplab [%s]: mIoU %.4f", split, metrics["miou"])
+    write_json(out / "metrics.json", {s: r["metrics"] for s, r in results.items()})
+    write_record(out, key, splits=results)
+    return out

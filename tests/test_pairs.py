@@ -1,0 +1,54 @@
+"""Training pairs: joint augmentation, and clear errors for bad pseudo-masks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
+from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
+from stableseg_pp.data.palette import save_palette_png
+from stableseg_pp.data.voc import BadInputError
+
+
+@pytest.fixture()
+def root(tmp_path):
+    return write_miniature_voc(tmp_path / "mini", n_train=3, n_val=1)
+
+
+def _pairs(root, masks, transform=None):
+    images = [root / "JPEGImages" / f"train_{i:05d}.jpg" for i in range(len(masks))]
+    return ImageMaskPairs(images, masks, len(CLASS_NAMES), transform or eval_transform())
+
+
+def test_augmentation_moves_image_and_mask_together(root):
+    gt = [root / "SegmentationClass" / f"train_{i:05d}.png" for i in range(3)]
+    torch.manual_seed(0)
+    ds = _pairs(root, gt, train_transform(48, (0.75, 1.5), 64))
+    for i in range(3):
+        img, mask = ds[i]
+        assert img.shape == (3, 48, 48) and mask.shape == (48, 48) and mask.dtype == torch.int64
+        # object pixels in the mask are coloured pixels in the image (not the grey background)
+        rgb = img * torch.tensor([0.229, 0.224, 0.225])[:, None, None] + torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+        sat = rgb.max(0).values - rgb.min(0).values
+        fg, bg = (mask > 0) & (mask < 255), mask == 0
+        if fg.sum() > 20:
+            assert sat[fg].mean() > sat[bg].mean() + 0.1
+
+
+def test_pseudo_mask_of_wrong_size_names_the_file(root, tmp_path):
+    bad = tmp_path / "bad.png"
+    save_palette_png(np.zeros((32, 40), np.uint8), bad)
+    with pytest.raises(BadInputError, match=r"bad.png is 40x32 but its image .*train_00000.jpg is 64x64"):
+        _pairs(root, [bad])[0]
+
+
+def test_pseudo_mask_with_unknown_class_ids_names_the_file(root, tmp_path):
+    bad = tmp_path / "ids.png"
+    m = np.zeros((64, 64), np.uint8)
+    m[3, 3] = 9
+    Image.fromarray(m, mode="L").save(bad)
+    with pytest.raises(BadInputError, match=r"ids.png holds class ids \[9\] outside 0..6"):
+        _pairs(root, [bad])[0]

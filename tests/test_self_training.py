@@ -1,0 +1,79 @@
+"""Stages 1 and 2 end to end on a small part of the miniature world; resuming; no work twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stableseg_pp.fit import run
+from stableseg_pp.models.deeplab import DeepLabV3PlusModule
+from stableseg_pp.pipeline.run_dir import COMPLETE
+
+SMALL = [
+    "data.generate.n_train=16",
+    "data.generate.n_val=6",
+    "zero_shot.n_overlays=1",
+    "segmenter.train.max_epochs=2",
+    "segmenter.train.batch_size=8",
+    "map_weights.epochs=3",
+    "crf.workers=1",
+]
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_stage1_then_all_then_nothing_to_do(compose_fit, miniature_model):
+    seg_dir = run(compose_fit("stage=1", *SMALL))["1"]
+    run_dir = seg_dir.parent
+    crf_dir = next(run_dir.glob("crf-*"))
+    assert len(list((crf_dir / "train" / "masks").glob("*.png"))) == 16
+    assert json.loads((crf_dir / "metrics.json").read_text())["val"]["miou"] > 0
+    assert (seg_dir / "checkpoints" / "last.ckpt").exists()
+    preds = sorted((seg_dir / "train" / "masks").glob("*.png"))
+    assert len(preds) == 16 and np.array(Image.open(preds[0])).max() < 7
+    assert 0 <= json.loads((seg_dir / "metrics.json").read_text())["val"]["miou"] <= 1
+
+    final = run(compose_fit("stage=all", *SMALL))["2"]
+    assert final != seg_dir  # the retrained model has its own folder
+    weights = json.loads(next(run_dir.glob("weights-*")).joinpath("weights.json").read_text())
+    assert len(weights) >= 4 and abs(sum(weights.values()) - 1) < 1e-4
+    assert len(list(run_dir.glob("stage0-*"))) == 2  # the regenerated masks have their own folder
+    table = json.loads((run_dir / "results.json").read_text())
+    assert [r["step"].split(" (")[0] for r in table][:3] == ["init", "init + CRF", "+"]
+    assert len(table) == 6 and all(r["val_miou"] is not None for r in table)
+    assert (run_dir / "results.md").read_text().startswith("| step | val mIoU |")
+
+    before = _files(run_dir)
+    run(compose_fit("stage=all", *SMALL))
+    after = _files(run_dir)
+    changed = {k for k in after if before.get(k) != after[k] and not k.startswith("hydra")}
+    assert changed <= {"results.md", "results.json"}  # only the table is rewritten
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_from_checkpoint(compose_fit, miniature_model, monkeypatch):
+    starts: list[int] = []
+
+    def on_train_epoch_start(self):
+        starts.append(self.current_epoch)
+        if len(starts) == 2 and self.current_epoch == 1 and not getattr(self, "_resumed", False):
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(DeepLabV3PlusModule, "on_train_epoch_start", on_train_epoch_start)
+    cfg = compose_fit("stage=1", *SMALL, "segmenter.train.max_epochs=3")
+    with pytest.raises(RuntimeError, match="killed"):
+        run(cfg)
+    seg_dir = next(Path(cfg.paths.run_dir).glob("deeplab-*"))
+    assert (seg_dir / "checkpoints" / "last.ckpt").exists() and not (seg_dir / COMPLETE).exists()
+    starts.clear()
+    monkeypatch.setattr(DeepLabV3PlusModule, "_resumed", True, raising=False)
+    run(compose_fit("stage=1", *SMALL, "segmenter.train.max_epochs=3"))
+    assert starts == [1, 2]  # epoch 0 was not trained again
+    assert (seg_dir / COMPLETE).exists()
