@@ -28,7 +28,7 @@ from stableseg_pp.pipeline.writers import overlay_png
 log = logging.getLogger("stableseg_pp.segment")
 
 # Backbone defaults, as in configs/diffusion/*.yaml.
-PRESETS = {"miniature": {"resolution": 64, "mode": "ca"}}
+PRESETS = {"miniature": {"resolution": 64, "mode": "ca+sa"}}
 
 
 def parse_classes(text: str) -> list[str]:
