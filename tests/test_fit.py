@@ -69,12 +69,12 @@ def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, mo
 
     def dying(self, p, layout):
         if len(calls) == 3:
-            raise KeyboardInterrupt("killed")
+            raise RuntimeError("killed")
         calls.append(p.id)
         original(self, p, layout)
 
     monkeypatch.setattr(writers.PseudoMaskWriter, "write_prediction", dying)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="killed"):
         run(cfg)
     monkeypatch.setattr(writers.PseudoMaskWriter, "write_prediction", original)
     out = Path(cfg.paths.run_dir).glob("stage0-*").__next__()

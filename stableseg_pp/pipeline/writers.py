@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -83,11 +84,21 @@ class PseudoMaskWriter(BasePredictionWriter):
             self.write_prediction(p, self.layouts[dataloader_idx])
 
 
-def load_stored_maps(path: str | Path) -> tuple[list[int], dict[str, np.ndarray]]:
-    """Read back what :class:`PseudoMaskWriter` stored: class ids and per-layer maps."""
+@dataclass
+class StoredMaps:
+    """What :class:`PseudoMaskWriter` stored for one image."""
+
+    class_ids: list[int]  # dataset ids of channels 1.. (channel 0 = background)
+    cross_maps: dict[str, np.ndarray]  # layer -> (C, h, w)
+    scores: np.ndarray | None  # (1 + C, h, w) final scores at the latent resolution
+
+
+def load_stored_maps(path: str | Path) -> StoredMaps:
+    """Read back what :class:`PseudoMaskWriter` stored for one image."""
     with np.load(path) as data:
         maps = {k[len("map/") :]: data[k] for k in data.files if k.startswith("map/")}
-        return data["class_ids"].tolist(), maps
+        scores = data["scores"] if "scores" in data.files else None
+        return StoredMaps(data["class_ids"].tolist(), maps, scores)
 
 
 def write_json(path: str | Path, obj) -> None:

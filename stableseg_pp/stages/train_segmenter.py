@@ -100,9 +100,10 @@ def run(cfg: DictConfig, masks_dir: Path) -> Path:
         train_ds, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers, drop_last=len(train_ds) > t.batch_size
     )
     val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
-    module = instantiate(seg.model, class_names=names)
+    module = instantiate(seg.model, class_names=names, _convert_="all")
     ckpt_dir = out / "checkpoints"
-    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, save_top_k=0, every_n_epochs=1)
+    # monitor=None: keep the newest epoch (choosing by val mIoU would use labels); last.ckpt links to it
+    checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", save_top_k=1, every_n_epochs=1)
     trainer = instantiate(
         cfg.trainer,
         max_epochs=t.max_epochs,
