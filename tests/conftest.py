@@ -55,3 +55,8 @@ def compose_fit(tmp_path):
             )
 
     return _compose
+
+
+def file_stamps(folder: Path) -> dict[str, int]:
+    """Relative path -> modification time of every file below ``folder``."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}

@@ -13,6 +13,7 @@ from stableseg_pp.fit import run
 from stableseg_pp.pipeline import writers
 from stableseg_pp.pipeline.run_dir import COMPLETE
 from stableseg_pp.stages import resolve_stages
+from tests.conftest import file_stamps as _files
 
 SMALL = [
     "stage=0",
@@ -22,10 +23,6 @@ SMALL = [
     "data.generate.n_train=12",
     "data.generate.n_val=6",
 ]
-
-
-def _files(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
 def test_stage0_end_to_end_then_skipped(compose_fit, miniature_model):

@@ -12,6 +12,7 @@ from PIL import Image
 from stableseg_pp.fit import run
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 from stableseg_pp.pipeline.run_dir import COMPLETE
+from tests.conftest import file_stamps as _files
 
 SMALL = [
     "data.generate.n_train=16",
@@ -22,10 +23,6 @@ SMALL = [
     "map_weights.epochs=3",
     "crf.workers=1",
 ]
-
-
-def _files(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.slow

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 
-from stableseg_pp.bench import baselines, capture
+from stableseg_pp.bench import baselines, capture, crf, segmenter
 
-COMMANDS = {"capture": capture.main, "baselines": baselines.main}
+COMMANDS = {"capture": capture.main, "baselines": baselines.main, "crf": crf.main, "segmenter": segmenter.main}
 
 
 def main(argv: list[str] | None = None) -> None:

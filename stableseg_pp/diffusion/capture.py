@@ -91,93 +91,84 @@ def _finish(attn: Attention, out: torch.Tensor, query: torch.Tensor, residual, i
     return out / attn.rescale_output_factor
 
 
-class CrossAttentionMapProcessor:
+def _probabilities(attn: Attention, q: torch.Tensor, k: torch.Tensor, mask) -> torch.Tensor:
+    """softmax(QK^T * scale (+ mask)), explicitly: for the layers whose maps are needed."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(dim=-1)
+
+
+class _CaptureProcessor:
+    """Shared call path: project as the stock processor does, ``attend``, then finish as it does."""
+
+    needs_context = False  # True for processors that only make sense on cross-attention layers
+
+    def __init__(self, store, name: str):
+        self.store = store
+        self.name = name
+
+    def attend(self, attn: Attention, q, k, v, mask) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        if self.needs_context and encoder_hidden_states is None:
+            raise ValueError(f"{self.name}: {type(self).__name__} installed on a self-attention layer")
+        q, k, v, mask, residual, shape = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return _finish(attn, self.attend(attn, q, k, v, mask), q, residual, shape)
+
+
+class CrossAttentionMapProcessor(_CaptureProcessor):
     """Cross-attention that also records the head-mean probability map of each class.
 
     The probabilities are computed once and reused for the output, so the layer
     costs one explicit softmax instead of the fused kernel.
     """
 
-    def __init__(self, store: AttentionStore, name: str):
-        self.store = store
-        self.name = name
+    store: AttentionStore
+    needs_context = True
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        *args,
-        **kwargs,
-    ):
-        if encoder_hidden_states is None:
-            raise ValueError(f"{self.name}: CrossAttentionMapProcessor installed on a self-attention layer")
-        q, k, v, mask, residual, shape = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
-        if mask is not None:
-            scores = scores + mask
-        probs = scores.softmax(dim=-1)
-        out = torch.matmul(probs, v)
+    def attend(self, attn, q, k, v, mask):
+        probs = _probabilities(attn, q, k, mask)
         weights = self.store.token_weights
         if weights is not None:
             mean = probs.mean(dim=1)  # (B, N, T)
             per_class = torch.bmm(mean.float(), weights.to(mean.device, torch.float32))  # (B, N, C)
             h, w = self.store.map_shape(mean.shape[1])
             self.store.cross[self.name] = per_class.transpose(1, 2).reshape(mean.shape[0], -1, h, w)
-        return _finish(attn, out, q, residual, shape)
+        return torch.matmul(probs, v)
 
 
-class SelfAttentionQKProcessor:
+class SelfAttentionQKProcessor(_CaptureProcessor):
     """Fused self-attention that keeps the Query and Key features for SAR."""
 
-    def __init__(self, store: AttentionStore, name: str):
-        self.store = store
-        self.name = name
+    store: AttentionStore
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        *args,
-        **kwargs,
-    ):
-        q, k, v, mask, residual, shape = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    def attend(self, attn, q, k, v, mask):
         dtype = self.store.qk_dtype or q.dtype
         self.store.self_qk[self.name] = (q.detach().to(dtype), k.detach().to(dtype))
-        return _finish(attn, out, q, residual, shape)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 
-class FullAttentionStoreProcessor:
+class FullAttentionStoreProcessor(_CaptureProcessor):
     """The naive 'attention store' (as in prompt-to-prompt): keeps every head-mean
     probability map, self-attention's HW x HW ones included. Only for the benchmark."""
 
-    def __init__(self, maps: dict[str, torch.Tensor], name: str):
-        self.maps = maps
-        self.name = name
+    store: dict[str, torch.Tensor]
 
-    def __call__(
-        self,
-        attn: Attention,
-        hidden_states,
-        encoder_hidden_states=None,
-        attention_mask=None,
-        temb=None,
-        *args,
-        **kwargs,
-    ):
-        q, k, v, mask, residual, shape = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
-        if mask is not None:
-            scores = scores + mask
-        probs = scores.softmax(dim=-1)
-        self.maps[self.name] = probs.mean(dim=1)
-        return _finish(attn, torch.matmul(probs, v), q, residual, shape)
+    def attend(self, attn, q, k, v, mask):
+        probs = _probabilities(attn, q, k, mask)
+        self.store[self.name] = probs.mean(dim=1)
+        return torch.matmul(probs, v)
 
 
 def stock_processors(unet) -> dict[str, AttnProcessor2_0]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -60,10 +61,6 @@ def is_complete(folder: str | Path) -> bool:
     return (Path(folder) / COMPLETE).exists()
 
 
-def read_record(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / COMPLETE).read_text())
-
-
 def write_record(folder: str | Path, key: Mapping[str, Any], **payload: Any) -> Path:
     """Write the completion record: the last file a finished stage writes."""
     record = {"key": to_plain(key), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
@@ -74,3 +71,18 @@ def write_key(folder: str | Path, key: Mapping[str, Any]) -> None:
     """Record what the folder is keyed by (readable before the stage completes)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(folder) / "key.json", json.dumps(to_plain(key), indent=2, sort_keys=True, default=str))
+
+
+def open_stage(run_dir: str | Path, stage: str, key: Mapping[str, Any], force: bool = False) -> tuple[Path, bool]:
+    """The stage's folder and whether it is already finished (then the caller skips it).
+
+    ``force`` removes a finished or partial folder so that everything is recomputed;
+    otherwise a partial folder is kept and the stage resumes in it.
+    """
+    out = stage_dir(run_dir, stage, key)
+    if force and out.exists():
+        shutil.rmtree(out)
+    if is_complete(out):
+        return out, True
+    write_key(out, key)
+    return out, False

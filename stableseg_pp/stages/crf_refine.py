@@ -22,9 +22,9 @@ from stableseg_pp.data.datasets import split_ids
 from stableseg_pp.data.palette import IGNORE_INDEX, save_palette_png
 from stableseg_pp.data.voc import load_rgb
 from stableseg_pp.pipeline.atomic import atomic_save
-from stableseg_pp.pipeline.run_dir import is_complete, stage_dir, write_key, write_record
-from stableseg_pp.pipeline.writers import PseudoMaskLayout, load_stored_maps, write_json
-from stableseg_pp.stages.evaluate import evaluate_masks
+from stableseg_pp.pipeline.run_dir import open_stage
+from stableseg_pp.pipeline.writers import PseudoMaskLayout, load_stored_maps
+from stableseg_pp.stages.evaluate import finish_stage, report_split
 
 log = logging.getLogger(__name__)
 NAME = "crf"
@@ -58,11 +58,10 @@ def run(cfg: DictConfig, stage0_dir: Path) -> Path:
     """Refine every split of ``stage0_dir``; returns the content-addressed output folder."""
     key = {"stage": NAME, "input": stage0_dir.name, "crf": OmegaConf.to_container(cfg.crf, resolve=True)}
     key["crf"].pop("workers", None)
-    out = stage_dir(cfg.paths.run_dir, NAME, key)
-    if is_complete(out) and not cfg.force:
-        log.info("crf: finished outputs at %s, skipped", out)
+    out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
+    if finished:
+        log.info("crf: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
-    write_key(out, key)
     params = crf_params(cfg.crf)
     results = {}
     for split in cfg.zero_shot.splits:
@@ -76,10 +75,5 @@ def run(cfg: DictConfig, stage0_dir: Path) -> Path:
         for (sid, lut), labels in tqdm(refined, total=len(todo), desc=f"CRF {split}", unit="img"):
             mask = np.where(labels == IGNORE_INDEX, IGNORE_INDEX, lut[np.minimum(labels, len(lut) - 1)]).astype(np.uint8)
             atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t))
-        metrics = evaluate_masks(cfg.data, ids, target)
-        results[split] = {"images": len(ids), "metrics": metrics}
-        if metrics:
-            log.info("crf [%s]: mIoU %.4f", split, metrics["miou"])
-    write_json(out / "metrics.json", {s: r["metrics"] for s, r in results.items()})
-    write_record(out, key, splits=results)
-    return out
+        results[split] = report_split("crf", cfg.data, split, ids, target)
+    return finish_stage(out, key, results)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,10 @@ from PIL import Image
 
 from stableseg_pp.data.voc import load_mask
 from stableseg_pp.evaluation.miou import SegmentationMetrics
-from stableseg_pp.pipeline.writers import PseudoMaskLayout
+from stableseg_pp.pipeline.run_dir import write_record
+from stableseg_pp.pipeline.writers import PseudoMaskLayout, write_json
+
+log = logging.getLogger(__name__)
 
 
 def evaluate_masks(data: DictConfig, ids: list[str], layout: PseudoMaskLayout) -> dict | None:
@@ -31,3 +35,18 @@ def evaluate_masks(data: DictConfig, ids: list[str], layout: PseudoMaskLayout) -
     if n == 0:
         return None
     return {**metrics.compute(), "images": n, "labels": data.labels}
+
+
+def report_split(stage: str, data: DictConfig, split: str, ids: list[str], layout: PseudoMaskLayout, **extra) -> dict:
+    """Evaluate one split's masks and log the mIoU; returns the split's entry for the completion record."""
+    metrics = evaluate_masks(data, ids, layout)
+    if metrics:
+        log.info("%s [%s]: mIoU %.4f (%s labels)", stage, split, metrics["miou"], metrics["labels"])
+    return {"images": len(ids), **extra, "metrics": metrics}
+
+
+def finish_stage(out: Path, key: dict, splits: dict[str, dict]) -> Path:
+    """Write ``metrics.json`` and, last, the completion record."""
+    write_json(out / "metrics.json", {s: r["metrics"] for s, r in splits.items()})
+    write_record(out, key, splits=splits)
+    return out

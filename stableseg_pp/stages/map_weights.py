@@ -21,7 +21,7 @@ from stableseg_pp.attention.weights import MapExample, fit_map_weights
 from stableseg_pp.data.datasets import split_ids
 from stableseg_pp.data.palette import IGNORE_INDEX
 from stableseg_pp.pipeline.atomic import atomic_save
-from stableseg_pp.pipeline.run_dir import is_complete, stage_dir, write_key, write_record
+from stableseg_pp.pipeline.run_dir import open_stage, write_record
 from stableseg_pp.pipeline.writers import PseudoMaskLayout, load_stored_maps, write_json
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,10 @@ def run(cfg: DictConfig, stage0_dir: Path, segmenter_dir: Path) -> Path:
         "threshold": cfg.zero_shot.background_threshold,
         "seed": cfg.seed,
     }
-    out = stage_dir(cfg.paths.run_dir, NAME, key)
-    if is_complete(out) and not cfg.force:
-        log.info("weights: finished outputs at %s, skipped", out)
+    out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
+    if finished:
+        log.info("weights: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
-    write_key(out, key)
     ids = split_ids(cfg.data, "train")
     examples, names = load_examples(PseudoMaskLayout(stage0_dir / "train"), PseudoMaskLayout(segmenter_dir / "train"), ids)
     mw = cfg.map_weights

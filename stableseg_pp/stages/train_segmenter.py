@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import lightning as L
 import numpy as np
 import torch
 from hydra.utils import instantiate
@@ -23,9 +24,9 @@ from stableseg_pp.data.datasets import split_ids
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
 from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.pipeline.atomic import atomic_save
-from stableseg_pp.pipeline.run_dir import is_complete, stage_dir, write_key, write_record
-from stableseg_pp.pipeline.writers import PseudoMaskLayout, write_json
-from stableseg_pp.stages.evaluate import evaluate_masks
+from stableseg_pp.pipeline.run_dir import open_stage
+from stableseg_pp.pipeline.writers import PseudoMaskLayout
+from stableseg_pp.stages.evaluate import finish_stage, report_split
 
 log = logging.getLogger(__name__)
 NAME = "deeplab"
@@ -67,11 +68,10 @@ def run(cfg: DictConfig, masks_dir: Path) -> Path:
     for k in ("num_workers",):
         key["segmenter"]["train"].pop(k, None)
     key["segmenter"].pop("eval_batch_size", None)
-    out = stage_dir(cfg.paths.run_dir, NAME, key)
-    if is_complete(out) and not cfg.force:
-        log.info("deeplab: finished outputs at %s, skipped", out)
+    out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
+    if finished:
+        log.info("deeplab: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
-    write_key(out, key)
     data = cfg.data
     names = list(data.class_names)
     root = Path(data.root)
@@ -100,6 +100,8 @@ def run(cfg: DictConfig, masks_dir: Path) -> Path:
         train_ds, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers, drop_last=len(train_ds) > t.batch_size
     )
     val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
+    # Seed here, not only at start-up: the result must not depend on which stages ran before in this process.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = instantiate(seg.model, class_names=names, _convert_="all")
     ckpt_dir = out / "checkpoints"
     # monitor=None: keep the newest epoch (choosing by val mIoU would use labels); last.ckpt links to it
@@ -128,10 +130,5 @@ def run(cfg: DictConfig, masks_dir: Path) -> Path:
             cfg.trainer, callbacks=[SegmenterMaskWriter(layout, ids)], logger=False, precision=_precision(cfg)
         )
         predictor.predict(module, loader, return_predictions=False)
-        metrics = evaluate_masks(data, ids, layout)
-        results[split] = {"images": len(ids), "metrics": metrics}
-        if metrics:
-            log.info("deeplab [%s]: mIoU %.4f", split, metrics["miou"])
-    write_json(out / "metrics.json", {s: r["metrics"] for s, r in results.items()})
-    write_record(out, key, splits=results)
-    return out
+        results[split] = report_split("deeplab", data, split, ids, layout)
+    return finish_stage(out, key, results)

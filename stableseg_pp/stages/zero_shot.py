@@ -8,7 +8,6 @@ ground truth exists. Finished images are skipped on resume.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -20,16 +19,9 @@ from stableseg_pp.data.voc import collate_samples
 from stableseg_pp.diffusion.backbone import resolve_model_path
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
 from stableseg_pp.pipeline.progress import ImagesPerSecondBar
-from stableseg_pp.pipeline.run_dir import (
-    folder_fingerprint,
-    is_complete,
-    read_record,
-    stage_dir,
-    write_key,
-    write_record,
-)
+from stableseg_pp.pipeline.run_dir import folder_fingerprint, open_stage
 from stableseg_pp.pipeline.writers import PseudoMaskLayout, PseudoMaskWriter, write_json
-from stableseg_pp.stages.evaluate import evaluate_masks
+from stableseg_pp.stages.evaluate import finish_stage, report_split
 
 log = logging.getLogger(__name__)
 NAME = "stage0"
@@ -53,12 +45,8 @@ def stage_key(cfg: DictConfig) -> dict:
         "data": data,
         "diffusion": {"dtype": cfg.diffusion.dtype, **model_identity(cfg.diffusion.pretrained)},
         "zero_shot": OmegaConf.to_container(cfg.zero_shot, resolve=True),
-        "seed": cfg.seed,
+        "seed": cfg.seed if cfg.zero_shot.add_noise else None,  # only noise makes stage 0 random
     }
-
-
-def output_dir(cfg: DictConfig) -> Path:
-    return stage_dir(cfg.paths.run_dir, NAME, stage_key(cfg))
 
 
 def build_module(cfg: DictConfig) -> ZeroShotSegmenter:
@@ -77,14 +65,10 @@ def build_module(cfg: DictConfig) -> ZeroShotSegmenter:
 def run(cfg: DictConfig) -> Path:
     prepare_dataset(cfg.data)
     key = stage_key(cfg)
-    out = stage_dir(cfg.paths.run_dir, NAME, key)
-    if is_complete(out):
-        if not cfg.force:
-            log.info("stage 0: finished outputs at %s, skipped (force=true recomputes)", out)
-            return out
-        log.info("stage 0: force=true, recomputing %s", out)
-        shutil.rmtree(out)
-    write_key(out, key)
+    out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
+    if finished:
+        log.info("stage 0: finished outputs at %s, skipped (force=true recomputes)", out)
+        return out
     module = build_module(cfg)
     splits = list(cfg.zero_shot.splits)
     layouts = {split: PseudoMaskLayout(out / split) for split in splits}
@@ -119,14 +103,5 @@ def run(cfg: DictConfig) -> Path:
         if missing:
             log.warning("stage 0 [%s]: %d images skipped for bad input: %s", split, len(missing), missing[:10])
         write_json(layout.root / "skipped.json", missing)
-        metrics = evaluate_masks(cfg.data, ids, layout)
-        results[split] = {"images": len(ids) - len(missing), "skipped": len(missing), "metrics": metrics}
-        if metrics:
-            log.info("stage 0 [%s]: mIoU %.4f (%s labels)", split, metrics["miou"], metrics["labels"])
-    write_json(out / "metrics.json", {s: r["metrics"] for s, r in results.items()})
-    write_record(out, key, splits=results)
-    return out
-
-
-def summary(out: Path) -> dict:
-    return read_record(out)["splits"]
+        results[split] = report_split("stage 0", cfg.data, split, ids, layout, skipped=len(missing))
+    return finish_stage(out, key, results)
