@@ -7,6 +7,7 @@ The Lightning figure includes everything the Trainer does between steps.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import lightning as L
@@ -18,17 +19,19 @@ from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 
 
 class _StepTimer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup = warmup
-        self.start = None
-        self.end = None
+    """Wall time from the start of batch ``warmup`` to the end of the last batch."""
+
+    def __init__(self, warmup: int, last: int):
+        self.warmup, self.last = warmup, last
+        self.start = self.end = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == self.warmup:
             self.start = time.perf_counter()
 
-    def on_train_end(self, trainer, pl_module):
-        self.end = time.perf_counter()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == self.last:
+            self.end = time.perf_counter()
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -38,6 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--classes", type=int, default=7)
     p.add_argument("--accelerator", default="cpu")
     args = p.parse_args(argv)
@@ -48,44 +52,51 @@ def main(argv: list[str] | None = None) -> dict:
     y = torch.randint(0, args.classes, (args.batch, args.size, args.size))
     loader = DataLoader(TensorDataset(x.repeat(total, 1, 1, 1), y.repeat(total, 1, 1)), batch_size=args.batch)
 
-    # plain PyTorch
-    torch.manual_seed(0)
-    module = DeepLabV3PlusModule(names, encoder_name=args.encoder).to(device).train()
-    opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total) ** 0.9)
-    for i, (xb, yb) in enumerate(loader):
-        if i == args.warmup:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        xb, yb = xb.to(device), yb.to(device)
-        loss = F.cross_entropy(module(xb), yb, ignore_index=255)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    plain = (time.perf_counter() - start) / args.steps
+    def plain_loop() -> float:
+        torch.manual_seed(0)
+        module = DeepLabV3PlusModule(names, encoder_name=args.encoder).to(device).train()
+        opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total) ** 0.9)
+        for i, (xb, yb) in enumerate(loader):
+            if i == args.warmup:
+                if device == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            xb, yb = xb.to(device), yb.to(device)
+            loss = F.cross_entropy(module(xb), yb, ignore_index=255)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return (time.perf_counter() - start) / args.steps
 
-    # Lightning
-    torch.manual_seed(0)
-    module = DeepLabV3PlusModule(names, encoder_name=args.encoder)
-    timer = _StepTimer(args.warmup)
-    trainer = L.Trainer(
-        accelerator=args.accelerator,
-        devices=1,
-        max_steps=total,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-    )
-    trainer.fit(module, loader)
-    lightning = (timer.end - timer.start) / args.steps
+    def lightning_loop() -> float:
+        torch.manual_seed(0)
+        module = DeepLabV3PlusModule(names, encoder_name=args.encoder)
+        timer = _StepTimer(args.warmup, total - 1)
+        trainer = L.Trainer(
+            accelerator=args.accelerator,
+            devices=1,
+            max_steps=total,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[timer],
+        )
+        trainer.fit(module, loader)
+        return (timer.end - timer.start) / args.steps
+
+    # Alternate the two so that drifts of the machine's speed hit both alike.
+    plain_times, lightning_times = [], []
+    for _ in range(args.rounds):
+        plain_times.append(plain_loop())
+        lightning_times.append(lightning_loop())
+    plain, lightning = statistics.median(plain_times), statistics.median(lightning_times)
     print(f"DeepLabV3+ ({args.encoder}), batch {args.batch} x {args.size}x{args.size}, {args.accelerator}:")
-    print(f"  plain PyTorch loop: {1000 * plain:8.1f} ms/step")
+    print(f"  plain PyTorch loop: {1000 * plain:8.1f} ms/step (median of {args.rounds} rounds of {args.steps} steps)")
     print(f"  LightningModule:    {1000 * lightning:8.1f} ms/step")
     print(f"  ratio Lightning / plain: {lightning / plain:.3f}x")
     return {"plain_s": plain, "lightning_s": lightning, "ratio": lightning / plain}
