@@ -74,3 +74,16 @@ def test_killed_training_resumes_from_checkpoint(compose_fit, miniature_model, m
     run(compose_fit("stage=1", *SMALL, "segmenter.train.max_epochs=3"))
     assert starts == [1, 2]  # epoch 0 was not trained again
     assert (seg_dir / COMPLETE).exists()
+
+
+@pytest.mark.slow
+def test_changed_setting_recomputes_only_what_depends_on_it(compose_fit, miniature_model):
+    first = run(compose_fit("stage=1", *SMALL))["1"]
+    run_dir = first.parent
+    stage0 = next(run_dir.glob("stage0-*"))
+    stamps = _files(stage0)
+    run(compose_fit("stage=1", *SMALL, "crf.iterations=3"))
+    assert [p.name for p in run_dir.glob("stage0-*")] == [stage0.name] and _files(stage0) == stamps
+    assert len(list(run_dir.glob("crf-*"))) == 2 and len(list(run_dir.glob("deeplab-*"))) == 2
+    run(compose_fit("stage=1", *SMALL, "crf.iterations=3", "segmenter.model.lr=0.05"))
+    assert len(list(run_dir.glob("crf-*"))) == 2 and len(list(run_dir.glob("deeplab-*"))) == 3
