@@ -30,7 +30,6 @@ class AttentionStore:
     latent_hw: tuple[int, int] = (0, 0)
     cross: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> (B, C, h, w)
     self_qk: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (B, heads, N, d)
-    qk_dtype: torch.dtype | None = None
 
     def reset(self, token_weights: torch.Tensor | None, latent_hw: tuple[int, int]) -> None:
         self.token_weights = token_weights
@@ -154,8 +153,7 @@ class SelfAttentionQKProcessor(_CaptureProcessor):
     store: AttentionStore
 
     def attend(self, attn, q, k, v, mask):
-        dtype = self.store.qk_dtype or q.dtype
-        self.store.self_qk[self.name] = (q.detach().to(dtype), k.detach().to(dtype))
+        self.store.self_qk[self.name] = (q.detach(), k.detach())  # in the model's dtype (float16 on GPU)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
 
 

@@ -77,7 +77,6 @@ class ZeroShotSegmenter(L.LightningModule):
             return []
         self.configure_model()
         seg = self.segmenter
-        batch = [s for s in batch if s.class_ids] + [s for s in batch if not s.class_ids]
         with_classes = [s for s in batch if s.class_ids]
         results = []
         if with_classes:

@@ -36,9 +36,6 @@ class PseudoMaskLayout:
         """Maps are written before the mask, so a mask means both are complete."""
         return self.mask_path(sid).exists()
 
-    def done_ids(self, ids: Sequence[str]) -> set[str]:
-        return {sid for sid in ids if self.is_done(sid)}
-
 
 def overlay_png(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, alpha: float = 0.55) -> Image.Image:
     """Image, image blended with the pseudo-mask, and with the ground truth, side by side."""
