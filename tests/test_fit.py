@@ -107,3 +107,24 @@ def test_bad_scale_is_a_clear_error(compose_fit, miniature_model):
     cfg = compose_fit(*SMALL, "zero_shot.cross_scales=[3]")
     with pytest.raises(ValueError, match=r"cross-attention scales \[3\] do not exist.*available map sides: \[4, 8, 16\]"):
         run(cfg)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["experiment=voc_stableseg"],
+            {"data.name": "voc", "diffusion.name": "sd15", "zero_shot.mode": "ca+sa", "crf.bilateral_sxy": 50},
+        ),
+        (["experiment=miniature"], {"data.name": "miniature", "zero_shot.resolution": 64, "crf.bilateral_sxy": 20}),
+        (["debug=fast"], {"data.limit": 8, "run_name": "debug-miniature"}),
+        (["diffusion=sd21"], {"zero_shot.resolution": 512, "diffusion.dtype": "float16"}),
+        (["segmenter=deeplabv3plus"], {"segmenter.model.encoder_name": "resnet101"}),
+    ],
+)
+def test_presets_compose(compose_fit, overrides, expected):
+    from omegaconf import OmegaConf
+
+    cfg = compose_fit(*overrides)
+    for key, value in expected.items():
+        assert OmegaConf.select(cfg, key) == value, key
