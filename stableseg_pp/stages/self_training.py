@@ -19,6 +19,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from stableseg_pp.pipeline.atomic import atomic_write_text
+from stableseg_pp.pipeline.writers import write_json
 from stableseg_pp.stages import crf_refine, map_weights, train_segmenter, zero_shot
 
 log = logging.getLogger(__name__)
@@ -76,5 +77,5 @@ def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list
     for w in weight_dirs:
         lines.append(f"\nLearned attention-map weights: `{w.name}/weights.json`, plot `{w.name}/weights.png`")
     atomic_write_text(run_dir / "results.md", "\n".join(lines) + "\n")
-    atomic_write_text(run_dir / "results.json", json.dumps(table, indent=2))
+    write_json(run_dir / "results.json", table)
     log.info("results:\n%s", "\n".join(lines))

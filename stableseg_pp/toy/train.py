@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample, sample_seed
 from stableseg_pp.diffusion.backbone import UNetBackbone
 from stableseg_pp.diffusion.capture import stock_processors
+from stableseg_pp.diffusion.prompts import map_class_tokens
 from stableseg_pp.evaluation.miou import SegmentationMetrics
 from stableseg_pp.models.stableseg import StableSeg
 from stableseg_pp.toy.architecture import (
@@ -81,8 +82,6 @@ def train_vae(images: torch.Tensor, steps: int, batch: int, lr: float, kl_weight
 
 def class_token_embeddings(text_encoder, tokenizer, template: str = "a photo of a {}") -> torch.Tensor:
     """(n_classes, D) mean output embedding of each class name's tokens in its own prompt."""
-    from stableseg_pp.diffusion.prompts import map_class_tokens
-
     rows = []
     for name in CLASS_NAMES[1:]:
         m = map_class_tokens(tokenizer, [name], template)
