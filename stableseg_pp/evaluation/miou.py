@@ -14,13 +14,14 @@ class SegmentationMetrics:
     """Accumulates a confusion matrix; reports per-class IoU and mIoU with and without background.
 
     Classes that appear neither in the ground truth nor in the predictions are
-    left out of the mean (their IoU is undefined).
+    left out of the mean (their IoU is undefined). ``sync``: sum the matrices of
+    all ranks on compute (collective); off when one rank evaluates on its own.
     """
 
-    def __init__(self, class_names: Sequence[str], background_index: int | None = 0):
+    def __init__(self, class_names: Sequence[str], background_index: int | None = 0, sync: bool = True):
         self.class_names = list(class_names)
         self.background_index = background_index
-        self.confmat = MulticlassConfusionMatrix(num_classes=len(class_names), ignore_index=IGNORE_INDEX)
+        self.confmat = MulticlassConfusionMatrix(num_classes=len(class_names), ignore_index=IGNORE_INDEX, sync_on_compute=sync)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         pred = torch.as_tensor(pred).long().flatten()

@@ -19,9 +19,14 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.atomic import atomic_write_text
 
 COMPLETE = "_COMPLETE.json"
+
+
+class IncompleteStageError(RuntimeError):
+    """A stage stopped before it finished (time limit, requeue signal): its folder is left to resume in."""
 
 
 def to_plain(obj: Any) -> Any:
@@ -77,12 +82,14 @@ def open_stage(run_dir: str | Path, stage: str, key: Mapping[str, Any], force: b
     """The stage's folder and whether it is already finished (then the caller skips it).
 
     ``force`` removes a finished or partial folder so that everything is recomputed;
-    otherwise a partial folder is kept and the stage resumes in it.
+    otherwise a partial folder is kept and the stage resumes in it. Collective:
+    every rank calls it, and all get the same answer.
     """
     out = stage_dir(run_dir, stage, key)
-    if force and out.exists():
-        shutil.rmtree(out)
-    if is_complete(out):
-        return out, True
-    write_key(out, key)
-    return out, False
+    with distributed.main_first():  # rank 0 clears / creates the folder; the others then see it as it is
+        if distributed.is_main() and force and out.exists():
+            shutil.rmtree(out)
+        finished = is_complete(out)
+        if distributed.is_main() and not finished:
+            write_key(out, key)
+    return out, finished

@@ -14,7 +14,7 @@ from PIL import Image
 
 from stableseg_pp.data.palette import IGNORE_INDEX, colorize, save_palette_png
 from stableseg_pp.models.zero_shot_module import ZeroShotPrediction
-from stableseg_pp.pipeline.atomic import atomic_save, atomic_write_bytes
+from stableseg_pp.pipeline.atomic import atomic_save, atomic_write_bytes, atomic_write_text
 
 
 class PseudoMaskLayout:
@@ -54,14 +54,20 @@ def overlay_png(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, alph
 class PseudoMaskWriter(BasePredictionWriter):
     """Writes each image's stored maps (float16 npz), then its palette PNG mask, atomically.
 
-    ``layouts[i]`` is where the predictions of dataloader ``i`` go.
+    ``layouts[i]`` is where the predictions of dataloader ``i`` go. At the end each
+    rank appends the ids it wrote to ``<split>/ranks/rank<r>.txt``: a record of
+    how the images were sharded (and a check that none was done twice).
     """
 
     def __init__(self, layouts: Sequence[PseudoMaskLayout], overlay_ids: Iterable[str] = ()):
         super().__init__(write_interval="batch")
         self.layouts = list(layouts)
         self.overlay_ids = set(overlay_ids)
-        self.written = 0
+        self.written_ids: list[list[str]] = [[] for _ in self.layouts]
+
+    @property
+    def written(self) -> int:
+        return sum(len(ids) for ids in self.written_ids)
 
     def write_prediction(self, p: ZeroShotPrediction, layout: PseudoMaskLayout) -> None:
         buf = io.BytesIO()
@@ -74,11 +80,17 @@ class PseudoMaskWriter(BasePredictionWriter):
             img = overlay_png(p.sample.image, p.mask, p.sample.mask)
             atomic_save(layout.overlays / f"{p.id}.png", lambda t, im=img: im.save(t, format="PNG"))
         atomic_save(layout.mask_path(p.id), lambda t: save_palette_png(p.mask, t))
-        self.written += 1
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for p in prediction:
             self.write_prediction(p, self.layouts[dataloader_idx])
+            self.written_ids[dataloader_idx].append(p.id)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        for layout, ids in zip(self.layouts, self.written_ids, strict=True):
+            record = layout.root / "ranks" / f"rank{trainer.global_rank}.txt"
+            before = record.read_text() if record.exists() else ""
+            atomic_write_text(record, before + "".join(f"{i}\n" for i in ids))
 
 
 @dataclass

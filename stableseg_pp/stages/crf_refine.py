@@ -17,14 +17,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from stableseg_pp import tracking
 from stableseg_pp.crf.dense_crf import CRFParams, refine_many
 from stableseg_pp.data.datasets import split_ids
 from stableseg_pp.data.palette import IGNORE_INDEX, save_palette_png
 from stableseg_pp.data.voc import load_rgb
+from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.atomic import atomic_save
 from stableseg_pp.pipeline.run_dir import open_stage
 from stableseg_pp.pipeline.writers import PseudoMaskLayout, load_stored_maps
-from stableseg_pp.stages.evaluate import finish_stage, report_split
+from stableseg_pp.stages.evaluate import evaluate_and_finish, report_split, track_results
 
 log = logging.getLogger(__name__)
 NAME = "crf"
@@ -62,18 +64,30 @@ def run(cfg: DictConfig, stage0_dir: Path) -> Path:
     if finished:
         log.info("crf: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
+    with tracking.active().step(out, [stage0_dir], key) as record:
+        _compute(cfg, stage0_dir, out, key)
+        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        track_results(record, cfg.data, out, masks)
+    return out
+
+
+def _compute(cfg: DictConfig, stage0_dir: Path, out: Path, key: dict) -> None:
     params = crf_params(cfg.crf)
-    results = {}
+    splits = {}
     for split in cfg.zero_shot.splits:
         source = PseudoMaskLayout(stage0_dir / split)
         target = PseudoMaskLayout(out / split)
         ids = [sid for sid in split_ids(cfg.data, split) if source.is_done(sid)]
-        todo = [sid for sid in ids if not target.is_done(sid)]
-        log.info("crf [%s]: %d masks, %d to refine with %d workers", split, len(ids), len(todo), cfg.crf.workers)
+        splits[split] = (ids, target)
+        # each rank refines its share with the CPU workers given to it (SLURM: --cpus-per-task)
+        todo = distributed.shard([sid for sid in ids if not target.is_done(sid)])
+        log.info("crf [%s]: %d masks, %d to refine here with %d workers", split, len(ids), len(todo), cfg.crf.workers)
         jobs = (((sid, lut), image, probs) for sid, image, probs, lut in _jobs(cfg.data, todo, source, cfg.crf.score_temperature))
         refined = refine_many(jobs, params, cfg.crf.workers)
-        for (sid, lut), labels in tqdm(refined, total=len(todo), desc=f"CRF {split}", unit="img"):
+        bar = tqdm(refined, total=len(todo), desc=f"CRF {split}", unit="img", disable=not distributed.is_main())
+        for (sid, lut), labels in bar:
             mask = np.where(labels == IGNORE_INDEX, IGNORE_INDEX, lut[np.minimum(labels, len(lut) - 1)]).astype(np.uint8)
             atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t))
-        results[split] = report_split("crf", cfg.data, split, ids, target)
-    return finish_stage(out, key, results)
+    evaluate_and_finish(
+        out, key, lambda: {split: report_split("crf", cfg.data, split, ids, target) for split, (ids, target) in splits.items()}
+    )

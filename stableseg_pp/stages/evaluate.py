@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,13 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
+from stableseg_pp.data.datasets import split_ids
 from stableseg_pp.data.voc import load_mask
 from stableseg_pp.evaluation.miou import SegmentationMetrics
+from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.run_dir import write_record
 from stableseg_pp.pipeline.writers import PseudoMaskLayout, write_json
+from stableseg_pp.tracking.base import StepRecord, read_metrics
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +26,7 @@ def evaluate_masks(data: DictConfig, ids: list[str], layout: PseudoMaskLayout) -
     """Metrics of the masks in ``layout`` for ``ids`` that have ground truth; None when none has."""
     mask_dir = Path(data.root) / "SegmentationClass"
     names = list(data.class_names)
-    metrics = SegmentationMetrics(names)
+    metrics = SegmentationMetrics(names, sync=False)  # rank 0 reads every mask itself
     n = 0
     for sid in ids:
         gt_path = mask_dir / f"{sid}.png"
@@ -46,7 +50,21 @@ def report_split(stage: str, data: DictConfig, split: str, ids: list[str], layou
 
 
 def finish_stage(out: Path, key: dict, splits: dict[str, dict]) -> Path:
-    """Write ``metrics.json`` and, last, the completion record."""
+    """Write ``metrics.json`` and, last, the completion record (call on rank 0)."""
     write_json(out / "metrics.json", {s: r["metrics"] for s, r in splits.items()})
     write_record(out, key, splits=splits)
     return out
+
+
+def evaluate_and_finish(out: Path, key: dict, report: Callable[[], dict[str, dict]]) -> Path:
+    """Collective end of a stage: rank 0 evaluates (``report`` -> split entries) and writes the record; all wait."""
+    distributed.barrier()  # every rank's files are written
+    distributed.on_main(lambda: finish_stage(out, key, report()))
+    return out
+
+
+def track_results(record: StepRecord, data: DictConfig, out: Path, mask_sets: dict[str, Path]) -> None:
+    """Send a finished step's metrics and its val masks (``mask_sets``: name -> folder of val masks) to the tracker."""
+    record.log_metrics(read_metrics(out))
+    if mask_sets:
+        record.log_masks(data, "val", split_ids(data, "val"), mask_sets)

@@ -17,12 +17,15 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from stableseg_pp import tracking
 from stableseg_pp.attention.weights import MapExample, fit_map_weights
 from stableseg_pp.data.datasets import split_ids
 from stableseg_pp.data.palette import IGNORE_INDEX
+from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.atomic import atomic_save
 from stableseg_pp.pipeline.run_dir import open_stage, write_record
 from stableseg_pp.pipeline.writers import PseudoMaskLayout, load_stored_maps, write_json
+from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
 NAME = "weights"
@@ -90,6 +93,13 @@ def run(cfg: DictConfig, stage0_dir: Path, segmenter_dir: Path) -> Path:
     if finished:
         log.info("weights: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
+    with tracking.active().step(out, [stage0_dir, segmenter_dir], key) as record:
+        # rank 0 learns the weights (a small fit without diffusion forwards); the others wait and read them
+        distributed.on_main(lambda: _learn(cfg, stage0_dir, segmenter_dir, out, key, record))
+    return out
+
+
+def _learn(cfg: DictConfig, stage0_dir: Path, segmenter_dir: Path, out: Path, key: dict, record: StepRecord) -> None:
     ids = split_ids(cfg.data, "train")
     examples, names = load_examples(PseudoMaskLayout(stage0_dir / "train"), PseudoMaskLayout(segmenter_dir / "train"), ids)
     mw = cfg.map_weights
@@ -101,7 +111,9 @@ def run(cfg: DictConfig, stage0_dir: Path, segmenter_dir: Path) -> Path:
     plot_weights(weights, out / "weights.png")
     log.info("weights: learned from %d images: %s", len(examples), json.dumps({k: round(v, 3) for k, v in weights.items()}))
     write_record(out, key, images=len(examples), loss=history)
-    return out
+    record.log_table("map_weights", [{"layer": k, "weight": v} for k, v in weights.items()])
+    record.log_image("map_weights_plot", out / "weights.png")
+    record.log_metrics({"fit/final_loss": history[-1]} if history else {})
 
 
 def load_weights(folder: Path) -> dict[str, float]:

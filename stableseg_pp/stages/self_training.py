@@ -18,6 +18,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from stableseg_pp import tracking
+from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.atomic import atomic_write_text
 from stableseg_pp.pipeline.writers import write_json
 from stableseg_pp.stages import crf_refine, map_weights, train_segmenter, zero_shot
@@ -55,7 +57,7 @@ def run_stage2(cfg: DictConfig) -> Path:
         weight_dirs.append(wdir)
         round_cfg = copy.deepcopy(cfg)
         OmegaConf.update(round_cfg, "zero_shot.layer_weights", map_weights.load_weights(wdir), merge=False)
-        s0 = zero_shot.run(round_cfg)
+        s0 = zero_shot.run(round_cfg, inputs=[wdir])
         crf = crf_refine.run(round_cfg, s0)
         seg = train_segmenter.run(round_cfg, crf)
         rows += [
@@ -63,11 +65,15 @@ def run_stage2(cfg: DictConfig) -> Path:
             (f"learned-weight masks + CRF (round {r})", crf),
             (f"++ (DeepLabV3+, round {r})", seg),
         ]
-    write_results(Path(cfg.paths.run_dir), rows, weight_dirs)
+    run_dir = Path(cfg.paths.run_dir)
+    table = distributed.on_main(lambda: write_results(run_dir, rows, weight_dirs))
+    with tracking.active().step(run_dir / "results", inputs=[seg, *weight_dirs], log_output=False) as record:
+        record.log_table("results", table or [])
+        record.log_metrics({"results/final_val_miou": table[-1]["val_miou"]} if table and table[-1]["val_miou"] else {})
     return seg
 
 
-def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list[Path]) -> None:
+def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list[Path]) -> list[dict]:
     """The paper's Table 5 layout: val mIoU at each step of the self-training."""
     table = [{"step": name, "val_miou": _val_miou(folder), "folder": folder.name} for name, folder in rows]
     lines = ["| step | val mIoU | outputs |", "| --- | --- | --- |"]
@@ -79,3 +85,4 @@ def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list
     atomic_write_text(run_dir / "results.md", "\n".join(lines) + "\n")
     write_json(run_dir / "results.json", table)
     log.info("results:\n%s", "\n".join(lines))
+    return table

@@ -20,13 +20,15 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from stableseg_pp import tracking
 from stableseg_pp.data.datasets import split_ids
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
 from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.pipeline.atomic import atomic_save
-from stableseg_pp.pipeline.run_dir import open_stage
+from stableseg_pp.pipeline.run_dir import IncompleteStageError, open_stage
 from stableseg_pp.pipeline.writers import PseudoMaskLayout
-from stableseg_pp.stages.evaluate import finish_stage, report_split
+from stableseg_pp.stages.evaluate import evaluate_and_finish, report_split, track_results
+from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
 NAME = "deeplab"
@@ -51,9 +53,12 @@ class SegmenterMaskWriter(BasePredictionWriter):
             atomic_save(self.layout.mask_path(sid), lambda t, a=m: save_palette_png(a, t))
 
 
+def _on_gpu(cfg: DictConfig) -> bool:
+    return cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+
+
 def _precision(cfg: DictConfig) -> str:
-    on_gpu = cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
-    return str(cfg.segmenter.train.precision) if on_gpu else "32-true"
+    return str(cfg.segmenter.train.precision) if _on_gpu(cfg) else "32-true"
 
 
 def run(cfg: DictConfig, masks_dir: Path) -> Path:
@@ -72,7 +77,17 @@ def run(cfg: DictConfig, masks_dir: Path) -> Path:
     if finished:
         log.info("deeplab: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
+    with tracking.active().step(out, [masks_dir], key) as record:
+        _compute(cfg, masks_dir, out, key, record)
+        track_results(record, cfg.data, out, {"prediction": out / "val" / "masks", "pseudo_mask": masks_dir / "val" / "masks"})
+    return out
+
+
+def _compute(cfg: DictConfig, masks_dir: Path, out: Path, key: dict, record: StepRecord) -> None:
+    seg = cfg.segmenter
     data = cfg.data
+    if cfg.trainer.get("sync_batchnorm") and not _on_gpu(cfg):
+        raise ValueError("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU version); set it to false")
     names = list(data.class_names)
     root = Path(data.root)
     pseudo = PseudoMaskLayout(masks_dir / "train")
@@ -111,24 +126,42 @@ def run(cfg: DictConfig, masks_dir: Path) -> Path:
         max_epochs=t.max_epochs,
         precision=_precision(cfg),
         callbacks=[checkpoint],
-        logger=CSVLogger(out, name="logs", version=0),
+        logger=[CSVLogger(out, name="logs"), *record.lightning_loggers()],
         enable_progress_bar=True,
         log_every_n_steps=5,
+        default_root_dir=out,
     )
-    last = ckpt_dir / "last.ckpt"
-    if last.exists():
-        log.info("deeplab: resuming from %s", last)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if last.exists() else None)
+    resume = resume_checkpoint(out)
+    if resume:
+        log.info("deeplab: resuming from %s", resume)
+    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
+    if trainer.interrupted or trainer.current_epoch < t.max_epochs:
+        raise IncompleteStageError(
+            f"deeplab: training stopped at epoch {trainer.current_epoch} of {t.max_epochs}; "
+            f"run the same command again to resume from {ckpt_dir / 'last.ckpt'}"
+        )
 
-    # Predict the training images (next stage's targets) and the val images (the reported mIoU).
-    results = {}
+    # Predict the training images (next stage's targets) and the val images (the reported mIoU), sharded across ranks.
+    layouts = {}
     for split, ids in (("train", train_ids), ("val", val_ids)):
-        layout = PseudoMaskLayout(out / split)
+        layouts[split] = layout = PseudoMaskLayout(out / split)
         ds = ImageMaskPairs(images(ids), None, len(names), eval_transform(), data.convert_to_rgb)
         loader = DataLoader(ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
         predictor = instantiate(
-            cfg.trainer, callbacks=[SegmenterMaskWriter(layout, ids)], logger=False, precision=_precision(cfg)
+            cfg.trainer,
+            callbacks=[SegmenterMaskWriter(layout, ids)],
+            logger=False,
+            precision=_precision(cfg),
+            sync_batchnorm=False,
         )
         predictor.predict(module, loader, return_predictions=False)
-        results[split] = report_split("deeplab", data, split, ids, layout)
-    return finish_stage(out, key, results)
+    splits = (("train", train_ids), ("val", val_ids))
+    evaluate_and_finish(
+        out, key, lambda: {split: report_split("deeplab", data, split, ids, layouts[split]) for split, ids in splits}
+    )
+
+
+def resume_checkpoint(out: Path) -> Path | None:
+    """The newest checkpoint of an interrupted training: ``last.ckpt`` or one saved on a SLURM requeue signal."""
+    candidates = [p for p in (out / "checkpoints" / "last.ckpt", *out.glob("hpc_ckpt_*.ckpt")) if p.exists()]
+    return max(candidates, key=lambda p: p.resolve().stat().st_mtime, default=None)

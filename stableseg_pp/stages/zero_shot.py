@@ -8,20 +8,23 @@ ground truth exists. Finished images are skipped on resume.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from stableseg_pp import tracking
 from stableseg_pp.data.datasets import build_dataset, prepare_dataset, split_ids
 from stableseg_pp.data.voc import collate_samples
 from stableseg_pp.diffusion.backbone import resolve_model_path
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
+from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.progress import ImagesPerSecondBar
 from stableseg_pp.pipeline.run_dir import folder_fingerprint, open_stage
 from stableseg_pp.pipeline.writers import PseudoMaskLayout, PseudoMaskWriter, write_json
-from stableseg_pp.stages.evaluate import finish_stage, report_split
+from stableseg_pp.stages.evaluate import evaluate_and_finish, report_split, track_results
 
 log = logging.getLogger(__name__)
 NAME = "stage0"
@@ -62,13 +65,23 @@ def build_module(cfg: DictConfig) -> ZeroShotSegmenter:
     )
 
 
-def run(cfg: DictConfig) -> Path:
-    prepare_dataset(cfg.data)
+def run(cfg: DictConfig, inputs: Sequence[Path] = ()) -> Path:
+    """Stage 0 on every configured split; ``inputs``: folders the configuration came from (for lineage)."""
+    with distributed.main_first():
+        prepare_dataset(cfg.data)
     key = stage_key(cfg)
     out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
     if finished:
         log.info("stage 0: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
+    with tracking.active().step(out, inputs, key) as record:
+        _compute(cfg, out, key)
+        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        track_results(record, cfg.data, out, masks)
+    return out
+
+
+def _compute(cfg: DictConfig, out: Path, key: dict) -> None:
     module = build_module(cfg)
     splits = list(cfg.zero_shot.splits)
     layouts = {split: PseudoMaskLayout(out / split) for split in splits}
@@ -91,17 +104,23 @@ def run(cfg: DictConfig) -> Path:
                 )
             )
             loader_layouts.append(layout)
+    distributed.barrier()  # every rank has listed the same images to do before any is written
     if loaders:
         writer = PseudoMaskWriter(loader_layouts, overlay_ids=overlay_ids)
         trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
+        # Lightning shards the images across ranks (an unrepeated distributed sampler in predict)
         trainer.predict(module, dataloaders=loaders, return_predictions=False)
-        trainer.strategy.barrier()
-    results: dict[str, dict] = {}
-    for split in splits:
-        ids, layout = all_ids[split], layouts[split]
-        missing = [sid for sid in ids if not layout.is_done(sid)]
-        if missing:
-            log.warning("stage 0 [%s]: %d images skipped for bad input: %s", split, len(missing), missing[:10])
-        write_json(layout.root / "skipped.json", missing)
-        results[split] = report_split("stage 0", cfg.data, split, ids, layout, skipped=len(missing))
-    return finish_stage(out, key, results)
+        log.info("stage 0: rank %d wrote %d images", distributed.rank(), writer.written)
+
+    def report() -> dict[str, dict]:
+        results: dict[str, dict] = {}
+        for split in splits:
+            ids, layout = all_ids[split], layouts[split]
+            missing = [sid for sid in ids if not layout.is_done(sid)]
+            if missing:
+                log.warning("stage 0 [%s]: %d images skipped for bad input: %s", split, len(missing), missing[:10])
+            write_json(layout.root / "skipped.json", missing)
+            results[split] = report_split("stage 0", cfg.data, split, ids, layout, skipped=len(missing))
+        return results
+
+    evaluate_and_finish(out, key, report)
