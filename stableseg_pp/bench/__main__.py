@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import sys
 
-from stableseg_pp.bench import baselines, capture, crf, segmenter
+from stableseg_pp.bench import baselines, capture, crf, ranks, segmenter
 
-COMMANDS = {"capture": capture.main, "baselines": baselines.main, "crf": crf.main, "segmenter": segmenter.main}
+COMMANDS = {
+    "capture": capture.main,
+    "baselines": baselines.main,
+    "crf": crf.main,
+    "segmenter": segmenter.main,
+    "ranks": ranks.main,
+}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -49,17 +49,20 @@ def report_split(stage: str, data: DictConfig, split: str, ids: list[str], layou
     return {"images": len(ids), **extra, "metrics": metrics}
 
 
-def finish_stage(out: Path, key: dict, splits: dict[str, dict]) -> Path:
+def finish_stage(out: Path, key: dict, splits: dict[str, dict], **payload) -> Path:
     """Write ``metrics.json`` and, last, the completion record (call on rank 0)."""
     write_json(out / "metrics.json", {s: r["metrics"] for s, r in splits.items()})
-    write_record(out, key, splits=splits)
+    write_record(out, key, splits=splits, **payload)
     return out
 
 
-def evaluate_and_finish(out: Path, key: dict, report: Callable[[], dict[str, dict]]) -> Path:
-    """Collective end of a stage: rank 0 evaluates (``report`` -> split entries) and writes the record; all wait."""
+def evaluate_and_finish(out: Path, key: dict, report: Callable[[], dict[str, dict]], **payload) -> Path:
+    """Collective end of a stage: rank 0 evaluates (``report`` -> split entries) and writes the record; all wait.
+
+    ``payload``: more entries for the completion record (e.g. timings).
+    """
     distributed.barrier()  # every rank's files are written
-    distributed.on_main(lambda: finish_stage(out, key, report()))
+    distributed.on_main(lambda: finish_stage(out, key, report(), world_size=distributed.world_size(), **payload))
     return out
 
 

@@ -8,6 +8,7 @@ ground truth exists. Finished images are skipped on resume.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -105,11 +106,15 @@ def _compute(cfg: DictConfig, out: Path, key: dict) -> None:
             )
             loader_layouts.append(layout)
     distributed.barrier()  # every rank has listed the same images to do before any is written
+    seconds = 0.0
     if loaders:
         writer = PseudoMaskWriter(loader_layouts, overlay_ids=overlay_ids)
         trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
         # Lightning shards the images across ranks (an unrepeated distributed sampler in predict)
+        start = time.perf_counter()
         trainer.predict(module, dataloaders=loaders, return_predictions=False)
+        distributed.barrier()
+        seconds = time.perf_counter() - start  # model loading included: every rank loads it itself
         log.info("stage 0: rank %d wrote %d images", distributed.rank(), writer.written)
 
     def report() -> dict[str, dict]:
@@ -123,4 +128,6 @@ def _compute(cfg: DictConfig, out: Path, key: dict) -> None:
             results[split] = report_split("stage 0", cfg.data, split, ids, layout, skipped=len(missing))
         return results
 
-    evaluate_and_finish(out, key, report)
+    evaluate_and_finish(
+        out, key, report, predict_seconds=round(seconds, 2), images_predicted=sum(len(dl.dataset) for dl in loaders)
+    )
