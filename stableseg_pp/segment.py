@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stableseg_pp.data.files import BadInputError, load_rgb
 from stableseg_pp.data.palette import save_palette_png
-from stableseg_pp.data.voc import BadInputError, load_rgb, to_model_pixels
+from stableseg_pp.data.segmentation import to_model_pixels
 from stableseg_pp.diffusion.backbone import load_unet_backbone
 from stableseg_pp.models.stableseg import MODES, StableSeg, resize_scores
 from stableseg_pp.models.zero_shot_module import DTYPES

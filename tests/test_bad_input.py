@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stableseg_pp.data.files import BadInputError
+from stableseg_pp.data.layouts import VOCLayout
 from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
-from stableseg_pp.data.voc import BadInputError, VOCSegmentation, collate_samples
+from stableseg_pp.data.segmentation import SegmentationDataset, collate_samples
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
 
 
@@ -19,7 +21,7 @@ def voc_root(tmp_path):
 
 
 def _ds(root, **kw):
-    return VOCSegmentation(root, "val", CLASS_NAMES, resolution=64, **kw)
+    return SegmentationDataset(VOCLayout(root), "val", CLASS_NAMES, resolution=64, **kw)
 
 
 def test_truncated_image(voc_root):
@@ -77,10 +79,10 @@ def test_unknown_class_name_in_prompt_names():
 
 
 def test_missing_dataset_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist; see docs/datasets.md"):
-        VOCSegmentation(tmp_path / "nope", "val", CLASS_NAMES, resolution=64)
+    with pytest.raises(FileNotFoundError, match=r"(?s)nope does not exist.*JPEGImages/<id>.jpg.*docs/datasets/voc.md"):
+        VOCLayout(tmp_path / "nope").check(["val"])
 
 
 def test_missing_split_file(voc_root):
-    with pytest.raises(FileNotFoundError, match="test.txt not found: expected the PASCAL VOC layout"):
-        VOCSegmentation(voc_root, "test", CLASS_NAMES, resolution=64)
+    with pytest.raises(FileNotFoundError, match=r"(?s)test.txt not found.*ImageSets/Segmentation/<split>.txt"):
+        SegmentationDataset(VOCLayout(voc_root), "test", CLASS_NAMES, resolution=64)

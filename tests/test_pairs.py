@@ -7,10 +7,10 @@ import pytest
 import torch
 from PIL import Image
 
+from stableseg_pp.data.files import BadInputError
 from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
 from stableseg_pp.data.palette import save_palette_png
-from stableseg_pp.data.voc import BadInputError
 
 
 @pytest.fixture()

@@ -45,7 +45,9 @@ def test_wandb_offline_run_holds_metrics_masks_and_lineage(compose_fit, miniatur
     pred_png = seg.folder / "files" / first["prediction"]["path"]
     ours = np.array(Image.open(seg_dir / "val" / "masks" / "val_00000.png"))
     assert np.array_equal(np.array(Image.open(pred_png)), ours)
-    assert len(seg.images()) == 4 * 4  # 4 images + 3 masks each
+    referenced = [m["path"] for entry in logged["val/masks/all_masks"] for m in entry.values()]
+    referenced += logged["val/masks/filenames"]
+    assert len(referenced) == 4 * 4 and all((seg.folder / "files" / p).exists() for p in referenced)
 
 
 def test_wandb_run_is_finished_with_an_error_code_when_the_step_fails(tmp_path, monkeypatch):

@@ -52,6 +52,7 @@ class OfflineRun:
     history: list[dict] = field(default_factory=list)
     artifacts: list[tuple[str, str]] = field(default_factory=list)  # (name, type)
     exit_code: int | None = None
+    start_time: float = 0.0
 
     @property
     def logged_keys(self) -> set[str]:
@@ -67,6 +68,7 @@ def read_offline_run(folder: Path) -> OfflineRun:
         kind = r.WhichOneof("record_type")
         if kind == "run":
             run.job_type, run.name, run.group = r.run.job_type, r.run.display_name, r.run.run_group
+            run.start_time = r.run.start_time.seconds + r.run.start_time.nanos / 1e9
             for item in r.run.config.update:
                 run.config[item.key] = json.loads(item.value_json)
         elif kind == "history":
@@ -79,4 +81,5 @@ def read_offline_run(folder: Path) -> OfflineRun:
 
 
 def read_offline_runs(wandb_dir: Path) -> list[OfflineRun]:
-    return [read_offline_run(f) for f in sorted(wandb_dir.glob("offline-run-*"))]
+    """Every offline run under ``wandb_dir``, in the order they started."""
+    return sorted((read_offline_run(f) for f in wandb_dir.glob("offline-run-*")), key=lambda r: r.start_time)

@@ -29,7 +29,9 @@ class MapExample:
 class AttentionMapWeights(torch.nn.Module):
     """Positive weights (softplus) over L maps, plus a temperature for the logits."""
 
-    def __init__(self, layer_names: Sequence[str], background_threshold: float = 0.55, init: Sequence[float] | None = None):
+    def __init__(
+        self, layer_names: Sequence[str], background_threshold: float | None = 0.55, init: Sequence[float] | None = None
+    ):
         super().__init__()
         self.layer_names = list(layer_names)
         w0 = torch.tensor(init if init is not None else [1.0] * len(self.layer_names), dtype=torch.float32)
@@ -46,7 +48,8 @@ class AttentionMapWeights(torch.nn.Module):
         """(B, L, C, h, w) -> (B, 1 + C, h, w) logits (channel 0 = background)."""
         agg = torch.einsum("l,blchw->bchw", self.weights, maps)
         norm = minmax_normalize(agg)
-        bg = torch.full_like(norm[:, :1], self.background_threshold)
+        # no background class (threshold None): the channel is there but can never win
+        bg = torch.full_like(norm[:, :1], float("-inf") if self.background_threshold is None else self.background_threshold)
         return torch.cat([bg, norm], dim=1) / self.log_temperature.exp()
 
     def as_dict(self) -> dict[str, float]:
@@ -68,7 +71,7 @@ def _batches(examples: Sequence[MapExample], batch_size: int, generator: torch.G
 def fit_map_weights(
     examples: Sequence[MapExample],
     layer_names: Sequence[str],
-    background_threshold: float = 0.55,
+    background_threshold: float | None = 0.55,
     epochs: int = 30,
     lr: float = 0.05,
     batch_size: int = 64,

@@ -7,16 +7,18 @@ transforms.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from stableseg_pp.data.files import BadInputError, load_mask, load_rgb
 from stableseg_pp.data.palette import IGNORE_INDEX
-from stableseg_pp.data.voc import BadInputError, load_mask, load_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -49,7 +51,11 @@ def eval_transform(size: int | None = None) -> v2.Compose:
 
 
 class ImageMaskPairs(Dataset):
-    """(image, mask) pairs; masks are checked against their image and the class range."""
+    """(image, mask) pairs; masks are checked against their image and the class range.
+
+    ``read_mask``: how to read a mask file as class ids (a dataset's ground truth goes
+    through its layout's label map); default: a palette PNG of class ids.
+    """
 
     def __init__(
         self,
@@ -58,6 +64,7 @@ class ImageMaskPairs(Dataset):
         n_classes: int,
         transform: v2.Compose,
         convert_to_rgb: bool = False,
+        read_mask: Callable[[Path], np.ndarray] | None = None,
     ):
         if mask_paths is not None and len(mask_paths) != len(image_paths):
             raise ValueError(f"{len(image_paths)} images but {len(mask_paths)} masks")
@@ -66,6 +73,7 @@ class ImageMaskPairs(Dataset):
         self.n_classes = n_classes
         self.transform = transform
         self.convert_to_rgb = convert_to_rgb
+        self.read_mask = read_mask or partial(load_mask, n_classes=n_classes)
 
     def __len__(self) -> int:
         return len(self.image_paths)
@@ -77,7 +85,7 @@ class ImageMaskPairs(Dataset):
         if self.mask_paths is None:
             return self.transform(img), i
         mask_path = self.mask_paths[i]
-        mask = load_mask(Path(mask_path), self.n_classes)
+        mask = self.read_mask(Path(mask_path))
         if mask.shape != image.shape[:2]:
             raise BadInputError(
                 f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but its image {img_path} is "

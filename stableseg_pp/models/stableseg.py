@@ -60,8 +60,8 @@ class StableSeg(torch.nn.Module):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"stableseg mode {mode!r} is not one of {MODES}")
-        if background not in ("threshold", "word"):
-            raise ValueError(f"background {background!r} must be 'threshold' or 'word'")
+        if background not in ("threshold", "word", "none"):
+            raise ValueError(f"background {background!r} must be 'threshold', 'word' or 'none' (datasets without one)")
         scale = backbone.vae_scale
         if resolution % (scale * 8):
             raise ValueError(f"resolution {resolution} must be a multiple of {scale * 8} for this backbone")
@@ -164,9 +164,9 @@ class StableSeg(torch.nn.Module):
             capm = self._background_word_first(class_maps, n_valid)
             # channel 0 = the word, 1..n-1 = the classes: the same count of valid channels
             valid = torch.arange(valid.shape[1], device=valid.device)[None] < n_valid[:, None]
-        else:
+        else:  # threshold; "none": the channel is there but can never win
             capm = with_background(class_maps, self.background_threshold)
-            valid = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
+            valid = torch.cat([torch.full_like(valid[:, :1], self.background != "none"), valid], dim=1)
         capm = capm.masked_fill(~valid[:, :, None, None], 0.0)
         scores = capm
         if self.mode != "ca":

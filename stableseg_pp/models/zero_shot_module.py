@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stableseg_pp.data.voc import Sample
+from stableseg_pp.data.palette import IGNORE_INDEX
+from stableseg_pp.data.segmentation import Sample
 from stableseg_pp.diffusion.backbone import load_unet_backbone
 from stableseg_pp.models.stableseg import StableSeg, resize_scores
 
@@ -44,6 +45,7 @@ class ZeroShotSegmenter(L.LightningModule):
         prompt_names: Mapping[str, str] | None = None,
         dtype: str = "float32",
         stableseg: Mapping[str, Any] | None = None,
+        background_index: int | None = 0,
     ):
         super().__init__()
         if dtype not in DTYPES:
@@ -57,6 +59,12 @@ class ZeroShotSegmenter(L.LightningModule):
         self.dtype_name = dtype
         self.stableseg_kwargs = dict(stableseg or {})
         self.segmenter: StableSeg | None = None
+        # what channel 0 (and an image with nothing to look for) becomes: the background class, or ignore
+        self.empty_label = IGNORE_INDEX if background_index is None else background_index
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Nothing here is trained: a checkpoint (e.g. on a SLURM signal) carries no weights."""
+        checkpoint["state_dict"] = {}
 
     def configure_model(self) -> None:
         if self.segmenter is not None:
@@ -89,14 +97,16 @@ class ZeroShotSegmenter(L.LightningModule):
                 scores = resize_scores(out.scores[i : i + 1].float(), (h, w))[0]
                 scores = scores.masked_fill(~valid[i, :, None, None], float("-inf"))
                 channel = scores.argmax(0).cpu().numpy()
-                lut = np.array([0] + s.class_ids, dtype=np.uint8)
+                lut = np.array([self.empty_label] + s.class_ids, dtype=np.uint8)
                 n = len(s.class_ids)
                 maps = {k: v[i, :n].to(torch.float16).cpu().numpy() for k, v in out.cross_maps.items()}
-                low = F.adaptive_avg_pool2d(out.scores[i : i + 1, : n + 1].float(), seg.latent_side)[0]
+                # channels that cannot win (no background class) are stored as -1e4: softmax 0 in the CRF
+                kept = out.scores[i : i + 1, : n + 1].float().masked_fill(~valid[i : i + 1, : n + 1, None, None], -1e4)
+                low = F.adaptive_avg_pool2d(kept, seg.latent_side)[0]
                 low = low.to(torch.float16).cpu().numpy()
                 results.append(ZeroShotPrediction(s.id, lut[channel], list(s.class_ids), maps, low, s))
         for s in batch:
             if not s.class_ids:  # nothing to look for: all background
-                mask = np.zeros(s.image.shape[:2], dtype=np.uint8)
+                mask = np.full(s.image.shape[:2], self.empty_label, dtype=np.uint8)
                 results.append(ZeroShotPrediction(s.id, mask, [], {}, None, s))
         return results

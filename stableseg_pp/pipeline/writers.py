@@ -37,14 +37,21 @@ class PseudoMaskLayout:
         return self.mask_path(sid).exists()
 
 
-def overlay_png(image: np.ndarray, pred: np.ndarray, gt: np.ndarray | None, alpha: float = 0.55) -> Image.Image:
+def overlay_png(
+    image: np.ndarray,
+    pred: np.ndarray,
+    gt: np.ndarray | None,
+    alpha: float = 0.55,
+    palette: list[int] | None = None,
+    background_index: int | None = 0,
+) -> Image.Image:
     """Image, image blended with the pseudo-mask, and with the ground truth, side by side."""
 
     def blend(mask: np.ndarray) -> np.ndarray:
-        col = colorize(mask).astype(np.float32)
-        keep = (mask == 0) | (mask == IGNORE_INDEX)
+        col = colorize(mask, palette).astype(np.float32)
+        keep = (mask == background_index) | (mask == IGNORE_INDEX)
         out = image.astype(np.float32) * (1 - alpha) + col * alpha
-        out[keep] = image[keep] * 0.6 + colorize(mask)[keep] * 0.4 * (mask[keep, None] == IGNORE_INDEX)
+        out[keep] = image[keep] * 0.6 + col[keep] * 0.4 * (mask[keep, None] == IGNORE_INDEX)
         return out.clip(0, 255).astype(np.uint8)
 
     panels = [image, blend(pred)] + ([blend(gt)] if gt is not None else [])
@@ -59,10 +66,18 @@ class PseudoMaskWriter(BasePredictionWriter):
     how the images were sharded (and a check that none was done twice).
     """
 
-    def __init__(self, layouts: Sequence[PseudoMaskLayout], overlay_ids: Iterable[str] = ()):
+    def __init__(
+        self,
+        layouts: Sequence[PseudoMaskLayout],
+        overlay_ids: Iterable[str] = (),
+        palette: list[int] | None = None,
+        background_index: int | None = 0,
+    ):
         super().__init__(write_interval="batch")
         self.layouts = list(layouts)
         self.overlay_ids = set(overlay_ids)
+        self.palette = palette
+        self.background_index = background_index
         self.written_ids: list[list[str]] = [[] for _ in self.layouts]
 
     @property
@@ -77,9 +92,9 @@ class PseudoMaskWriter(BasePredictionWriter):
         np.savez_compressed(buf, class_ids=np.array(p.class_ids, dtype=np.int64), **arrays)
         atomic_write_bytes(layout.maps_path(p.id), buf.getvalue())
         if p.id in self.overlay_ids:
-            img = overlay_png(p.sample.image, p.mask, p.sample.mask)
+            img = overlay_png(p.sample.image, p.mask, p.sample.mask, palette=self.palette, background_index=self.background_index)
             atomic_save(layout.overlays / f"{p.id}.png", lambda t, im=img: im.save(t, format="PNG"))
-        atomic_save(layout.mask_path(p.id), lambda t: save_palette_png(p.mask, t))
+        atomic_save(layout.mask_path(p.id), lambda t: save_palette_png(p.mask, t, self.palette))
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         for p in prediction:

@@ -19,9 +19,9 @@ from tqdm import tqdm
 
 from stableseg_pp import tracking
 from stableseg_pp.crf.dense_crf import CRFParams, refine_many
-from stableseg_pp.data.datasets import split_ids
-from stableseg_pp.data.palette import IGNORE_INDEX, save_palette_png
-from stableseg_pp.data.voc import load_rgb
+from stableseg_pp.data.datasets import background_index, build_layout, split_ids
+from stableseg_pp.data.files import load_rgb
+from stableseg_pp.data.palette import IGNORE_INDEX, palette_for, save_palette_png
 from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.atomic import atomic_save
 from stableseg_pp.pipeline.run_dir import open_stage
@@ -44,12 +44,13 @@ def scores_to_probs(scores: np.ndarray, size: tuple[int, int], temperature: floa
     return torch.softmax(t / temperature, dim=0).numpy()
 
 
-def _jobs(data: DictConfig, ids: list[str], source: PseudoMaskLayout, temperature: float):
-    image_dir = Path(data.root) / "JPEGImages"
+def _jobs(data: DictConfig, split: str, ids: list[str], source: PseudoMaskLayout, temperature: float):
+    layout = build_layout(data)
+    bg = background_index(data)
     for sid in ids:
         stored = load_stored_maps(source.maps_path(sid))
-        image = load_rgb(image_dir / f"{sid}.jpg", data.convert_to_rgb)
-        lut = np.array([0, *stored.class_ids], dtype=np.uint8)
+        image = load_rgb(layout.image_path(split, sid), data.convert_to_rgb)
+        lut = np.array([IGNORE_INDEX if bg is None else bg, *stored.class_ids], dtype=np.uint8)
         if stored.scores is None:  # an image with no class to look for
             yield sid, image, np.ones((1, *image.shape[:2]), np.float32), lut
             continue
@@ -73,6 +74,7 @@ def run(cfg: DictConfig, stage0_dir: Path) -> Path:
 
 def _compute(cfg: DictConfig, stage0_dir: Path, out: Path, key: dict) -> None:
     params = crf_params(cfg.crf)
+    palette = palette_for(cfg.data.get("palette"))
     splits = {}
     for split in cfg.zero_shot.splits:
         source = PseudoMaskLayout(stage0_dir / split)
@@ -82,12 +84,13 @@ def _compute(cfg: DictConfig, stage0_dir: Path, out: Path, key: dict) -> None:
         # each rank refines its share with the CPU workers given to it (SLURM: --cpus-per-task)
         todo = distributed.shard([sid for sid in ids if not target.is_done(sid)])
         log.info("crf [%s]: %d masks, %d to refine here with %d workers", split, len(ids), len(todo), cfg.crf.workers)
-        jobs = (((sid, lut), image, probs) for sid, image, probs, lut in _jobs(cfg.data, todo, source, cfg.crf.score_temperature))
+        stream = _jobs(cfg.data, split, todo, source, cfg.crf.score_temperature)
+        jobs = (((sid, lut), image, probs) for sid, image, probs, lut in stream)
         refined = refine_many(jobs, params, cfg.crf.workers)
         bar = tqdm(refined, total=len(todo), desc=f"CRF {split}", unit="img", disable=not distributed.is_main())
         for (sid, lut), labels in bar:
             mask = np.where(labels == IGNORE_INDEX, IGNORE_INDEX, lut[np.minimum(labels, len(lut) - 1)]).astype(np.uint8)
-            atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t))
+            atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t, palette))
     evaluate_and_finish(
         out, key, lambda: {split: report_split("crf", cfg.data, split, ids, target) for split, (ids, target) in splits.items()}
     )

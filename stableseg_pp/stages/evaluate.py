@@ -11,8 +11,8 @@ import torch
 from omegaconf import DictConfig
 from PIL import Image
 
-from stableseg_pp.data.datasets import split_ids
-from stableseg_pp.data.voc import load_mask
+from stableseg_pp.data.datasets import background_index, build_layout, protocol, split_ids
+from stableseg_pp.data.palette import IGNORE_INDEX
 from stableseg_pp.evaluation.miou import SegmentationMetrics
 from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.run_dir import write_record
@@ -22,28 +22,39 @@ from stableseg_pp.tracking.base import StepRecord, read_metrics
 log = logging.getLogger(__name__)
 
 
-def evaluate_masks(data: DictConfig, ids: list[str], layout: PseudoMaskLayout) -> dict | None:
-    """Metrics of the masks in ``layout`` for ``ids`` that have ground truth; None when none has."""
-    mask_dir = Path(data.root) / "SegmentationClass"
+def evaluate_masks(data: DictConfig, split: str, ids: list[str], layout: PseudoMaskLayout) -> dict | None:
+    """Metrics of the masks in ``layout`` for ``ids`` that have ground truth; None when none has.
+
+    The protocol (background counted / ignored / none; oracle or all labels) is
+    part of the result. Background ignored (e.g. VOC-20): ground-truth background
+    pixels are left out and ``miou`` is the mean over the other classes.
+    """
+    dataset = build_layout(data)
     names = list(data.class_names)
-    metrics = SegmentationMetrics(names, sync=False)  # rank 0 reads every mask itself
+    setting = protocol(data, split)
+    bg = background_index(data)
+    metrics = SegmentationMetrics(names, background_index=bg, sync=False)  # rank 0 reads every mask itself
     n = 0
     for sid in ids:
-        gt_path = mask_dir / f"{sid}.png"
-        if not layout.is_done(sid) or not gt_path.exists():
+        if not layout.is_done(sid) or not dataset.has_mask(split, sid):
             continue
-        gt = load_mask(gt_path, len(names))
+        gt = dataset.read_mask(split, sid, len(names))
+        if setting["background"] == "ignored":
+            gt = np.where(gt == bg, IGNORE_INDEX, gt).astype(np.uint8)
         pred = np.array(Image.open(layout.mask_path(sid)))
         metrics.update(torch.from_numpy(pred), torch.from_numpy(gt))
         n += 1
     if n == 0:
         return None
-    return {**metrics.compute(), "images": n, "labels": data.labels}
+    result = metrics.compute()
+    if setting["background"] == "ignored":
+        result["miou"] = result["miou_without_background"]
+    return {**result, "images": n, "labels": data.labels, "protocol": setting}
 
 
 def report_split(stage: str, data: DictConfig, split: str, ids: list[str], layout: PseudoMaskLayout, **extra) -> dict:
     """Evaluate one split's masks and log the mIoU; returns the split's entry for the completion record."""
-    metrics = evaluate_masks(data, ids, layout)
+    metrics = evaluate_masks(data, split, ids, layout)
     if metrics:
         log.info("%s [%s]: mIoU %.4f (%s labels)", stage, split, metrics["miou"], metrics["labels"])
     return {"images": len(ids), **extra, "metrics": metrics}

@@ -86,7 +86,7 @@ def run(cfg: DictConfig, stage0_dir: Path, segmenter_dir: Path) -> Path:
         "maps": stage0_dir.name,
         "targets": segmenter_dir.name,
         "map_weights": OmegaConf.to_container(cfg.map_weights, resolve=True),
-        "threshold": cfg.zero_shot.background_threshold,
+        "threshold": _threshold(cfg),
         "seed": cfg.seed,
     }
     out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
@@ -103,9 +103,7 @@ def _learn(cfg: DictConfig, stage0_dir: Path, segmenter_dir: Path, out: Path, ke
     ids = split_ids(cfg.data, "train")
     examples, names = load_examples(PseudoMaskLayout(stage0_dir / "train"), PseudoMaskLayout(segmenter_dir / "train"), ids)
     mw = cfg.map_weights
-    model, history = fit_map_weights(
-        examples, names, cfg.zero_shot.background_threshold, mw.epochs, mw.lr, mw.batch_size, cfg.seed
-    )
+    model, history = fit_map_weights(examples, names, _threshold(cfg), mw.epochs, mw.lr, mw.batch_size, cfg.seed)
     weights = model.as_dict()
     write_json(out / "weights.json", weights)
     plot_weights(weights, out / "weights.png")
@@ -114,6 +112,11 @@ def _learn(cfg: DictConfig, stage0_dir: Path, segmenter_dir: Path, out: Path, ke
     record.log_table("map_weights", [{"layer": k, "weight": v} for k, v in weights.items()])
     record.log_image("map_weights_plot", out / "weights.png")
     record.log_metrics({"fit/final_loss": history[-1]} if history else {})
+
+
+def _threshold(cfg: DictConfig) -> float | None:
+    """Stage 0's background threshold; None when the dataset has no background class."""
+    return None if cfg.zero_shot.background == "none" else cfg.zero_shot.background_threshold
 
 
 def load_weights(folder: Path) -> dict[str, float]:

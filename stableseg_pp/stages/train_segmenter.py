@@ -8,6 +8,7 @@ confidence of the predicted class) are the next stage's pseudo ground truth.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -21,9 +22,9 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from stableseg_pp import tracking
-from stableseg_pp.data.datasets import split_ids
+from stableseg_pp.data.datasets import build_layout, split_ids
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
-from stableseg_pp.data.palette import save_palette_png
+from stableseg_pp.data.palette import palette_for, save_palette_png
 from stableseg_pp.pipeline.atomic import atomic_save
 from stableseg_pp.pipeline.run_dir import IncompleteStageError, open_stage
 from stableseg_pp.pipeline.writers import PseudoMaskLayout
@@ -37,10 +38,11 @@ NAME = "deeplab"
 class SegmenterMaskWriter(BasePredictionWriter):
     """Writes the predicted class (palette PNG) and its confidence (8-bit PNG) per image, atomically."""
 
-    def __init__(self, layout: PseudoMaskLayout, ids: list[str]):
+    def __init__(self, layout: PseudoMaskLayout, ids: list[str], palette: list[int] | None = None):
         super().__init__(write_interval="batch")
         self.layout = layout
         self.ids = ids
+        self.palette = palette
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         probs, index = prediction
@@ -50,7 +52,7 @@ class SegmenterMaskWriter(BasePredictionWriter):
             c = (conf[j].float().cpu().numpy() * 255).round().astype(np.uint8)
             atomic_save(self.layout.root / "confidence" / f"{sid}.png", lambda t, a=c: Image.fromarray(a).save(t, format="PNG"))
             m = labels[j].to(torch.uint8).cpu().numpy()
-            atomic_save(self.layout.mask_path(sid), lambda t, a=m: save_palette_png(a, t))
+            atomic_save(self.layout.mask_path(sid), lambda t, a=m: save_palette_png(a, t, self.palette))
 
 
 def _on_gpu(cfg: DictConfig) -> bool:
@@ -89,27 +91,31 @@ def _compute(cfg: DictConfig, masks_dir: Path, out: Path, key: dict, record: Ste
     if cfg.trainer.get("sync_batchnorm") and not _on_gpu(cfg):
         raise ValueError("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU version); set it to false")
     names = list(data.class_names)
-    root = Path(data.root)
+    layout = build_layout(data)
     pseudo = PseudoMaskLayout(masks_dir / "train")
     train_ids = [sid for sid in split_ids(data, "train") if pseudo.is_done(sid)]
     val_ids = split_ids(data, "val")
     if not train_ids:
         raise FileNotFoundError(f"no pseudo-masks in {pseudo.masks}: run the earlier stages first")
-    images = lambda ids: [root / "JPEGImages" / f"{i}.jpg" for i in ids]  # noqa: E731
+
+    def images(split: str, ids: list[str]) -> list[Path]:
+        return [layout.image_path(split, i) for i in ids]
+
     t = seg.train
     train_ds = ImageMaskPairs(
-        images(train_ids),
+        images("train", train_ids),
         [pseudo.mask_path(i) for i in train_ids],
         len(names),
         train_transform(t.crop_size, tuple(t.scale), t.base_size),
         data.convert_to_rgb,
     )
     val_ds = ImageMaskPairs(
-        images(val_ids),
-        [root / "SegmentationClass" / f"{i}.png" for i in val_ids],
+        images("val", val_ids),
+        [layout.mask_path("val", i) for i in val_ids],
         len(names),
         eval_transform(),
         data.convert_to_rgb,
+        read_mask=partial(layout.read_mask_file, n_classes=len(names)),
     )
     train_loader = DataLoader(
         train_ds, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers, drop_last=len(train_ds) > t.batch_size
@@ -143,13 +149,14 @@ def _compute(cfg: DictConfig, masks_dir: Path, out: Path, key: dict, record: Ste
 
     # Predict the training images (next stage's targets) and the val images (the reported mIoU), sharded across ranks.
     layouts = {}
+    palette = palette_for(data.get("palette"))
     for split, ids in (("train", train_ids), ("val", val_ids)):
-        layouts[split] = layout = PseudoMaskLayout(out / split)
-        ds = ImageMaskPairs(images(ids), None, len(names), eval_transform(), data.convert_to_rgb)
+        layouts[split] = PseudoMaskLayout(out / split)
+        ds = ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), data.convert_to_rgb)
         loader = DataLoader(ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
         predictor = instantiate(
             cfg.trainer,
-            callbacks=[SegmenterMaskWriter(layout, ids)],
+            callbacks=[SegmenterMaskWriter(layouts[split], ids, palette)],
             logger=False,
             precision=_precision(cfg),
             sync_batchnorm=False,

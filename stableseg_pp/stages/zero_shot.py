@@ -17,8 +17,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from stableseg_pp import tracking
-from stableseg_pp.data.datasets import build_dataset, prepare_dataset, split_ids
-from stableseg_pp.data.voc import collate_samples
+from stableseg_pp.data.datasets import background_index, build_dataset, prepare_dataset, split_ids
+from stableseg_pp.data.palette import palette_for
+from stableseg_pp.data.segmentation import collate_samples
 from stableseg_pp.diffusion.backbone import resolve_model_path
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
 from stableseg_pp.pipeline import distributed
@@ -63,13 +64,14 @@ def build_module(cfg: DictConfig) -> ZeroShotSegmenter:
         prompt_names=OmegaConf.to_container(cfg.data.prompt_names, resolve=True),
         dtype=cfg.diffusion.dtype,
         stableseg=zs,
+        background_index=background_index(cfg.data),
     )
 
 
 def run(cfg: DictConfig, inputs: Sequence[Path] = ()) -> Path:
     """Stage 0 on every configured split; ``inputs``: folders the configuration came from (for lineage)."""
     with distributed.main_first():
-        prepare_dataset(cfg.data)
+        prepare_dataset(cfg.data, list(cfg.zero_shot.splits))
     key = stage_key(cfg)
     out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
     if finished:
@@ -108,7 +110,7 @@ def _compute(cfg: DictConfig, out: Path, key: dict) -> None:
     distributed.barrier()  # every rank has listed the same images to do before any is written
     seconds = 0.0
     if loaders:
-        writer = PseudoMaskWriter(loader_layouts, overlay_ids=overlay_ids)
+        writer = PseudoMaskWriter(loader_layouts, overlay_ids, palette_for(cfg.data.get("palette")), background_index(cfg.data))
         trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
         # Lightning shards the images across ranks (an unrepeated distributed sampler in predict)
         start = time.perf_counter()

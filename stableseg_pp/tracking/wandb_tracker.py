@@ -20,8 +20,9 @@ from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig
 from PIL import Image
 
+from stableseg_pp.data.datasets import build_layout
+from stableseg_pp.data.files import load_rgb
 from stableseg_pp.data.palette import IGNORE_INDEX
-from stableseg_pp.data.voc import load_mask, load_rgb
 from stableseg_pp.tracking.base import StepRecord, Tracker, step_kind
 
 
@@ -46,7 +47,7 @@ class WandbStep(StepRecord):
 
         names = list(data.class_names)
         labels = {i: n for i, n in enumerate(names)} | {IGNORE_INDEX: "ignore"}
-        root = Path(data.root)
+        dataset = build_layout(data)
         images = []
         for sid in ids[: self.n_samples]:
             masks = {}
@@ -54,11 +55,11 @@ class WandbStep(StepRecord):
                 path = Path(folder) / f"{sid}.png"
                 if path.exists():
                     masks[name] = {"mask_data": np.array(Image.open(path)), "class_labels": labels}
-            gt = root / "SegmentationClass" / f"{sid}.png"
-            if gt.exists():
-                masks["ground_truth"] = {"mask_data": load_mask(gt, len(names)), "class_labels": labels}
+            if dataset.has_mask(split, sid):
+                gt = dataset.read_mask(split, sid, len(names))
+                masks["ground_truth"] = {"mask_data": gt, "class_labels": labels}
             if masks:
-                image = load_rgb(root / "JPEGImages" / f"{sid}.jpg", data.convert_to_rgb)
+                image = load_rgb(dataset.image_path(split, sid), data.convert_to_rgb)
                 images.append(wandb.Image(image, masks=masks, caption=sid))
         if images:
             self.run.log({f"{split}/masks": images})
