@@ -25,6 +25,7 @@ from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.atomic import atomic_save
 from stableseg_pp.pipeline.run_dir import open_stage, write_record
 from stableseg_pp.pipeline.writers import PseudoMaskLayout, load_stored_maps, write_json
+from stableseg_pp.stages import zero_shot
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _learn(cfg: DictConfig, stage0_dir: Path, segmenter_dir: Path, out: Path, ke
 
 def _threshold(cfg: DictConfig) -> float | None:
     """Stage 0's background threshold; None when the dataset has no background class."""
-    return None if cfg.zero_shot.background == "none" else cfg.zero_shot.background_threshold
+    return None if zero_shot.background_mode(cfg) == "none" else cfg.zero_shot.background_threshold
 
 
 def load_weights(folder: Path) -> dict[str, float]:

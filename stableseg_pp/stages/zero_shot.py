@@ -54,10 +54,16 @@ def stage_key(cfg: DictConfig) -> dict:
     }
 
 
+def background_mode(cfg: DictConfig) -> str:
+    """``zero_shot.background``, or ``none`` for a dataset without a background class (every pixel gets a class)."""
+    return "none" if background_index(cfg.data) is None else str(cfg.zero_shot.background)
+
+
 def build_module(cfg: DictConfig) -> ZeroShotSegmenter:
     zs = OmegaConf.to_container(cfg.zero_shot, resolve=True)
     zs.pop("splits", None)
     zs.pop("n_overlays", None)
+    zs["background"] = background_mode(cfg)
     return ZeroShotSegmenter(
         pretrained=cfg.diffusion.pretrained,
         class_names=list(cfg.data.class_names),
