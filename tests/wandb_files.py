@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def read_records(path: Path) -> list[pb.Record]:
             pos += left
             continue
         _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + HEADER])
+        if pos + HEADER + length > len(raw):  # a record still being written
+            break
         data = raw[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:
@@ -80,6 +83,16 @@ def read_offline_run(folder: Path) -> OfflineRun:
     return run
 
 
-def read_offline_runs(wandb_dir: Path) -> list[OfflineRun]:
-    """Every offline run under ``wandb_dir``, in the order they started."""
-    return sorted((read_offline_run(f) for f in wandb_dir.glob("offline-run-*")), key=lambda r: r.start_time)
+def read_offline_runs(wandb_dir: Path, timeout: float = 30.0) -> list[OfflineRun]:
+    """Every offline run under ``wandb_dir``, in the order they started.
+
+    W&B's service writes the log asynchronously and may still be flushing a run's
+    last records (its exit record) just after ``finish``: read again until every
+    run has one, for at most ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = sorted((read_offline_run(f) for f in wandb_dir.glob("offline-run-*")), key=lambda r: r.start_time)
+        if all(r.exit_code is not None for r in runs) or time.monotonic() > deadline:
+            return runs
+        time.sleep(0.2)
