@@ -77,7 +77,5 @@ def protocol(data: DictConfig, split: str) -> dict:
         "classes": len(data.class_names),
         "background": "none" if bg is None else ("counted" if data.get("eval_background", True) else "ignored"),
         "labels": data.labels,
-        "label_map": OmegaConf.to_container(data.layout.get("label_map"), resolve=True)
-        if data.get("layout") is not None and data.layout.get("label_map") is not None
-        else None,
+        "label_map": OmegaConf.to_container(label_map) if (label_map := OmegaConf.select(data, "layout.label_map")) else None,
     }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from stableseg_pp.pipeline import distributed
 from stableseg_pp.pipeline.atomic import atomic_write_text
 
 COMPLETE = "_COMPLETE.json"
+log = logging.getLogger(__name__)
 
 
 class IncompleteStageError(RuntimeError):
@@ -92,4 +94,6 @@ def open_stage(run_dir: str | Path, stage: str, key: Mapping[str, Any], force: b
         finished = is_complete(out)
         if distributed.is_main() and not finished:
             write_key(out, key)
+    if finished:
+        log.info("%s: finished outputs at %s, skipped (force=true recomputes)", stage, out)
     return out, finished

@@ -63,7 +63,6 @@ def run(cfg: DictConfig, stage0_dir: Path) -> Path:
     key["crf"].pop("workers", None)
     out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
     if finished:
-        log.info("crf: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
     with tracking.active().step(out, [stage0_dir], key) as record:
         _compute(cfg, stage0_dir, out, key)

@@ -92,7 +92,6 @@ def run(cfg: DictConfig, stage0_dir: Path, segmenter_dir: Path) -> Path:
     }
     out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
     if finished:
-        log.info("weights: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
     with tracking.active().step(out, [stage0_dir, segmenter_dir], key) as record:
         # rank 0 learns the weights (a small fit without diffusion forwards); the others wait and read them

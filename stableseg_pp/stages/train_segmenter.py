@@ -77,7 +77,6 @@ def run(cfg: DictConfig, masks_dir: Path) -> Path:
     key["segmenter"].pop("eval_batch_size", None)
     out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
     if finished:
-        log.info("deeplab: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
     with tracking.active().step(out, [masks_dir], key) as record:
         _compute(cfg, masks_dir, out, key, record)

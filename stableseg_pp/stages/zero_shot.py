@@ -81,7 +81,6 @@ def run(cfg: DictConfig, inputs: Sequence[Path] = ()) -> Path:
     key = stage_key(cfg)
     out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
     if finished:
-        log.info("stage 0: finished outputs at %s, skipped (force=true recomputes)", out)
         return out
     with tracking.active().step(out, inputs, key) as record:
         _compute(cfg, out, key)
