@@ -22,20 +22,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stableseg_pp import tracking
-from stableseg_pp.pipeline import distributed
+from stableseg_pp.config import CONFIG_DIR
+from stableseg_pp.data.description import describe_dataset
+from stableseg_pp.runtime import distributed
 from stableseg_pp.stages import STAGES, resolve_stages
 
 log = logging.getLogger(__name__)
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 # Each rank logs to its own folder: ${paths.run_dir}/hydra/rank<r>
 OmegaConf.register_new_resolver("global_rank", distributed.env_rank, replace=True)
 
 
 def world_size_of(cfg: DictConfig) -> int:
-    devices = cfg.trainer.get("devices", 1)
-    n = len(devices) if isinstance(devices, list | tuple) or OmegaConf.is_list(devices) else int(devices)
-    return n * int(cfg.trainer.get("num_nodes", 1))
+    return distributed.configured_world_size(cfg.trainer)
 
 
 def build_tracker(cfg: DictConfig) -> tracking.Tracker:
@@ -51,7 +50,7 @@ def require_launcher(cfg: DictConfig) -> None:
     if n > 1 and distributed.launched_environment() is None:
         raise SystemExit(
             f"trainer.devices x trainer.num_nodes = {n} ranks, but this is a single process: start one process per "
-            "device with srun (python -m stableseg_pp.launch.slurm) or torchrun (launch/torchrun.sh); "
+            "device with srun (python -m stableseg_pp.launch.slurm) or torchrun (stableseg_pp/launch/torchrun.sh); "
             "on one machine `python -m stableseg_pp.fit trainer.devices=N` does it for you. See docs/cluster.md"
         )
 
@@ -62,11 +61,13 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     require_launcher(cfg)
     distributed.setup(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    with distributed.main_first():  # rank 0 writes the miniature world on first use; the others then read it
+        dataset = describe_dataset(cfg.data, list(cfg.zero_shot.splits))
     outputs = {}
     with tracking.activate(build_tracker(cfg), OmegaConf.to_container(cfg, resolve=True)):
         for key in stages:
             log.info("running stage %s", key)
-            outputs[key] = STAGES[key](cfg)
+            outputs[key] = STAGES[key](cfg, dataset)
             log.info("stage %s outputs: %s", key, outputs[key])
     return outputs
 

@@ -1,10 +1,14 @@
 """Zero-shot segmentation of any picture with StableSeg.
 
     python -m stableseg_pp.segment photo.jpg --classes "red car,blue car" --out masks/
+    python -m stableseg_pp.segment photo.jpg --classes "cat,dog" --out masks/ diffusion=sd15 \\
+        diffusion.pretrained=/models/stable-diffusion-v1-5 zero_shot.mode=ca --device cuda
 
-Writes ``<name>_mask.png`` (palette PNG: 0 = background, i = i-th class) and
-``<name>_overlay.png`` per image. The miniature model is the default; any
-SD 1.x/2.x diffusers folder or hub id works with ``--model``.
+Composes the same Hydra config as ``fit`` (``diffusion=<preset>`` and any
+``key=value`` override after the images), so the backbone and the stage-0
+settings have one set of defaults. Writes ``<name>_mask.png`` (palette PNG:
+0 = background, i = i-th class) and ``<name>_overlay.png`` per image, and
+``classes.json`` (the legend).
 """
 
 from __future__ import annotations
@@ -12,24 +16,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 
+from stableseg_pp.artifacts import SiteWeights, overlay_png
+from stableseg_pp.config import compose_config
 from stableseg_pp.data.files import BadInputError, load_rgb
 from stableseg_pp.data.palette import save_palette_png
-from stableseg_pp.data.segmentation import to_model_pixels
-from stableseg_pp.diffusion.backbone import load_unet_backbone
-from stableseg_pp.models.stableseg import MODES, StableSeg, resize_scores
-from stableseg_pp.models.zero_shot_module import DTYPES
-from stableseg_pp.pipeline.atomic import atomic_save, atomic_write_text
-from stableseg_pp.pipeline.writers import overlay_png
+from stableseg_pp.data.prompted_images import to_model_pixels
+from stableseg_pp.methods.stableseg import StableSeg, resize_scores
+from stableseg_pp.runtime.atomic import atomic_save, atomic_write_text
 
 log = logging.getLogger("stableseg_pp.segment")
-
-# Backbone defaults, as in configs/diffusion/*.yaml.
-PRESETS = {"miniature": {"resolution": 64, "mode": "ca+sa"}}
+# zero_shot keys that concern datasets and stored outputs, not one picture
+NOT_FOR_SEGMENT = ("splits", "n_overlays", "stored_cross_scales", "site_weights")
 
 
 def parse_classes(text: str) -> list[str]:
@@ -41,49 +46,65 @@ def parse_classes(text: str) -> list[str]:
     return names
 
 
+def split_overrides(items: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Positional arguments: image paths, and ``key=value`` config overrides (anything with '=' that is no file)."""
+    images, overrides = [], []
+    for item in items:
+        if "=" in item and not Path(item).exists():
+            overrides.append(item)
+        else:
+            images.append(Path(item))
+    return images, overrides
+
+
+def build_segmenter(cfg: DictConfig, device: str) -> StableSeg:
+    """StableSeg on the configured backbone, with the configured stage-0 settings."""
+    backbone = instantiate(cfg.diffusion, _convert_="all").load()
+    settings = OmegaConf.to_container(cfg.zero_shot, resolve=True)
+    for k in NOT_FOR_SEGMENT:
+        settings.pop(k, None)
+    site_weights = cfg.zero_shot.get("site_weights")
+    if site_weights:
+        learned = SiteWeights.load(site_weights)
+        learned.check_family(backbone.family)
+        settings["site_weights"] = dict(learned.weights)
+    return StableSeg(backbone, **settings).to(device)
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("images", nargs="+", type=Path)
+    p.add_argument("inputs", nargs="+", help="image files, then optional key=value config overrides (as for fit)")
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "red car,blue car"')
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--model", default="miniature", help="miniature (default), a diffusers folder, or a hub id")
-    p.add_argument("--resolution", type=int, default=None, help="model input side (default: 64 miniature, 512 otherwise)")
-    p.add_argument("--mode", choices=MODES, default=None, help="ca | sa | ca+sa (default: ca miniature, ca+sa otherwise)")
-    p.add_argument("--cross-scales", default="8,16")
-    p.add_argument("--self-scales", default="all")
-    p.add_argument("--background-threshold", type=float, default=0.55)
-    p.add_argument("--prompt-template", default="a photo of a {}")
-    p.add_argument("--timestep", type=int, default=1)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--model", default=None, help="shorthand for diffusion.pretrained= (a diffusers folder or hub id)")
+    p.add_argument("--dtype", default=None, help="shorthand for diffusion.dtype= (float32, float16, bfloat16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--convert-to-rgb", action="store_true", help="accept RGBA / greyscale images by converting them")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     classes = parse_classes(args.classes)
-    preset = PRESETS.get(args.model, {"resolution": 512, "mode": "ca+sa"})
-    scales = lambda s: s if s == "all" else [int(x) for x in s.split(",")]  # noqa: E731
-    backbone = load_unet_backbone(args.model, dtype=DTYPES[args.dtype])
-    seg = StableSeg(
-        backbone,
-        resolution=args.resolution or preset["resolution"],
-        cross_scales=scales(args.cross_scales),
-        self_scales=scales(args.self_scales),
-        mode=args.mode or preset["mode"],
-        timestep=args.timestep,
-        background_threshold=args.background_threshold,
-        prompt_template=args.prompt_template,
-    ).to(args.device)
+    images, overrides = split_overrides(args.inputs)
+    if not images:
+        raise SystemExit("give at least one image file")
+    if args.model:
+        overrides.append(f"diffusion.pretrained={args.model}")
+    if args.dtype:
+        overrides.append(f"diffusion.dtype={args.dtype}")
+    cfg = compose_config(overrides)
+    seg = build_segmenter(cfg, args.device)
+    generator = torch.Generator(args.device).manual_seed(int(cfg.seed))
     args.out.mkdir(parents=True, exist_ok=True)
     written = []
-    for path in args.images:
+    for path in images:
         try:
             image = load_rgb(path, convert=args.convert_to_rgb)
         except BadInputError as err:
             raise SystemExit(str(err)) from err
         pixels = to_model_pixels(image, seg.resolution)[None].to(args.device)
-        out = seg(pixels, [classes])
+        out = seg(pixels, [classes], generator=generator)
         scores = resize_scores(out.scores.float(), image.shape[:2])[0]
+        scores = scores.masked_fill(~out.valid[0, :, None, None], float("-inf"))
         mask = scores.argmax(0).to(torch.uint8).cpu().numpy()
         stem = path.stem
         mask_path = atomic_save(args.out / f"{stem}_mask.png", lambda t, m=mask: save_palette_png(m, t))

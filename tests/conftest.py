@@ -13,27 +13,27 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from stableseg_pp.diffusion.backbone import MINIATURE_MODEL, UNetBackbone  # noqa: E402
-from stableseg_pp.fit import CONFIG_DIR  # noqa: E402
-from stableseg_pp.toy.architecture import build_noise_scheduler, build_text_encoder, build_tokenizer, build_unet, build_vae  # noqa: E402
+from stableseg_pp.backbones.sd_unet import MINIATURE_MODEL, SDUNetBackbone  # noqa: E402
+from stableseg_pp.config import CONFIG_DIR  # noqa: E402
+from stableseg_pp.miniature_sd.architecture import (  # noqa: E402
+    build_noise_scheduler,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 @pytest.fixture(scope="session")
-def random_backbone(tmp_path_factory) -> UNetBackbone:
+def random_backbone(tmp_path_factory) -> SDUNetBackbone:
     """The miniature architecture with random weights: fast, for exactness tests."""
     torch.manual_seed(0)
     tok = build_tokenizer(tmp_path_factory.mktemp("tok"))
-    backbone = UNetBackbone(
-        vae=build_vae().eval(),
-        unet=build_unet().eval(),
-        text_encoder=build_text_encoder(tok).eval(),
-        tokenizer=tok,
-        scheduler=build_noise_scheduler(),
-        source="random",
+    return SDUNetBackbone.from_components(
+        build_vae().eval(), build_unet().eval(), build_text_encoder(tok).eval(), tok, build_noise_scheduler(), name="random"
     )
-    return backbone
 
 
 @pytest.fixture(scope="session")

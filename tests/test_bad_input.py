@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stableseg_pp.data.description import describe_dataset
 from stableseg_pp.data.files import BadInputError
 from stableseg_pp.data.layouts import VOCLayout
 from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
-from stableseg_pp.data.segmentation import SegmentationDataset, collate_samples
-from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
+from stableseg_pp.data.prompted_images import PromptedImages, collate_samples
 
 
 @pytest.fixture()
@@ -21,7 +21,7 @@ def voc_root(tmp_path):
 
 
 def _ds(root, **kw):
-    return SegmentationDataset(VOCLayout(root), "val", CLASS_NAMES, resolution=64, **kw)
+    return PromptedImages(VOCLayout(root), "val", CLASS_NAMES, resolution=64, **kw)
 
 
 def test_truncated_image(voc_root):
@@ -73,9 +73,11 @@ def test_skip_is_logged(voc_root, caplog):
     assert ds.skipped[0][0] == "val_00001"
 
 
-def test_unknown_class_name_in_prompt_names():
+def test_unknown_class_name_in_prompt_names(compose_fit):
+    cfg = compose_fit()
+    cfg.data.prompt_names = {"hexagon": "six sides"}
     with pytest.raises(ValueError, match=r"unknown classes \['hexagon'\]"):
-        ZeroShotSegmenter("miniature", CLASS_NAMES, prompt_names={"hexagon": "six sides"})
+        describe_dataset(cfg.data)
 
 
 def test_missing_dataset_folder(tmp_path):
@@ -85,4 +87,4 @@ def test_missing_dataset_folder(tmp_path):
 
 def test_missing_split_file(voc_root):
     with pytest.raises(FileNotFoundError, match=r"(?s)test.txt not found.*ImageSets/Segmentation/<split>.txt"):
-        SegmentationDataset(VOCLayout(voc_root), "test", CLASS_NAMES, resolution=64)
+        PromptedImages(VOCLayout(voc_root), "test", CLASS_NAMES, resolution=64)

@@ -5,13 +5,9 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from stableseg_pp.diffusion.capture import (
-    AttentionStore,
-    CrossAttentionMapProcessor,
-    SelfAttentionQKProcessor,
-    stock_processors,
-)
-from stableseg_pp.models.stableseg import StableSeg
+from stableseg_pp.backbones.base import AttentionStore, DiffusionBackbone
+from stableseg_pp.backbones.capture import CrossAttentionMapProcessor, SelfAttentionQKProcessor
+from stableseg_pp.methods.stableseg import StableSeg
 
 
 def _attention(cross_dim: int | None) -> Attention:
@@ -68,32 +64,71 @@ def test_self_processor_matches_stock_and_keeps_qk():
     torch.testing.assert_close(k, attn.to_k(x).view(2, -1, 4, 8).transpose(1, 2))
 
 
-def test_unet_output_unchanged_by_capture(random_backbone):
-    """A whole U-Net forward with StableSeg's processors equals the stock forward."""
-    unet = random_backbone.unet
+def test_backbone_forward_unchanged_by_capture(random_backbone):
+    """A whole denoiser forward through the backbone interface with StableSeg's processors equals the stock forward."""
+    backbone: DiffusionBackbone = random_backbone
+    assert isinstance(backbone, DiffusionBackbone)
     torch.manual_seed(1)
-    latents = torch.randn(2, 4, 16, 16)
-    emb = torch.randn(2, 77, 64)
-    t = torch.tensor([1, 1])
-    unet.set_attn_processor(stock_processors(unet))
+    pixels = torch.rand(2, 3, 64, 64) * 2 - 1
+    text = backbone.encode_text([["circle"], ["square", "star"]], "a photo of a {}", " and ")
+    latents, time = backbone.noise(backbone.encode_images(pixels))
+    backbone.remove_capture()
     with torch.no_grad():
-        ref = unet(latents, t, encoder_hidden_states=emb).sample
-    seg = StableSeg(random_backbone, resolution=64, cross_scales="all", self_scales="all", mode="ca+sa")
-    seg.store.reset(torch.full((2, 77, 1), 1 / 77), (16, 16))
+        ref = backbone.denoise(latents, time, text)
+    seg = StableSeg(backbone, resolution=64, cross_scales="all", self_scales="all", mode="ca+sa")
+    seg.store.reset(text.token_weights, tuple(latents.shape[-2:]))
     with torch.no_grad():
-        ours = unet(latents, t, encoder_hidden_states=emb).sample
+        ours = backbone.denoise(latents, time, text)
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
-    n_cross = sum(".attn2." in n for n in unet.attn_processors)
-    n_self = sum(".attn1." in n for n in unet.attn_processors)
-    assert len(seg.store.cross) == n_cross and len(seg.store.self_qk) == n_self
-    unet.set_attn_processor(stock_processors(unet))
+    sites = backbone.sites(64)
+    assert set(seg.store.cross) == {s.id for s in sites if s.kind == "cross"}
+    assert set(seg.store.self_qk) == {s.id for s in sites if s.kind == "self"}
+    backbone.remove_capture()
 
 
-def test_layers_without_maps_keep_the_fused_processor(random_backbone):
+def test_sites_come_from_the_block_structure(random_backbone):
+    """Kinds from the attention modules, grids from the block level, depth = forward order (down, mid, up)."""
+    sites = random_backbone.sites(64)  # 16x16 latent
+    assert [s.depth for s in sites] == list(range(len(sites)))
+    for s in sites:
+        module = random_backbone.unet.get_submodule(s.id)
+        assert (s.kind == "cross") == module.is_cross_attention
+        assert s.attends_to_text == (s.kind == "cross") and s.attends_to_image == (s.kind == "self")
+    order = [s.id.split(".")[0] for s in sites]
+    assert order == sorted(order, key=["down_blocks", "mid_block", "up_blocks"].index)
+    mid = [s for s in sites if s.id.startswith("mid_block")]
+    assert mid and all(s.grid == (4, 4) for s in mid)  # the coarsest level of a 3-level U-Net
+    assert {s.grid for s in sites if s.id.startswith("down_blocks.0.")} == {(16, 16)}
+
+
+def test_sites_without_maps_keep_the_fused_processor(random_backbone):
     seg = StableSeg(random_backbone, resolution=64, cross_scales=[8], stored_cross_scales=[8], mode="ca")
     procs = random_backbone.unet.attn_processors
-    captured = {n for n, p in procs.items() if isinstance(p, CrossAttentionMapProcessor)}
-    assert captured == {lay.name for lay in seg.cross_layers}
-    assert all(lay.side(16) == 8 for lay in seg.cross_layers)
-    others = [p for n, p in procs.items() if n not in captured]
+    captured = {n.removesuffix(".processor") for n, p in procs.items() if isinstance(p, CrossAttentionMapProcessor)}
+    assert captured == {s.id for s in seg.cross_sites}
+    assert all(s.side == 8 for s in seg.cross_sites)
+    others = [p for n, p in procs.items() if n.removesuffix(".processor") not in captured]
     assert others and all(isinstance(p, AttnProcessor2_0) for p in others)
+
+
+def test_unknown_scale_is_a_clear_error(random_backbone):
+    import pytest
+
+    with pytest.raises(ValueError, match=r"zero_shot.cross_scales=\[7\].*available: \[4, 8, 16\]"):
+        StableSeg(random_backbone, resolution=64, cross_scales=[7])
+
+
+def test_select_sites_by_side_and_by_depth(random_backbone):
+    from stableseg_pp.backbones.base import select_sites
+
+    sites = random_backbone.sites(64)
+    text = select_sites(sites, "text")
+    assert text and all(s.kind == "cross" for s in text)
+    by_side = select_sites(sites, "text", [8])
+    assert by_side and {s.side for s in by_side} == {8}
+    depths = [text[0].depth, text[-1].depth]
+    assert [s.id for s in select_sites(sites, "text", depths=depths)] == [text[0].id, text[-1].id]
+    import pytest
+
+    with pytest.raises(ValueError, match=r"depths \[999\] do not exist"):
+        select_sites(sites, "text", depths=[999])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stableseg_pp.crf.dense_crf import CRFParams, refine, refine_many
+from stableseg_pp.methods.dense_crf import CRFParams, refine, refine_many
 
 
 def _case(seed=0, size=48):

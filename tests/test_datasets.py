@@ -10,12 +10,21 @@ import pytest
 from hydra.utils import instantiate
 from PIL import Image
 
-from stableseg_pp.data.datasets import build_dataset, build_layout, prepare_dataset, split_ids
+from stableseg_pp.data.description import build_layout, describe_dataset
 from stableseg_pp.data.layouts import DatasetLayoutError
 from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample
 from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.fit import run
 from stableseg_pp.stages import crf_refine, zero_shot
+
+
+def split_ids(data, split):
+    return describe_dataset(data, splits=[]).split_ids(split)
+
+
+def build_dataset(data, split, resolution, ids):
+    return describe_dataset(data, splits=[]).prompted_images(split, ids, resolution)
+
 
 SIZE = (6, 8)  # H, W
 
@@ -138,8 +147,8 @@ def test_uecfoodpix_red_channel_and_class_list(tmp_path, compose_fit):
         mask(root / "UECFoodPIXCOMPLETE" / split / "mask" / "1.png", [0, 1, 102], mode="RGB")
     (root / "category.txt").write_text("id\tname\n" + "".join(f"{i}\tfood {i}\n" for i in range(1, 103)))
     cfg = compose_fit("data=uecfoodpix")
-    prepare_dataset(cfg.data)
-    assert len(cfg.data.class_names) == 103 and cfg.data.class_names[:2] == ["background", "food 1"]
+    names = describe_dataset(cfg.data).class_names
+    assert len(names) == 103 and names[:2] == ["background", "food 1"]
     assert split_ids(cfg.data, "val") == ["1"]  # val = the official test split
     assert classes_in(build_layout(cfg.data), "val", "1", 103) == [0, 1, 102]
 
@@ -151,8 +160,8 @@ def test_foodseg103_class_list_and_masks(tmp_path, compose_fit):
         mask(root / "Images" / "ann_dir" / split / "00000048.png", [0, 24, 103], mode="L")
     (root / "category_id.txt").write_text("".join(f"{i}\t{'background' if i == 0 else f'food {i}'}\n" for i in range(104)))
     cfg = compose_fit("data=foodseg103")
-    prepare_dataset(cfg.data)
-    assert len(cfg.data.class_names) == 104 and cfg.data.class_names[0] == "background"
+    names = describe_dataset(cfg.data).class_names
+    assert len(names) == 104 and names[0] == "background"
     assert classes_in(build_layout(cfg.data), "train", "00000048", 104) == [0, 24, 103]
 
 
@@ -162,11 +171,11 @@ def test_foodseg103_class_list_and_masks(tmp_path, compose_fit):
 def test_missing_or_wrong_layout_says_what_was_expected(tmp_path, compose_fit, name):
     cfg = compose_fit(f"data={name}")
     with pytest.raises(DatasetLayoutError, match=r"(?s)does not exist.*expected:.*docs/datasets/"):
-        prepare_dataset(cfg.data)
+        describe_dataset(cfg.data)
     Path(cfg.data.root).mkdir(parents=True)
     (Path(cfg.data.root) / "something_else").mkdir()
     with pytest.raises(DatasetLayoutError, match=r"(?s)(not the expected layout|not found).*expected:"):
-        prepare_dataset(cfg.data)
+        describe_dataset(cfg.data)
 
 
 def test_every_layout_points_to_its_docs_page(compose_fit):
@@ -227,8 +236,9 @@ def test_a_dataset_without_background_gets_a_class_for_every_pixel(tmp_path, com
     cfg = compose_fit("data=context59", f"data.class_names=[{shapes}]", "data.batch_size=4", "data.num_workers=0",
                       "diffusion=miniature_sd", "crf.workers=1", "crf.bilateral_sxy=20", "crf.bilateral_srgb=30")  # fmt: skip
     cfg.data.prompt_names = {}
-    stage0 = zero_shot.run(cfg)
-    crf = crf_refine.run(cfg, stage0)
+    dataset = describe_dataset(cfg.data)
+    stage0 = zero_shot.run(cfg, dataset)
+    crf = crf_refine.run(cfg, dataset, stage0)
     for folder in (stage0, crf):
         masks = [np.array(Image.open(p)) for p in sorted((folder / "val" / "masks").glob("*.png"))]
         assert len(masks) == 4 and all(m.max() < 6 for m in masks)  # never 255: no pixel left without a class
@@ -236,3 +246,31 @@ def test_a_dataset_without_background_gets_a_class_for_every_pixel(tmp_path, com
         assert metrics["protocol"]["background"] == "none" and metrics["protocol"]["classes"] == 6
         assert metrics["protocol"]["label_map"] == {"reduce_zero_label": True}
         assert metrics["miou"] > 0.2
+
+
+@pytest.mark.slow
+def test_stage2_end_to_end_without_a_background_class(tmp_path, compose_fit, miniature_model):
+    """StableSeg++ on a Context-layout folder: class 0 is a real class, so a segmenter pixel of class 0 in an
+    image whose prompt does not name it has no channel; the weights must stay finite and the table finish."""
+    root = tmp_path / "data" / "VOCdevkit" / "VOC2010"
+    ids = [f"2010_{i:06d}" for i in range(6)]
+    for k, sid in enumerate(ids):
+        s = draw_sample(k + 40)
+        Image.fromarray(s.image).save(_mk(root / "JPEGImages") / f"{sid}.jpg", quality=95)
+        save_palette_png(s.mask, _mk(root / "SegmentationClassContext") / f"{sid}.png")
+    for split in ("train", "val"):
+        ids_file(root / "ImageSets" / "SegmentationContext" / f"{split}.txt", ids)
+    shapes = ",".join(f"'{n}'" for n in CLASS_NAMES[1:])
+    cfg = compose_fit("stage=2", "data=context59", f"data.class_names=[{shapes}]", "data.batch_size=6",
+                      "data.num_workers=0", "diffusion=miniature_sd", "crf.workers=1", "segmenter.train.max_epochs=1",
+                      "segmenter.train.batch_size=6", "segmenter.train.crop_size=64", "map_weights.epochs=3")  # fmt: skip
+    cfg.data.prompt_names = {}
+    run(cfg)
+    run_dir = Path(cfg.paths.run_dir)
+    (weights_dir,) = run_dir.glob("weights-*")
+    learned = json.loads((weights_dir / "weights.json").read_text())
+    assert learned["family"] == "sd_unet" and learned["sites"]
+    assert all(np.isfinite(w) and w > 0 for w in learned["sites"].values()), learned
+    assert abs(sum(learned["sites"].values()) - 1) < 1e-4
+    table = json.loads((run_dir / "results.json").read_text())
+    assert len(table) == 6 and all(r["val_miou"] is not None and np.isfinite(r["val_miou"]) for r in table)

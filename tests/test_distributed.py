@@ -13,9 +13,9 @@ import psutil
 import pytest
 import torch
 
-from stableseg_pp.data.datasets import split_ids
+from stableseg_pp.data.description import describe_dataset
 from stableseg_pp.fit import run
-from stableseg_pp.pipeline.run_dir import COMPLETE
+from stableseg_pp.runtime.run_dir import COMPLETE
 from stableseg_pp.stages import crf_refine, zero_shot
 from tests.test_self_training import SMALL
 
@@ -70,7 +70,8 @@ def test_ddp_training_on_two_ranks_resumes_after_a_kill(tmp_path, compose_fit, m
     ]  # sync BN is GPU-only in PyTorch
     # stage 0 and the CRF in this process; the DDP training (its folder depends only on the masks) in 2 ranks
     cfg = compose_fit(*overrides)
-    masks = crf_refine.run(cfg, zero_shot.run(cfg))
+    dataset = describe_dataset(cfg.data)
+    masks = crf_refine.run(cfg, dataset, zero_shot.run(cfg, dataset))
     run_dir = Path(cfg.paths.run_dir)
     assert run_dir == tmp_path / "outputs" / "miniature-miniature_sd"
 
@@ -103,7 +104,7 @@ def test_ddp_training_on_two_ranks_resumes_after_a_kill(tmp_path, compose_fit, m
     assert (seg_dir / COMPLETE).exists()
     assert torch.load(seg_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 7
     assert _epochs_logged(seg_dir, 1)[0] == first_epoch + 1  # the resumed run did not train the first epochs again
-    assert len(list((seg_dir / "train" / "masks").glob("*.png"))) == len(split_ids(cfg.data, "train"))
+    assert len(list((seg_dir / "train" / "masks").glob("*.png"))) == len(describe_dataset(cfg.data, splits=[]).split_ids("train"))
     assert masks.name in (seg_dir / "key.json").read_text()
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stableseg_pp import artifacts
 from stableseg_pp.fit import run
-from stableseg_pp.pipeline import writers
-from stableseg_pp.pipeline.run_dir import COMPLETE
+from stableseg_pp.runtime.run_dir import COMPLETE
 from stableseg_pp.stages import resolve_stages
 from tests.conftest import file_stamps as _files
 
@@ -34,9 +34,10 @@ def test_stage0_end_to_end_then_skipped(compose_fit, miniature_model):
         img = Image.open(masks[0])
         assert img.mode == "P" and img.size == (64, 64)
         assert set(np.unique(np.array(img))) <= set(range(7))
-        stored = writers.load_stored_maps(out / split / "maps" / f"{split}_00000.npz")
+        stored = artifacts.load_stored_maps(out / split / "maps" / f"{split}_00000.npz")
         n = len(stored.class_ids)
-        assert stored.cross_maps and all(m.dtype == np.float16 and m.shape[0] == n for m in stored.cross_maps.values())
+        assert stored.family == "sd_unet"
+        assert stored.site_maps and all(m.dtype == np.float16 and m.shape[0] == n for m in stored.site_maps.values())
         assert stored.scores.shape == (1 + n, 16, 16) and stored.scores.dtype == np.float16
         assert len(list((out / split / "overlays").glob("*.png"))) == 2
     metrics = json.loads((out / "metrics.json").read_text())
@@ -61,7 +62,7 @@ def test_changed_setting_gets_its_own_folder(compose_fit, miniature_model):
 
 def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, monkeypatch):
     cfg = compose_fit(*SMALL)
-    original = writers.PseudoMaskWriter.write_prediction
+    original = artifacts.Stage0Writer.write_record
     calls: list[str] = []
 
     def dying(self, p, layout):
@@ -70,10 +71,10 @@ def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, mo
         calls.append(p.id)
         original(self, p, layout)
 
-    monkeypatch.setattr(writers.PseudoMaskWriter, "write_prediction", dying)
+    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", dying)
     with pytest.raises(RuntimeError, match="killed"):
         run(cfg)
-    monkeypatch.setattr(writers.PseudoMaskWriter, "write_prediction", original)
+    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", original)
     out = Path(cfg.paths.run_dir).glob("stage0-*").__next__()
     assert not (out / COMPLETE).exists()
     done = _files(out / "train" / "masks")
@@ -86,7 +87,7 @@ def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, mo
         seen.append(p.id)
         original(self, p, layout)
 
-    monkeypatch.setattr(writers.PseudoMaskWriter, "write_prediction", recording)
+    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", recording)
     run(compose_fit(*SMALL))
     assert not set(seen) & set(calls)
     assert len(seen) == 12 - len(calls)
@@ -96,7 +97,7 @@ def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, mo
 
 
 def test_stage_is_a_plain_value(compose_fit):
-    assert not (Path(__file__).parents[1] / "configs" / "stage").exists()
+    assert not (Path(__file__).parents[1] / "stableseg_pp" / "configs" / "stage").exists()
     assert compose_fit("stage=0").stage == 0
     assert resolve_stages("all") == ["2"] and resolve_stages(0) == ["0"]
     with pytest.raises(ValueError, match="stage='7' is not a stage"):
@@ -105,7 +106,7 @@ def test_stage_is_a_plain_value(compose_fit):
 
 def test_bad_scale_is_a_clear_error(compose_fit, miniature_model):
     cfg = compose_fit(*SMALL, "zero_shot.cross_scales=[3]")
-    with pytest.raises(ValueError, match=r"cross-attention scales \[3\] do not exist.*available map sides: \[4, 8, 16\]"):
+    with pytest.raises(ValueError, match=r"zero_shot.cross_scales=\[3\]: map sides \[3\] do not exist.*available: \[4, 8, 16\]"):
         run(cfg)
 
 

@@ -9,8 +9,7 @@ import pytest
 
 from stableseg_pp.launch import slurm
 
-REPO = Path(__file__).resolve().parent.parent
-SHELL_SCRIPTS = [slurm.TEMPLATE, *sorted((REPO / "launch").glob("*.sh"))]
+SHELL_SCRIPTS = [slurm.TEMPLATE, *sorted(Path(slurm.__file__).parent.glob("*.sh"))]
 
 
 def sbatch_lines(text: str) -> dict[str, str]:

@@ -7,7 +7,7 @@ from PIL import Image
 
 from stableseg_pp.data.layouts import VOCLayout
 from stableseg_pp.data.miniature import CLASS_COLOURS, CLASS_NAMES, draw_sample, write_miniature_voc
-from stableseg_pp.data.segmentation import SegmentationDataset
+from stableseg_pp.data.prompted_images import PromptedImages
 
 
 def test_samples_are_deterministic_and_labelled():
@@ -43,7 +43,7 @@ def test_written_in_voc_layout_and_read_back(tmp_path):
     assert (root / "ImageSets/Segmentation/train.txt").read_text().split() == [f"train_{i:05d}" for i in range(6)]
     mask = Image.open(root / "SegmentationClass/val_00000.png")
     assert mask.mode == "P"
-    ds = SegmentationDataset(VOCLayout(root), "val", CLASS_NAMES, resolution=64)
+    ds = PromptedImages(VOCLayout(root), "val", CLASS_NAMES, resolution=64)
     sample = ds[0]
     expected = draw_sample_for(root, "val", 0)
     assert np.array_equal(sample.mask, expected.mask)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from stableseg_pp.diffusion.prompts import PromptTooLongError, build_prompt, map_class_tokens
+from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt, map_class_tokens
 
 
 @pytest.fixture(scope="module")

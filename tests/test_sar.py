@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from stableseg_pp.attention.sar import sar_layer, sar_probabilities
+from stableseg_pp.methods.sar import sar_layer, sar_probabilities
 
 
 def _constructed(h=8, w=8, heads=2, d=16, seed=0):

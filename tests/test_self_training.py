@@ -11,7 +11,7 @@ from PIL import Image
 
 from stableseg_pp.fit import run
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
-from stableseg_pp.pipeline.run_dir import COMPLETE
+from stableseg_pp.runtime.run_dir import COMPLETE
 from tests.conftest import file_stamps as _files
 
 SMALL = [
@@ -40,7 +40,8 @@ def test_stage1_then_all_then_nothing_to_do(compose_fit, miniature_model):
     final = run(compose_fit("stage=all", *SMALL))["2"]
     assert final != seg_dir  # the retrained model has its own folder
     weights = json.loads(next(run_dir.glob("weights-*")).joinpath("weights.json").read_text())
-    assert len(weights) >= 4 and abs(sum(weights.values()) - 1) < 1e-4
+    assert weights["family"] == "sd_unet"
+    assert len(weights["sites"]) >= 4 and abs(sum(weights["sites"].values()) - 1) < 1e-4
     assert len(list(run_dir.glob("stage0-*"))) == 2  # the regenerated masks have their own folder
     table = json.loads((run_dir / "results.json").read_text())
     assert [r["step"].split(" (")[0] for r in table][:3] == ["init", "init + CRF", "+"]

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from stableseg_pp.backbones.sd_unet import SDUNetBackbone
 from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample
-from stableseg_pp.diffusion.backbone import load_unet_backbone
-from stableseg_pp.models.stableseg import StableSeg
+from stableseg_pp.methods.stableseg import StableSeg
 
 
 @pytest.fixture(scope="module")
@@ -20,7 +20,7 @@ def batch():
 
 @pytest.fixture(scope="module")
 def backbone(miniature_model):
-    return load_unet_backbone(str(miniature_model))
+    return SDUNetBackbone(pretrained=str(miniature_model)).load()
 
 
 @pytest.mark.parametrize("mode", ["ca", "sa", "ca+sa"])
@@ -33,7 +33,7 @@ def test_modes_give_scores_for_the_named_classes(backbone, batch, mode):
     for i, n in enumerate(names):
         assert out.valid[i].sum() == 1 + len(n)
         assert out.labels[i].max() <= len(n)
-    assert set(out.cross_maps) == {lay.name for lay in seg.cross_layers}
+    assert set(out.cross_maps) == {s.id for s in seg.cross_sites}
     if mode != "ca":
         sa = out.scores - (out.capm if mode == "ca+sa" else 0)
         torch.testing.assert_close(sa.sum(1), torch.ones(2, 64, 64), rtol=1e-4, atol=1e-4)
@@ -49,21 +49,30 @@ def test_background_word_takes_channel_zero(backbone, batch):
     assert not torch.allclose(out.capm[:, 0], ref.capm[:, 0])  # a map, not a constant threshold
 
 
-def test_learned_layer_weights_change_the_aggregate(backbone, batch):
+def test_learned_site_weights_change_the_aggregate(backbone, batch):
     pixels, names, _ = batch
     uniform = StableSeg(backbone, resolution=64, mode="ca")
-    first = uniform.aggregated_layers[0].name
-    only_first = StableSeg(backbone, resolution=64, mode="ca", layer_weights={first: 1.0})
+    first = uniform.aggregated_sites[0].id
+    only_first = StableSeg(backbone, resolution=64, mode="ca", site_weights={first: 1.0})
     a, b = uniform(pixels, names), only_first(pixels, names)
     assert not torch.allclose(a.capm, b.capm)
     with pytest.raises(ValueError, match="not captured"):
-        StableSeg(backbone, resolution=64, layer_weights={"nope": 1.0})
+        StableSeg(backbone, resolution=64, site_weights={"nope": 1.0})
 
 
-def test_noise_and_timestep_are_used(backbone, batch):
+def test_noise_and_timestep_are_used(backbone, miniature_model, batch):
     pixels, names, _ = batch
     clean = StableSeg(backbone, resolution=64, mode="ca")(pixels, names)
-    noisy = StableSeg(backbone, resolution=64, mode="ca", timestep=400, add_noise=True)(
-        pixels, names, generator=torch.Generator().manual_seed(0)
-    )
+    noisy_backbone = SDUNetBackbone(pretrained=str(miniature_model), timestep=400, add_noise=True).load()
+    assert noisy_backbone.stochastic and not backbone.stochastic
+    noisy = StableSeg(noisy_backbone, resolution=64, mode="ca")(pixels, names, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(clean.capm, noisy.capm)
+
+
+def test_two_segmenters_on_one_backbone_keep_their_own_capture(backbone, batch):
+    """Each StableSeg reinstalls its own processors, so the last one built does not steal the other's maps."""
+    pixels, names, _ = batch
+    a = StableSeg(backbone, resolution=64, mode="ca", cross_scales=[16], stored_cross_scales=[16])
+    b = StableSeg(backbone, resolution=64, mode="ca", cross_scales=[8], stored_cross_scales=[8])
+    out_a, out_b = a(pixels, names), b(pixels, names)
+    assert set(out_a.cross_maps) == {s.id for s in a.cross_sites} != set(out_b.cross_maps)

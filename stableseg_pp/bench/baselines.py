@@ -15,12 +15,12 @@ import torch
 from stableseg_pp.data.layouts import VOCLayout
 from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
 from stableseg_pp.data.palette import IGNORE_INDEX
-from stableseg_pp.data.segmentation import SegmentationDataset
+from stableseg_pp.data.prompted_images import PromptedImages
 from stableseg_pp.evaluation.miou import SegmentationMetrics
 
 
 def baselines(root, split: str = "val", class_names=CLASS_NAMES, seed: int = 0) -> dict:
-    ds = SegmentationDataset(VOCLayout(root), split, class_names, resolution=64)
+    ds = PromptedImages(VOCLayout(root), split, class_names, resolution=64)
     rng = np.random.default_rng(seed)
     all_bg = SegmentationMetrics(class_names)
     random_cls = SegmentationMetrics(class_names)

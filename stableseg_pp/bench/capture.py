@@ -62,38 +62,30 @@ def _current_rss_mib() -> float:
 def _measure(variant: str, resolution: int, repeats: int, device: str, threads: int, queue) -> None:
     from diffusers import UNet2DConditionModel
 
-    from stableseg_pp.attention.capm import aggregate_maps, minmax_normalize, with_background
-    from stableseg_pp.attention.sar import sar_probabilities
-    from stableseg_pp.diffusion.capture import (
-        AttentionStore,
-        CrossAttentionMapProcessor,
-        FullAttentionStoreProcessor,
-        SelfAttentionQKProcessor,
-        stock_processors,
-    )
-    from stableseg_pp.diffusion.layers import select_layers, unet_attention_layers
+    from stableseg_pp.backbones.base import AttentionStore, CaptureRequest, select_sites
+    from stableseg_pp.backbones.capture import FullAttentionStoreProcessor
+    from stableseg_pp.backbones.sd_unet import PROCESSOR_SUFFIX, SDUNetBackbone, unet_sites
+    from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize, with_background
+    from stableseg_pp.methods.sar import sar_probabilities
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**SD15_UNET).eval().requires_grad_(False).to(device)
     latent = resolution // 8
-    layers = unet_attention_layers(unet)
+    backbone = SDUNetBackbone.from_components(None, unet, None, None, None, name="sd15_shaped")
+    sites = unet_sites(unet, (latent, latent))
     store = AttentionStore()
     naive_maps: dict[str, torch.Tensor] = {}
-    procs = stock_processors(unet)
     n_classes = 3
-    cross = select_layers(layers, "cross", "all" if variant == "ours_all_cross" else [8, 16], latent)
-    selfs = select_layers(layers, "self", "all", latent)
+    cross = select_sites(sites, "text", "all" if variant == "ours_all_cross" else [8, 16])
+    selfs = select_sites(sites, "image", "all")
     if variant.startswith("ours"):
-        for lay in cross:
-            procs[lay.name] = CrossAttentionMapProcessor(store, lay.name)
-        for lay in selfs:
-            procs[lay.name] = SelfAttentionQKProcessor(store, lay.name)
+        backbone.install_capture(CaptureRequest(tuple(s.id for s in cross), tuple(s.id for s in selfs)), store)
     elif variant == "naive":
-        for lay in layers:
-            procs[lay.name] = FullAttentionStoreProcessor(naive_maps, lay.name)
-    unet.set_attn_processor(procs)
+        unet.set_attn_processor({s.id + PROCESSOR_SUFFIX: FullAttentionStoreProcessor(naive_maps, s.id) for s in sites})
+    else:
+        backbone.remove_capture()
     x = torch.randn(1, 4, latent, latent, device=device)
     emb = torch.randn(1, 77, 768, device=device)
     t = torch.ones(1, dtype=torch.long, device=device)
@@ -101,7 +93,7 @@ def _measure(variant: str, resolution: int, repeats: int, device: str, threads: 
     for c in range(n_classes):
         weights[0, 5 + c, c] = 1.0
     valid = torch.ones(1, n_classes + 1, dtype=torch.bool, device=device)
-    default_weights = {lay.name: 1.0 for lay in select_layers(layers, "cross", [8, 16], latent)}
+    default_weights = {s.id: 1.0 for s in select_sites(sites, "text", [8, 16])}
 
     def step():
         store.reset(weights, (latent, latent))

@@ -13,8 +13,8 @@ import time
 import numpy as np
 from PIL import Image, ImageFilter
 
-from stableseg_pp.crf.dense_crf import CRFParams, refine_many
 from stableseg_pp.data.miniature import draw_sample
+from stableseg_pp.methods.dense_crf import CRFParams, refine_many
 
 
 def make_jobs(n: int, size: int, seed: int = 0):

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from stableseg_pp.data.palette import IGNORE_INDEX, save_palette_png
-from stableseg_pp.pipeline.atomic import atomic_save, atomic_write_text
+from stableseg_pp.runtime.atomic import atomic_save, atomic_write_text
 
 CLASS_NAMES: tuple[str, ...] = (
     "background",

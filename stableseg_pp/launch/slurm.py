@@ -1,7 +1,7 @@
 """Write SLURM batch scripts for the pipeline stages and submit them as a chain of jobs.
 
 ``python -m stableseg_pp.launch.slurm [--submit] [--stages 0 1 2] <fit overrides>`` composes
-the same config ``fit`` will, fills ``launch/slurm/stage.sbatch`` once per stage (nodes =
+the same config ``fit`` will, fills ``stableseg_pp/launch/templates/stage.sbatch`` once per stage (nodes =
 ``trainer.num_nodes``, one task and one GPU per ``trainer.devices``) into
 ``<run_dir>/slurm/stage<k>.sbatch`` and, with ``--submit``, queues them so that each stage
 starts only when the one before ended well (``--dependency=afterok``). Each later stage finds
@@ -18,17 +18,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from stableseg_pp.fit import CONFIG_DIR, world_size_of
+from stableseg_pp.config import compose_config
+from stableseg_pp.runtime.distributed import configured_world_size
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "launch" / "slurm" / "stage.sbatch"
-
-
-def compose_config(overrides: Sequence[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="fit", overrides=list(overrides))
+TEMPLATE = Path(__file__).resolve().parent / "templates" / "stage.sbatch"
 
 
 def stage_overrides(cfg: DictConfig, overrides: Sequence[str], stage: str) -> list[str]:
@@ -41,7 +36,7 @@ def render(cfg: DictConfig, stage: str, overrides: Sequence[str], workdir: Path,
     """The batch script of one stage."""
     launcher = cfg.launcher
     nodes = int(cfg.trainer.num_nodes)
-    tasks = world_size_of(cfg) // nodes
+    tasks = configured_world_size(cfg.trainer) // nodes
     options = [f"--gpus-per-node={tasks}"] if launcher.gpus else []
     for name in ("partition", "account", "qos", "mem"):
         if launcher.get(name):

@@ -7,9 +7,11 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.stages import self_training, zero_shot
 
-StageFn = Callable[[DictConfig], Path]
+# Every stage: ``run(cfg, dataset) -> output folder``.
+StageFn = Callable[[DictConfig, DatasetDescription], Path]
 
 STAGES: dict[str, StageFn] = {
     "0": zero_shot.run,  # StableSeg zero-shot pseudo-masks

@@ -1,4 +1,4 @@
-"""DenseCRF refinement of a stage-0 pseudo-mask set (part of StableSeg+, METHOD.md section 2).
+"""DenseCRF refinement of a stage-0 pseudo-mask set (part of StableSeg+, docs/method.md).
 
 Reads stage 0's stored class scores (soft, not only the hard labels), turns
 them into probabilities, refines them with the image as the bilateral guide in
@@ -18,15 +18,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from stableseg_pp import tracking
-from stableseg_pp.crf.dense_crf import CRFParams, refine_many
-from stableseg_pp.data.datasets import background_index, build_layout, split_ids
-from stableseg_pp.data.files import load_rgb
-from stableseg_pp.data.palette import IGNORE_INDEX, palette_for, save_palette_png
-from stableseg_pp.pipeline import distributed
-from stableseg_pp.pipeline.atomic import atomic_save
-from stableseg_pp.pipeline.run_dir import open_stage
-from stableseg_pp.pipeline.writers import PseudoMaskLayout, load_stored_maps
-from stableseg_pp.stages.evaluate import evaluate_and_finish, report_split, track_results
+from stableseg_pp.artifacts import ChannelClasses, MaskSetLayout, load_stored_maps
+from stableseg_pp.data.description import DatasetDescription
+from stableseg_pp.data.palette import save_palette_png
+from stableseg_pp.evaluation.mask_sets import report_split
+from stableseg_pp.methods.dense_crf import CRFParams, refine_many
+from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.atomic import atomic_save
+from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
 
 log = logging.getLogger(__name__)
 NAME = "crf"
@@ -44,20 +43,19 @@ def scores_to_probs(scores: np.ndarray, size: tuple[int, int], temperature: floa
     return torch.softmax(t / temperature, dim=0).numpy()
 
 
-def _jobs(data: DictConfig, split: str, ids: list[str], source: PseudoMaskLayout, temperature: float):
-    layout = build_layout(data)
-    bg = background_index(data)
+def _jobs(dataset: DatasetDescription, split: str, ids: list[str], source: MaskSetLayout, temperature: float):
+    """(id, image, probabilities, channel -> class mapping) of each image to refine."""
     for sid in ids:
         stored = load_stored_maps(source.maps_path(sid))
-        image = load_rgb(layout.image_path(split, sid), data.convert_to_rgb)
-        lut = np.array([IGNORE_INDEX if bg is None else bg, *stored.class_ids], dtype=np.uint8)
+        image = dataset.read_image(split, sid)
+        channels = ChannelClasses(tuple(stored.class_ids), dataset.background_index)
         if stored.scores is None:  # an image with no class to look for
-            yield sid, image, np.ones((1, *image.shape[:2]), np.float32), lut
+            yield sid, image, np.ones((1, *image.shape[:2]), np.float32), channels
             continue
-        yield sid, image, scores_to_probs(stored.scores, image.shape[:2], temperature), lut
+        yield sid, image, scores_to_probs(stored.scores, image.shape[:2], temperature), channels
 
 
-def run(cfg: DictConfig, stage0_dir: Path) -> Path:
+def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     """Refine every split of ``stage0_dir``; returns the content-addressed output folder."""
     key = {"stage": NAME, "input": stage0_dir.name, "crf": OmegaConf.to_container(cfg.crf, resolve=True)}
     key["crf"].pop("workers", None)
@@ -65,31 +63,32 @@ def run(cfg: DictConfig, stage0_dir: Path) -> Path:
     if finished:
         return out
     with tracking.active().step(out, [stage0_dir], key) as record:
-        _compute(cfg, stage0_dir, out, key)
+        _compute(cfg, dataset, stage0_dir, out, key)
         masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
-        track_results(record, cfg.data, out, masks)
+        tracking.track_results(record, dataset, out, masks)
     return out
 
 
-def _compute(cfg: DictConfig, stage0_dir: Path, out: Path, key: dict) -> None:
+def _compute(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, out: Path, key: dict) -> None:
     params = crf_params(cfg.crf)
-    palette = palette_for(cfg.data.get("palette"))
     splits = {}
     for split in cfg.zero_shot.splits:
-        source = PseudoMaskLayout(stage0_dir / split)
-        target = PseudoMaskLayout(out / split)
-        ids = [sid for sid in split_ids(cfg.data, split) if source.is_done(sid)]
+        source = MaskSetLayout(stage0_dir / split)
+        target = MaskSetLayout(out / split)
+        ids = [sid for sid in dataset.split_ids(split) if source.is_done(sid)]
         splits[split] = (ids, target)
         # each rank refines its share with the CPU workers given to it (SLURM: --cpus-per-task)
         todo = distributed.shard([sid for sid in ids if not target.is_done(sid)])
         log.info("crf [%s]: %d masks, %d to refine here with %d workers", split, len(ids), len(todo), cfg.crf.workers)
-        stream = _jobs(cfg.data, split, todo, source, cfg.crf.score_temperature)
-        jobs = (((sid, lut), image, probs) for sid, image, probs, lut in stream)
+        stream = _jobs(dataset, split, todo, source, cfg.crf.score_temperature)
+        jobs = (((sid, channels), image, probs) for sid, image, probs, channels in stream)
         refined = refine_many(jobs, params, cfg.crf.workers)
         bar = tqdm(refined, total=len(todo), desc=f"CRF {split}", unit="img", disable=not distributed.is_main())
-        for (sid, lut), labels in bar:
-            mask = np.where(labels == IGNORE_INDEX, IGNORE_INDEX, lut[np.minimum(labels, len(lut) - 1)]).astype(np.uint8)
-            atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t, palette))
+        for (sid, channels), labels in bar:
+            mask = channels.to_classes(labels)
+            atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t, dataset.palette))
     evaluate_and_finish(
-        out, key, lambda: {split: report_split("crf", cfg.data, split, ids, target) for split, (ids, target) in splits.items()}
+        out,
+        key,
+        lambda: {split: report_split("crf", dataset, split, ids, target) for split, (ids, target) in splits.items()},
     )

@@ -1,8 +1,8 @@
-"""StableSeg+ (stage 1) and StableSeg++ (stage 2): self-training on pseudo-masks (METHOD.md section 2).
+"""StableSeg+ (stage 1) and StableSeg++ (stage 2): self-training on pseudo-masks (docs/method.md).
 
 stage 1: stage-0 masks -> DenseCRF -> DeepLabV3+.
 stage 2: + learn the attention-map weights from DeepLabV3+'s predictions ->
-regenerate the pseudo-masks with them (stage 0 with ``zero_shot.layer_weights``,
+regenerate the pseudo-masks with them (stage 0 given the learned site weights,
 a diffusion forward again, so SAR uses the new CA map) -> CRF -> retrain;
 ``self_training.rounds`` DeepLabV3+ trainings in all (2 = the paper).
 Every step is content-addressed, so finished steps are reused and a changed
@@ -11,17 +11,17 @@ setting recomputes exactly what depends on it.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from stableseg_pp import tracking
-from stableseg_pp.pipeline import distributed
-from stableseg_pp.pipeline.atomic import atomic_write_text
-from stableseg_pp.pipeline.writers import write_json
+from stableseg_pp.artifacts import SiteWeights
+from stableseg_pp.data.description import DatasetDescription
+from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.atomic import atomic_write_text, write_json
 from stableseg_pp.stages import crf_refine, map_weights, train_segmenter, zero_shot
 
 log = logging.getLogger(__name__)
@@ -32,19 +32,19 @@ def _val_miou(folder: Path) -> float | None:
     return None if m is None else m["miou"]
 
 
-def stableseg_plus(cfg: DictConfig) -> dict[str, Path]:
-    s0 = zero_shot.run(cfg)
-    crf = crf_refine.run(cfg, s0)
-    seg = train_segmenter.run(cfg, crf)
+def stableseg_plus(cfg: DictConfig, dataset: DatasetDescription) -> dict[str, Path]:
+    s0 = zero_shot.run(cfg, dataset)
+    crf = crf_refine.run(cfg, dataset, s0)
+    seg = train_segmenter.run(cfg, dataset, crf)
     return {"stage0": s0, "crf": crf, "deeplab": seg}
 
 
-def run_stage1(cfg: DictConfig) -> Path:
-    return stableseg_plus(cfg)["deeplab"]
+def run_stage1(cfg: DictConfig, dataset: DatasetDescription) -> Path:
+    return stableseg_plus(cfg, dataset)["deeplab"]
 
 
-def run_stage2(cfg: DictConfig) -> Path:
-    first = stableseg_plus(cfg)
+def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
+    first = stableseg_plus(cfg, dataset)
     rows = [
         ("init (stage-0 masks)", first["stage0"]),
         ("init + CRF", first["crf"]),
@@ -53,13 +53,11 @@ def run_stage2(cfg: DictConfig) -> Path:
     seg, s0 = first["deeplab"], first["stage0"]
     weight_dirs = []
     for r in range(2, int(cfg.self_training.rounds) + 1):
-        wdir = map_weights.run(cfg, s0, seg)
+        wdir = map_weights.run(cfg, dataset, s0, seg)
         weight_dirs.append(wdir)
-        round_cfg = copy.deepcopy(cfg)
-        OmegaConf.update(round_cfg, "zero_shot.layer_weights", map_weights.load_weights(wdir), merge=False)
-        s0 = zero_shot.run(round_cfg, inputs=[wdir])
-        crf = crf_refine.run(round_cfg, s0)
-        seg = train_segmenter.run(round_cfg, crf)
+        s0 = zero_shot.run(cfg, dataset, weights=SiteWeights.load(wdir), inputs=[wdir])
+        crf = crf_refine.run(cfg, dataset, s0)
+        seg = train_segmenter.run(cfg, dataset, crf)
         rows += [
             (f"learned-weight masks (round {r})", s0),
             (f"learned-weight masks + CRF (round {r})", crf),

@@ -12,47 +12,24 @@ from functools import partial
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import BasePredictionWriter, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from stableseg_pp import tracking
-from stableseg_pp.data.datasets import build_layout, split_ids
+from stableseg_pp.artifacts import MaskSetLayout, SegmenterMaskWriter
+from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
-from stableseg_pp.data.palette import palette_for, save_palette_png
-from stableseg_pp.pipeline.atomic import atomic_save
-from stableseg_pp.pipeline.run_dir import IncompleteStageError, open_stage
-from stableseg_pp.pipeline.writers import PseudoMaskLayout
-from stableseg_pp.stages.evaluate import evaluate_and_finish, report_split, track_results
+from stableseg_pp.evaluation.mask_sets import report_split
+from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
 NAME = "deeplab"
-
-
-class SegmenterMaskWriter(BasePredictionWriter):
-    """Writes the predicted class (palette PNG) and its confidence (8-bit PNG) per image, atomically."""
-
-    def __init__(self, layout: PseudoMaskLayout, ids: list[str], palette: list[int] | None = None):
-        super().__init__(write_interval="batch")
-        self.layout = layout
-        self.ids = ids
-        self.palette = palette
-
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        probs, index = prediction
-        conf, labels = probs.max(1)
-        for j, i in enumerate(index.tolist()):
-            sid = self.ids[i]
-            c = (conf[j].float().cpu().numpy() * 255).round().astype(np.uint8)
-            atomic_save(self.layout.root / "confidence" / f"{sid}.png", lambda t, a=c: Image.fromarray(a).save(t, format="PNG"))
-            m = labels[j].to(torch.uint8).cpu().numpy()
-            atomic_save(self.layout.mask_path(sid), lambda t, a=m: save_palette_png(a, t, self.palette))
 
 
 def _on_gpu(cfg: DictConfig) -> bool:
@@ -63,13 +40,25 @@ def _precision(cfg: DictConfig) -> str:
     return str(cfg.segmenter.train.precision) if _on_gpu(cfg) else "32-true"
 
 
-def run(cfg: DictConfig, masks_dir: Path) -> Path:
+def trainer_key(cfg: DictConfig) -> dict:
+    """The trainer settings that change the trained model: the hardware kind and its precision, and the
+    number of ranks (the effective batch is ``batch_size`` x ranks; sync batch norm pools their statistics)."""
+    return {
+        "accelerator": "gpu" if _on_gpu(cfg) else "cpu",
+        "precision": _precision(cfg),
+        "world_size": distributed.configured_world_size(cfg.trainer),
+        "sync_batchnorm": bool(cfg.trainer.get("sync_batchnorm", False)),
+    }
+
+
+def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path) -> Path:
     """Train on ``masks_dir/train``; returns the content-addressed output folder."""
     seg = cfg.segmenter
     key = {
         "stage": NAME,
         "masks": masks_dir.name,
         "segmenter": OmegaConf.to_container(seg, resolve=True),
+        "trainer": trainer_key(cfg),
         "seed": cfg.seed,
     }
     for k in ("num_workers",):
@@ -79,21 +68,21 @@ def run(cfg: DictConfig, masks_dir: Path) -> Path:
     if finished:
         return out
     with tracking.active().step(out, [masks_dir], key) as record:
-        _compute(cfg, masks_dir, out, key, record)
-        track_results(record, cfg.data, out, {"prediction": out / "val" / "masks", "pseudo_mask": masks_dir / "val" / "masks"})
+        _compute(cfg, dataset, masks_dir, out, key, record)
+        masks = {"prediction": out / "val" / "masks", "pseudo_mask": masks_dir / "val" / "masks"}
+        tracking.track_results(record, dataset, out, masks)
     return out
 
 
-def _compute(cfg: DictConfig, masks_dir: Path, out: Path, key: dict, record: StepRecord) -> None:
+def _compute(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, out: Path, key: dict, record: StepRecord) -> None:
     seg = cfg.segmenter
-    data = cfg.data
     if cfg.trainer.get("sync_batchnorm") and not _on_gpu(cfg):
         raise ValueError("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU version); set it to false")
-    names = list(data.class_names)
-    layout = build_layout(data)
-    pseudo = PseudoMaskLayout(masks_dir / "train")
-    train_ids = [sid for sid in split_ids(data, "train") if pseudo.is_done(sid)]
-    val_ids = split_ids(data, "val")
+    names = dataset.class_names
+    layout = dataset.layout
+    pseudo = MaskSetLayout(masks_dir / "train")
+    train_ids = [sid for sid in dataset.split_ids("train") if pseudo.is_done(sid)]
+    val_ids = dataset.split_ids("val")
     if not train_ids:
         raise FileNotFoundError(f"no pseudo-masks in {pseudo.masks}: run the earlier stages first")
 
@@ -106,14 +95,14 @@ def _compute(cfg: DictConfig, masks_dir: Path, out: Path, key: dict, record: Ste
         [pseudo.mask_path(i) for i in train_ids],
         len(names),
         train_transform(t.crop_size, tuple(t.scale), t.base_size),
-        data.convert_to_rgb,
+        dataset.convert_to_rgb,
     )
     val_ds = ImageMaskPairs(
         images("val", val_ids),
         [layout.mask_path("val", i) for i in val_ids],
         len(names),
         eval_transform(),
-        data.convert_to_rgb,
+        dataset.convert_to_rgb,
         read_mask=partial(layout.read_mask_file, n_classes=len(names)),
     )
     train_loader = DataLoader(
@@ -148,14 +137,13 @@ def _compute(cfg: DictConfig, masks_dir: Path, out: Path, key: dict, record: Ste
 
     # Predict the training images (next stage's targets) and the val images (the reported mIoU), sharded across ranks.
     layouts = {}
-    palette = palette_for(data.get("palette"))
     for split, ids in (("train", train_ids), ("val", val_ids)):
-        layouts[split] = PseudoMaskLayout(out / split)
-        ds = ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), data.convert_to_rgb)
+        layouts[split] = MaskSetLayout(out / split)
+        ds = ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), dataset.convert_to_rgb)
         loader = DataLoader(ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
         predictor = instantiate(
             cfg.trainer,
-            callbacks=[SegmenterMaskWriter(layouts[split], ids, palette)],
+            callbacks=[SegmenterMaskWriter(layouts[split], ids, dataset.palette)],
             logger=False,
             precision=_precision(cfg),
             sync_batchnorm=False,
@@ -163,7 +151,7 @@ def _compute(cfg: DictConfig, masks_dir: Path, out: Path, key: dict, record: Ste
         predictor.predict(module, loader, return_predictions=False)
     splits = (("train", train_ids), ("val", val_ids))
     evaluate_and_finish(
-        out, key, lambda: {split: report_split("deeplab", data, split, ids, layouts[split]) for split, ids in splits}
+        out, key, lambda: {split: report_split("deeplab", dataset, split, ids, layouts[split]) for split, ids in splits}
     )
 
 

@@ -1,6 +1,6 @@
-"""Stage 0: StableSeg zero-shot pseudo-masks (METHOD.md section 1).
+"""Stage 0: StableSeg zero-shot pseudo-masks (docs/method.md, "Stage 0").
 
-Per image: a palette PNG pseudo-mask, the per-layer low-resolution class maps
+Per image: a palette PNG pseudo-mask, the per-site low-resolution class maps
 (float16, for stage 2), overlays for a few images, and ``metrics.json`` when
 ground truth exists. Finished images are skipped on resume.
 """
@@ -17,83 +17,97 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from stableseg_pp import tracking
-from stableseg_pp.data.datasets import background_index, build_dataset, prepare_dataset, split_ids
-from stableseg_pp.data.palette import palette_for
-from stableseg_pp.data.segmentation import collate_samples
-from stableseg_pp.diffusion.backbone import resolve_model_path
+from stableseg_pp.artifacts import MaskSetLayout, SiteWeights, Stage0Writer
+from stableseg_pp.backbones.base import DiffusionBackbone
+from stableseg_pp.data.description import DatasetDescription
+from stableseg_pp.data.prompted_images import collate_samples
+from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
-from stableseg_pp.pipeline import distributed
-from stableseg_pp.pipeline.progress import ImagesPerSecondBar
-from stableseg_pp.pipeline.run_dir import folder_fingerprint, open_stage
-from stableseg_pp.pipeline.writers import PseudoMaskLayout, PseudoMaskWriter, write_json
-from stableseg_pp.stages.evaluate import evaluate_and_finish, report_split, track_results
+from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.atomic import write_json
+from stableseg_pp.runtime.progress import ImagesPerSecondBar
+from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
 
 log = logging.getLogger(__name__)
 NAME = "stage0"
+# zero_shot settings that say what to compute where, not what each image's result is
+NOT_IN_KEY = ("n_overlays", "site_weights")
 
 
-def model_identity(pretrained: str) -> dict:
-    path = Path(resolve_model_path(pretrained)).expanduser()
-    if path.is_dir():
-        return {"folder": path.name, "fingerprint": folder_fingerprint(path)}
-    return {"hub_id": pretrained}
+def build_backbone(cfg: DictConfig) -> DiffusionBackbone:
+    """The configured backbone (``diffusion._target_``), not loaded yet."""
+    return instantiate(cfg.diffusion, _convert_="all")
 
 
-def stage_key(cfg: DictConfig) -> dict:
+def stableseg_settings(cfg: DictConfig, dataset: DatasetDescription) -> dict:
+    """Keyword arguments of StableSeg from ``zero_shot``; a dataset without background never predicts one."""
+    zs = OmegaConf.to_container(cfg.zero_shot, resolve=True)
+    for k in ("splits", *NOT_IN_KEY):
+        zs.pop(k, None)
+    if not dataset.has_background:
+        zs["background"] = "none"
+    return zs
+
+
+def configured_site_weights(cfg: DictConfig) -> SiteWeights | None:
+    """``zero_shot.site_weights``: a ``weights.json`` (or its folder) given by the user, else None."""
+    path = cfg.zero_shot.get("site_weights")
+    return SiteWeights.load(path) if path else None
+
+
+def stage_key(cfg: DictConfig, dataset: DatasetDescription, backbone: DiffusionBackbone, weights: SiteWeights | None) -> dict:
     """Everything stage 0's outputs depend on."""
-    data = OmegaConf.to_container(cfg.data, resolve=True)
-    for k in ("batch_size", "num_workers"):  # execution details, not results
-        data.pop(k, None)
-    data["root"] = str(Path(data["root"]).resolve())
+    diffusion = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    for k in ("_target_", "name", "pretrained", "dtype"):  # the identity says what the weights are
+        diffusion.pop(k, None)
     return {
         "stage": NAME,
-        "data": data,
-        "diffusion": {"dtype": cfg.diffusion.dtype, **model_identity(cfg.diffusion.pretrained)},
-        "zero_shot": OmegaConf.to_container(cfg.zero_shot, resolve=True),
-        "seed": cfg.seed if cfg.zero_shot.add_noise else None,  # only noise makes stage 0 random
+        "data": dataset.key(),
+        "diffusion": {**diffusion, **backbone.identity()},
+        "zero_shot": {**stableseg_settings(cfg, dataset), "splits": list(cfg.zero_shot.splits)},
+        "site_weights": None if weights is None else {"family": weights.family, "sites": dict(weights.weights)},
+        "seed": cfg.seed if backbone.stochastic else None,  # only noise makes stage 0 random
     }
 
 
-def background_mode(cfg: DictConfig) -> str:
-    """``zero_shot.background``, or ``none`` for a dataset without a background class (every pixel gets a class)."""
-    return "none" if background_index(cfg.data) is None else str(cfg.zero_shot.background)
+def run(cfg: DictConfig, dataset: DatasetDescription, weights: SiteWeights | None = None, inputs: Sequence[Path] = ()) -> Path:
+    """Stage 0 on every configured split.
 
-
-def build_module(cfg: DictConfig) -> ZeroShotSegmenter:
-    zs = OmegaConf.to_container(cfg.zero_shot, resolve=True)
-    zs.pop("splits", None)
-    zs.pop("n_overlays", None)
-    zs["background"] = background_mode(cfg)
-    return ZeroShotSegmenter(
-        pretrained=cfg.diffusion.pretrained,
-        class_names=list(cfg.data.class_names),
-        prompt_names=OmegaConf.to_container(cfg.data.prompt_names, resolve=True),
-        dtype=cfg.diffusion.dtype,
-        stableseg=zs,
-        background_index=background_index(cfg.data),
-    )
-
-
-def run(cfg: DictConfig, inputs: Sequence[Path] = ()) -> Path:
-    """Stage 0 on every configured split; ``inputs``: folders the configuration came from (for lineage)."""
-    with distributed.main_first():
-        prepare_dataset(cfg.data, list(cfg.zero_shot.splits))
-    key = stage_key(cfg)
+    ``weights``: learned site weights (stage 2 passes its own; default ``zero_shot.site_weights`` or uniform);
+    ``inputs``: the folders they came from (for lineage).
+    """
+    weights = weights or configured_site_weights(cfg)
+    backbone = build_backbone(cfg)
+    key = stage_key(cfg, dataset, backbone, weights)
     out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
     if finished:
         return out
     with tracking.active().step(out, inputs, key) as record:
-        _compute(cfg, out, key)
+        _compute(cfg, dataset, backbone, weights, out, key)
         masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
-        track_results(record, cfg.data, out, masks)
+        tracking.track_results(record, dataset, out, masks)
     return out
 
 
-def _compute(cfg: DictConfig, out: Path, key: dict) -> None:
-    module = build_module(cfg)
+def _compute(
+    cfg: DictConfig,
+    dataset: DatasetDescription,
+    backbone: DiffusionBackbone,
+    weights: SiteWeights | None,
+    out: Path,
+    key: dict,
+) -> None:
+    if weights is not None:
+        weights.check_family(backbone.family)  # before any model is loaded; StableSeg checks the site ids
+    module = ZeroShotSegmenter(
+        backbone,
+        dataset,
+        stableseg=stableseg_settings(cfg, dataset),
+        site_weights=None if weights is None else weights.weights,
+    )
     splits = list(cfg.zero_shot.splits)
-    layouts = {split: PseudoMaskLayout(out / split) for split in splits}
-    all_ids = {split: split_ids(cfg.data, split) for split in splits}
+    layouts = {split: MaskSetLayout(out / split) for split in splits}
+    all_ids = {split: dataset.split_ids(split) for split in splits}
     loaders, loader_layouts, overlay_ids = [], [], set()
     for split in splits:
         ids, layout = all_ids[split], layouts[split]
@@ -101,10 +115,9 @@ def _compute(cfg: DictConfig, out: Path, key: dict) -> None:
         log.info("stage 0 [%s]: %d images, %d already done, %d to do", split, len(ids), len(ids) - len(todo), len(todo))
         overlay_ids.update(ids[: cfg.zero_shot.n_overlays])
         if todo:
-            dataset = build_dataset(cfg.data, split, module.resolution, todo)
             loaders.append(
                 DataLoader(
-                    dataset,
+                    dataset.prompted_images(split, todo, module.resolution),
                     batch_size=cfg.data.batch_size,
                     num_workers=cfg.data.num_workers,
                     collate_fn=collate_samples,
@@ -115,7 +128,7 @@ def _compute(cfg: DictConfig, out: Path, key: dict) -> None:
     distributed.barrier()  # every rank has listed the same images to do before any is written
     seconds = 0.0
     if loaders:
-        writer = PseudoMaskWriter(loader_layouts, overlay_ids, palette_for(cfg.data.get("palette")), background_index(cfg.data))
+        writer = Stage0Writer(loader_layouts, overlay_ids, dataset.palette, dataset.background_index)
         trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
         # Lightning shards the images across ranks (an unrepeated distributed sampler in predict)
         start = time.perf_counter()
@@ -132,7 +145,7 @@ def _compute(cfg: DictConfig, out: Path, key: dict) -> None:
             if missing:
                 log.warning("stage 0 [%s]: %d images skipped for bad input: %s", split, len(missing), missing[:10])
             write_json(layout.root / "skipped.json", missing)
-            results[split] = report_split("stage 0", cfg.data, split, ids, layout, skipped=len(missing))
+            results[split] = report_split("stage 0", dataset, split, ids, layout, skipped=len(missing))
         return results
 
     evaluate_and_finish(

@@ -8,8 +8,8 @@ artifacts of its input folders and logs its own folder as an artifact, so the
 lineage graph shows which pseudo-masks trained which model.
 """
 
-from stableseg_pp.tracking.base import NoTracker, StepRecord, Tracker, activate, active
+from stableseg_pp.tracking.base import NoTracker, StepRecord, Tracker, activate, active, track_results
 from stableseg_pp.tracking.csv_tracker import CSVTracker
 from stableseg_pp.tracking.wandb_tracker import WandbTracker
 
-__all__ = ["CSVTracker", "NoTracker", "StepRecord", "Tracker", "WandbTracker", "activate", "active"]
+__all__ = ["CSVTracker", "NoTracker", "StepRecord", "Tracker", "WandbTracker", "activate", "active", "track_results"]

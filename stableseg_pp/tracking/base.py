@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+
+from stableseg_pp.data.description import DatasetDescription
 
 # What each kind of step folder holds (the prefix of its name), used as W&B job and artifact types.
 STEP_KINDS = {"stage0": "pseudo-masks", "crf": "pseudo-masks", "deeplab": "segmenter", "weights": "map-weights"}
@@ -29,7 +30,7 @@ class StepRecord:
     def log_metrics(self, metrics: Mapping[str, float]) -> None:
         """Scalar results of the step (e.g. ``val/miou``)."""
 
-    def log_masks(self, data: DictConfig, split: str, ids: Sequence[str], mask_sets: Mapping[str, Path]) -> None:
+    def log_masks(self, dataset: DatasetDescription, split: str, ids: Sequence[str], mask_sets: Mapping[str, Path]) -> None:
         """Class-labelled masks over their images: ``mask_sets`` maps a name to a folder of palette PNGs."""
 
     def log_table(self, name: str, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -101,3 +102,10 @@ def read_metrics(folder: Path) -> dict[str, float]:
             elif isinstance(value, dict):
                 flat.update({f"{split}/{name}/{k}": v for k, v in value.items() if isinstance(v, int | float)})
     return flat
+
+
+def track_results(record: StepRecord, dataset: DatasetDescription, out: Path, mask_sets: Mapping[str, Path]) -> None:
+    """Send a finished step's metrics and its val masks (``mask_sets``: name -> folder of val masks) to the tracker."""
+    record.log_metrics(read_metrics(out))
+    if mask_sets:
+        record.log_masks(dataset, "val", dataset.split_ids("val"), mask_sets)

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from stableseg_pp.pipeline.atomic import atomic_write_text
+from stableseg_pp.runtime.atomic import atomic_write_text
 from stableseg_pp.tracking.base import StepRecord, Tracker, step_kind
 
 FIELDS = ["time", "step", "kind", "inputs", "metric", "value"]

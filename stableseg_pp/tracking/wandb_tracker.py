@@ -17,11 +17,9 @@ from typing import Any
 
 import numpy as np
 from lightning.pytorch.loggers import Logger, WandbLogger
-from omegaconf import DictConfig
 from PIL import Image
 
-from stableseg_pp.data.datasets import build_layout
-from stableseg_pp.data.files import load_rgb
+from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.palette import IGNORE_INDEX
 from stableseg_pp.tracking.base import StepRecord, Tracker, step_kind
 
@@ -42,12 +40,12 @@ class WandbStep(StepRecord):
             self.run.log(dict(metrics))
             self.run.summary.update(dict(metrics))
 
-    def log_masks(self, data: DictConfig, split: str, ids: Sequence[str], mask_sets: Mapping[str, Path]) -> None:
+    def log_masks(self, dataset: DatasetDescription, split: str, ids: Sequence[str], mask_sets: Mapping[str, Path]) -> None:
         import wandb
 
-        names = list(data.class_names)
+        names = dataset.class_names
         labels = {i: n for i, n in enumerate(names)} | {IGNORE_INDEX: "ignore"}
-        dataset = build_layout(data)
+        layout = dataset.layout
         images = []
         for sid in ids[: self.n_samples]:
             masks = {}
@@ -55,11 +53,11 @@ class WandbStep(StepRecord):
                 path = Path(folder) / f"{sid}.png"
                 if path.exists():
                     masks[name] = {"mask_data": np.array(Image.open(path)), "class_labels": labels}
-            if dataset.has_mask(split, sid):
-                gt = dataset.read_mask(split, sid, len(names))
+            if layout.has_mask(split, sid):
+                gt = layout.read_mask(split, sid, len(names))
                 masks["ground_truth"] = {"mask_data": gt, "class_labels": labels}
             if masks:
-                image = load_rgb(dataset.image_path(split, sid), data.convert_to_rgb)
+                image = dataset.read_image(split, sid)
                 images.append(wandb.Image(image, masks=masks, caption=sid))
         if images:
             self.run.log({f"{split}/masks": images})

@@ -1,0 +1,306 @@
+"""The artifacts steps hand each other: one home for their format on disk.
+
+* :class:`ChannelClasses`: the one mapping between a prediction's channels
+  (0 = "no prompted class", c = the c-th prompted class) and dataset class ids;
+* :class:`MaskSetLayout`: where a split's masks, stored maps and overlays live;
+* :class:`Stage0Record`: stage 0's result for one image (mask, per-site class
+  maps, scores), written by :class:`Stage0Writer` and read back by
+  :func:`load_stored_maps`;
+* :class:`SegmenterMaskWriter`: DeepLabV3+ predictions (mask + confidence);
+* :class:`SiteWeights`: learned attention-map weights (``weights.json``).
+
+Every file is written atomically; a mask is written last, so a mask means its
+image is done.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+from PIL import Image
+
+from stableseg_pp.data.palette import IGNORE_INDEX, colorize, save_palette_png
+from stableseg_pp.runtime.atomic import atomic_save, atomic_write_bytes, atomic_write_text, write_json
+
+__all__ = [
+    "ChannelClasses",
+    "MaskSetLayout",
+    "SegmenterMaskWriter",
+    "SiteWeights",
+    "Stage0Record",
+    "Stage0Writer",
+    "StoredMaps",
+    "load_stored_maps",
+    "overlay_png",
+    "write_json",
+]
+
+
+@dataclass(frozen=True)
+class ChannelClasses:
+    """Which dataset class each channel of one image's prediction stands for.
+
+    Args:
+        class_ids: dataset ids of the prompted classes, channel c + 1 = ``class_ids[c]``.
+        background_index: the dataset's background class, or None when it has none.
+    """
+
+    class_ids: tuple[int, ...]
+    background_index: int | None
+
+    @property
+    def empty_label(self) -> int:
+        """What channel 0 ("none of the prompted classes") becomes: the background class, or ignore."""
+        return IGNORE_INDEX if self.background_index is None else self.background_index
+
+    def channel_to_class(self) -> np.ndarray:
+        """(1 + C,) uint8 lookup table: channel -> dataset class id."""
+        return np.array([self.empty_label, *self.class_ids], dtype=np.uint8)
+
+    def class_to_channel(self) -> np.ndarray:
+        """(256,) uint8 lookup table: dataset class id -> channel; 255 for classes this image's channels cannot express.
+
+        The background class maps to channel 0 only when the dataset has one: on a
+        dataset without background, class 0 is a real class and, when it was not
+        prompted, no channel stands for it.
+        """
+        lut = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+        if self.background_index is not None:
+            lut[self.background_index] = 0
+        for c, cid in enumerate(self.class_ids):
+            lut[cid] = c + 1
+        return lut
+
+    def to_classes(self, channels: np.ndarray) -> np.ndarray:
+        """Channel indices (255 = ignore kept) -> dataset class ids."""
+        lut = self.channel_to_class()
+        out = lut[np.minimum(channels, len(lut) - 1)]
+        return np.where(channels == IGNORE_INDEX, IGNORE_INDEX, out).astype(np.uint8)
+
+    def to_channels(self, classes: np.ndarray) -> np.ndarray:
+        """Dataset class ids -> channel indices (255 where no channel stands for the class)."""
+        return self.class_to_channel()[classes]
+
+
+class MaskSetLayout:
+    """Where a split's masks, stored maps, confidences and overlays live: ``<root>/{masks,maps,confidence,overlays}``."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.masks = self.root / "masks"
+        self.maps = self.root / "maps"
+        self.overlays = self.root / "overlays"
+        self.confidence = self.root / "confidence"
+
+    def mask_path(self, sid: str) -> Path:
+        return self.masks / f"{sid}.png"
+
+    def maps_path(self, sid: str) -> Path:
+        return self.maps / f"{sid}.npz"
+
+    def overlay_path(self, sid: str) -> Path:
+        return self.overlays / f"{sid}.png"
+
+    def confidence_path(self, sid: str) -> Path:
+        return self.confidence / f"{sid}.png"
+
+    def is_done(self, sid: str) -> bool:
+        """Maps are written before the mask, so a mask means both are complete."""
+        return self.mask_path(sid).exists()
+
+    def record_ranks(self, rank: int, ids: Sequence[str]) -> None:
+        """Append the ids this rank wrote to ``ranks/rank<r>.txt`` (how the images were sharded)."""
+        record = self.root / "ranks" / f"rank{rank}.txt"
+        before = record.read_text() if record.exists() else ""
+        atomic_write_text(record, before + "".join(f"{i}\n" for i in ids))
+
+
+@dataclass
+class Stage0Record:
+    """Stage 0's result for one image.
+
+    Args:
+        id: the image id.
+        mask: (H, W) uint8 dataset class ids.
+        channels: which class each channel stands for.
+        family: the backbone family whose sites key ``site_maps``.
+        site_maps: site id -> (C, h, w) float16 class maps.
+        scores: (1 + C, h, w) float16 final class scores at the latent resolution (for the CRF); None with no class.
+        image / ground_truth: for the overlay (the original image and its mask, if any).
+    """
+
+    id: str
+    mask: np.ndarray
+    channels: ChannelClasses
+    family: str
+    site_maps: dict[str, np.ndarray]
+    scores: np.ndarray | None
+    image: np.ndarray
+    ground_truth: np.ndarray | None = None
+
+
+@dataclass
+class StoredMaps:
+    """What :class:`Stage0Writer` stored for one image."""
+
+    class_ids: list[int]  # dataset ids of channels 1.. (channel 0 = no prompted class)
+    family: str | None  # backbone family of the site ids (None: written before families were recorded)
+    site_maps: dict[str, np.ndarray]  # site id -> (C, h, w)
+    scores: np.ndarray | None  # (1 + C, h, w) final scores at the latent resolution
+
+
+def stage0_maps_bytes(record: Stage0Record) -> bytes:
+    buf = io.BytesIO()
+    arrays = {f"map/{k}": v for k, v in record.site_maps.items()}
+    if record.scores is not None:
+        arrays["scores"] = record.scores
+    np.savez_compressed(
+        buf, class_ids=np.array(record.channels.class_ids, dtype=np.int64), family=np.array(record.family), **arrays
+    )
+    return buf.getvalue()
+
+
+def load_stored_maps(path: str | Path) -> StoredMaps:
+    """Read back what :class:`Stage0Writer` stored for one image."""
+    with np.load(path) as data:
+        maps = {k[len("map/") :]: data[k] for k in data.files if k.startswith("map/")}
+        scores = data["scores"] if "scores" in data.files else None
+        family = str(data["family"]) if "family" in data.files else None
+        return StoredMaps(data["class_ids"].tolist(), family, maps, scores)
+
+
+def overlay_png(
+    image: np.ndarray,
+    pred: np.ndarray,
+    gt: np.ndarray | None,
+    alpha: float = 0.55,
+    palette: list[int] | None = None,
+    background_index: int | None = 0,
+) -> Image.Image:
+    """Image, image blended with the pseudo-mask, and with the ground truth, side by side."""
+
+    def blend(mask: np.ndarray) -> np.ndarray:
+        col = colorize(mask, palette).astype(np.float32)
+        keep = (mask == background_index) | (mask == IGNORE_INDEX)
+        out = image.astype(np.float32) * (1 - alpha) + col * alpha
+        out[keep] = image[keep] * 0.6 + col[keep] * 0.4 * (mask[keep, None] == IGNORE_INDEX)
+        return out.clip(0, 255).astype(np.uint8)
+
+    panels = [image, blend(pred)] + ([blend(gt)] if gt is not None else [])
+    return Image.fromarray(np.concatenate(panels, axis=1))
+
+
+class Stage0Writer(BasePredictionWriter):
+    """Writes each image's stored maps (float16 npz), then its palette PNG mask, atomically.
+
+    ``layouts[i]`` is where the predictions of dataloader ``i`` go. At the end each
+    rank appends the ids it wrote to ``<split>/ranks/rank<r>.txt``: a record of
+    how the images were sharded (and a check that none was done twice).
+    """
+
+    def __init__(
+        self,
+        layouts: Sequence[MaskSetLayout],
+        overlay_ids: Iterable[str] = (),
+        palette: list[int] | None = None,
+        background_index: int | None = 0,
+    ):
+        super().__init__(write_interval="batch")
+        self.layouts = list(layouts)
+        self.overlay_ids = set(overlay_ids)
+        self.palette = palette
+        self.background_index = background_index
+        self.written_ids: list[list[str]] = [[] for _ in self.layouts]
+
+    @property
+    def written(self) -> int:
+        return sum(len(ids) for ids in self.written_ids)
+
+    def write_record(self, record: Stage0Record, layout: MaskSetLayout) -> None:
+        atomic_write_bytes(layout.maps_path(record.id), stage0_maps_bytes(record))
+        if record.id in self.overlay_ids:
+            img = overlay_png(
+                record.image, record.mask, record.ground_truth, palette=self.palette, background_index=self.background_index
+            )
+            atomic_save(layout.overlay_path(record.id), lambda t, im=img: im.save(t, format="PNG"))
+        atomic_save(layout.mask_path(record.id), lambda t: save_palette_png(record.mask, t, self.palette))
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        for record in prediction:
+            self.write_record(record, self.layouts[dataloader_idx])
+            self.written_ids[dataloader_idx].append(record.id)
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        for layout, ids in zip(self.layouts, self.written_ids, strict=True):
+            layout.record_ranks(trainer.global_rank, ids)
+
+
+class SegmenterMaskWriter(BasePredictionWriter):
+    """Writes a segmenter's predicted class (palette PNG) and its confidence (8-bit PNG) per image, atomically.
+
+    ``prediction`` of a batch: (probabilities (B, K, H, W), dataset indices (B,)).
+    """
+
+    def __init__(self, layout: MaskSetLayout, ids: list[str], palette: list[int] | None = None):
+        super().__init__(write_interval="batch")
+        self.layout = layout
+        self.ids = ids
+        self.palette = palette
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        import torch
+
+        probs, index = prediction
+        conf, labels = probs.max(1)
+        for j, i in enumerate(index.tolist()):
+            sid = self.ids[i]
+            c = (conf[j].float().cpu().numpy() * 255).round().astype(np.uint8)
+            atomic_save(self.layout.confidence_path(sid), lambda t, a=c: Image.fromarray(a).save(t, format="PNG"))
+            m = labels[j].to(torch.uint8).cpu().numpy()
+            atomic_save(self.layout.mask_path(sid), lambda t, a=m: save_palette_png(a, t, self.palette))
+
+
+@dataclass(frozen=True)
+class SiteWeights:
+    """Learned attention-map weights: one per site of one backbone family (``weights.json``).
+
+    Args:
+        family: the backbone family whose site ids these are.
+        weights: site id -> weight (positive, summing to 1).
+    """
+
+    family: str
+    weights: Mapping[str, float]
+
+    FILE = "weights.json"
+
+    def save(self, folder: str | Path) -> Path:
+        return write_json(Path(folder) / self.FILE, {"family": self.family, "sites": dict(self.weights)})
+
+    @classmethod
+    def load(cls, path: str | Path) -> SiteWeights:
+        """From a ``weights.json`` file or the folder holding it; a clear error for anything else."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / cls.FILE
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"site weights {path}: cannot be read ({err}); give a weights.json of a weights step") from err
+        if not isinstance(data, dict) or "family" not in data or not isinstance(data.get("sites"), dict):
+            raise ValueError(f"site weights {path}: not a weights file (expected keys 'family' and 'sites')")
+        return cls(family=str(data["family"]), weights={str(k): float(v) for k, v in data["sites"].items()})
+
+    def check_family(self, family: str) -> None:
+        """Weights learned on another backbone family are a clear error (their site ids mean nothing here)."""
+        if family != self.family:
+            raise ValueError(
+                f"site weights were learned on a {self.family!r} backbone, but this backbone is {family!r}: "
+                "learn them again on this backbone (stage=2)"
+            )

@@ -1,0 +1,199 @@
+"""The diffusion-backbone interface that every family implements, and its attention sites.
+
+StableSeg, the stage-0 module, ``segment`` (and later MAGNET / EmerDiff) talk to
+a backbone only through :class:`DiffusionBackbone`: they never ask which family
+it is. A family (the SD 1.x/2.x U-Net in :mod:`stableseg_pp.backbones.sd_unet`)
+decides in its own code which attention sites it has, how text and images are
+encoded, how a latent is noised and how capture processors are installed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+SITE_KINDS = ("self", "cross", "joint")
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """One attention computation of the denoiser whose maps can be captured.
+
+    Args:
+        id: stable name, decided by the family (keys stored maps and learned weights).
+        kind: ``self`` (image -> image), ``cross`` (image -> text) or ``joint`` (image and text together).
+        grid: (h, w) of its map at the configured input resolution.
+        depth: its order in the forward pass (0 = first).
+    """
+
+    id: str
+    kind: str
+    grid: tuple[int, int]
+    depth: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in SITE_KINDS:
+            raise ValueError(f"attention site {self.id!r}: kind {self.kind!r} is not one of {SITE_KINDS}")
+
+    @property
+    def attends_to_text(self) -> bool:
+        """Gives image-to-text maps (class maps for CAPM)."""
+        return self.kind in ("cross", "joint")
+
+    @property
+    def attends_to_image(self) -> bool:
+        """Gives image-to-image attention (Query/Key features for SAR)."""
+        return self.kind in ("self", "joint")
+
+    @property
+    def side(self) -> int:
+        """The map's longer side (the "scale" of StableSeg's tables)."""
+        return max(self.grid)
+
+
+@dataclass
+class TextConditioning:
+    """Encoded prompts of a batch, and where each class's tokens are.
+
+    Args:
+        embeddings: what the denoiser takes as text input (family-specific tensors).
+        token_weights: (B, T, K) matrix averaging each class's token columns into one class map.
+        valid: (B, K) the classes each image's prompt names (images name different numbers of classes).
+    """
+
+    embeddings: Any
+    token_weights: torch.Tensor
+    valid: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CaptureRequest:
+    """What a forward should record.
+
+    Args:
+        class_maps: site ids whose per-class image-to-text maps are stored (head mean, HW x classes).
+        query_keys: site ids whose image Query/Key features are kept (for SAR; never an HW x HW map).
+    """
+
+    class_maps: tuple[str, ...] = ()
+    query_keys: tuple[str, ...] = ()
+
+
+@dataclass
+class AttentionStore:
+    """What one forward captured, keyed by site id; reset before each forward."""
+
+    token_weights: torch.Tensor | None = None  # (B, T, C): averages each class's tokens
+    latent_hw: tuple[int, int] = (0, 0)
+    cross: dict[str, torch.Tensor] = field(default_factory=dict)  # site id -> (B, C, h, w)
+    self_qk: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (B, heads, N, d)
+
+    def reset(self, token_weights: torch.Tensor | None, latent_hw: tuple[int, int]) -> None:
+        self.token_weights = token_weights
+        self.latent_hw = latent_hw
+        self.cross.clear()
+        self.self_qk.clear()
+
+    def map_shape(self, n_tokens: int) -> tuple[int, int]:
+        """Side lengths of a site's map from its number of image tokens."""
+        h, w = self.latent_hw
+        factor = (h * w / n_tokens) ** 0.5
+        return round(h / factor), round(w / factor)
+
+
+@runtime_checkable
+class DiffusionBackbone(Protocol):
+    """What every backbone family provides (one module per family, selected by ``diffusion._target_``).
+
+    A backbone is built from its config cheaply; :meth:`load` reads the weights
+    (each rank calls it itself). Every method below :meth:`identity` needs the
+    weights loaded.
+    """
+
+    #: the family's name, stored with every map and learned weight (e.g. ``sd_unet``)
+    family: str
+    #: the preset's name (``diffusion.name``)
+    name: str
+    #: True when stage 0's result depends on the random seed (noised latents)
+    stochastic: bool
+
+    def load(self) -> DiffusionBackbone:
+        """Read the weights (alias, local folder or hub id); a no-op when loaded."""
+        ...
+
+    def identity(self) -> dict[str, Any]:
+        """What the weights are, for content addressing (a fingerprint, never a machine path; later adapters)."""
+        ...
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """The torch modules, to register as sub-modules (so ``.to(device)`` and Lightning move them)."""
+        ...
+
+    def latent_grid(self, resolution: int) -> tuple[int, int]:
+        """(h, w) of the latent for a square input of side ``resolution``; a clear error when it does not fit."""
+        ...
+
+    def sites(self, resolution: int) -> list[AttentionSite]:
+        """Every attention site, in forward order, with its map grid at ``resolution``."""
+        ...
+
+    def encode_text(self, class_names: Sequence[Sequence[str]], template: str, joiner: str) -> TextConditioning:
+        """One prompt per image naming its classes (``template`` filled with the names joined by ``joiner``)."""
+        ...
+
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) pixels in [-1, 1] -> latents as the denoiser takes them (no sampling)."""
+        ...
+
+    def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents at the configured time (noised or not) and that time, as the denoiser takes it."""
+        ...
+
+    def denoise(self, latents: torch.Tensor, time: torch.Tensor, text: TextConditioning) -> torch.Tensor:
+        """One denoiser forward; captures whatever the installed processors record."""
+        ...
+
+    def install_capture(self, request: CaptureRequest, store: AttentionStore) -> None:
+        """Capture processors on the requested sites, the fused stock processor everywhere else."""
+        ...
+
+    def remove_capture(self) -> None:
+        """The stock processors on every site."""
+        ...
+
+
+def select_sites(
+    sites: Iterable[AttentionSite],
+    which: str,
+    sides: Iterable[int] | str = "all",
+    depths: Iterable[int] | None = None,
+    setting: str = "scales",
+) -> list[AttentionSite]:
+    """The sites that give ``which`` maps (``text``: class maps, ``image``: Q/K for SAR), by map side and/or depth.
+
+    ``sides``: "all" or map side lengths (U-Nets' scales); ``depths``: positions
+    in the forward (MM-DiT blocks). A requested value that no site has is a clear
+    error naming ``setting`` and the values that exist.
+    """
+    if which not in ("text", "image"):
+        raise ValueError(f"select_sites: which={which!r} must be 'text' or 'image'")
+    pool = [s for s in sites if (s.attends_to_text if which == "text" else s.attends_to_image)]
+    if sides != "all":
+        wanted = {int(s) for s in sides}
+        available = sorted({s.side for s in pool})
+        if missing := wanted - set(available):
+            raise ValueError(
+                f"{setting}={sorted(wanted)}: map sides {sorted(missing)} do not exist for this backbone at this "
+                f"resolution; available: {available}"
+            )
+        pool = [s for s in pool if s.side in wanted]
+    if depths is not None:
+        wanted = {int(d) for d in depths}
+        available = sorted({s.depth for s in pool})
+        if missing := wanted - set(available):
+            raise ValueError(f"{setting}: depths {sorted(missing)} do not exist; available: {available}")
+        pool = [s for s in pool if s.depth in wanted]
+    return pool

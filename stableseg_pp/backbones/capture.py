@@ -1,0 +1,151 @@
+"""Attention-capture processors for diffusers ``Attention`` layers (the ``AttnProcessor2_0`` path).
+
+Installed with ``set_attn_processor`` by a backbone on the sites whose maps are needed;
+every other layer keeps the stock fused processor. Maps are reduced as they
+are produced:
+
+* cross-attention: ``softmax(QK^T / sqrt(d))`` averaged over heads and
+  multiplied by a (tokens x classes) weight matrix -> one map per class, so a
+  layer costs HW x classes, never HW x 77 x heads;
+* self-attention: only the head-split Query and Key features are kept (for
+  SAR, which needs O(HW x classes)); the output uses the fused kernel and no
+  HW x HW map is ever formed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+from stableseg_pp.backbones.base import AttentionStore
+
+
+def _project(attn: Attention, hidden_states, encoder_hidden_states, attention_mask, temb):
+    """Q, K, V split into heads, exactly as ``AttnProcessor2_0`` computes them."""
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    input_shape = hidden_states.shape
+    if hidden_states.ndim == 4:
+        b, c, h, w = hidden_states.shape
+        hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+    batch_size, sequence_length, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+    if attention_mask is not None:
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+        attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+    if attn.group_norm is not None:
+        hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+    query = attn.to_q(hidden_states)
+    if encoder_hidden_states is None:
+        encoder_hidden_states = hidden_states
+    elif attn.norm_cross:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    key = attn.to_k(encoder_hidden_states)
+    value = attn.to_v(encoder_hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, attention_mask, residual, input_shape
+
+
+def _finish(attn: Attention, out: torch.Tensor, query: torch.Tensor, residual, input_shape) -> torch.Tensor:
+    """Output projection, reshape and residual, as ``AttnProcessor2_0`` does."""
+    b, heads, n, d = out.shape
+    out = out.transpose(1, 2).reshape(b, n, heads * d).to(query.dtype)
+    out = attn.to_out[0](out)
+    out = attn.to_out[1](out)
+    if len(input_shape) == 4:
+        out = out.transpose(-1, -2).reshape(*input_shape)
+    if attn.residual_connection:
+        out = out + residual
+    return out / attn.rescale_output_factor
+
+
+def _probabilities(attn: Attention, q: torch.Tensor, k: torch.Tensor, mask) -> torch.Tensor:
+    """softmax(QK^T * scale (+ mask)), explicitly: for the layers whose maps are needed."""
+    scores = torch.matmul(q, k.transpose(-1, -2)) * attn.scale
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(dim=-1)
+
+
+class _CaptureProcessor:
+    """Shared call path: project as the stock processor does, ``attend``, then finish as it does."""
+
+    needs_context = False  # True for processors that only make sense on cross-attention layers
+
+    def __init__(self, store, name: str):
+        self.store = store
+        self.name = name
+
+    def attend(self, attn: Attention, q, k, v, mask) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states,
+        encoder_hidden_states=None,
+        attention_mask=None,
+        temb=None,
+        *args,
+        **kwargs,
+    ):
+        if self.needs_context and encoder_hidden_states is None:
+            raise ValueError(f"{self.name}: {type(self).__name__} installed on a self-attention layer")
+        q, k, v, mask, residual, shape = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        return _finish(attn, self.attend(attn, q, k, v, mask), q, residual, shape)
+
+
+class CrossAttentionMapProcessor(_CaptureProcessor):
+    """Cross-attention that also records the head-mean probability map of each class.
+
+    The probabilities are computed once and reused for the output, so the layer
+    costs one explicit softmax instead of the fused kernel.
+    """
+
+    store: AttentionStore
+    needs_context = True
+
+    def attend(self, attn, q, k, v, mask):
+        probs = _probabilities(attn, q, k, mask)
+        weights = self.store.token_weights
+        if weights is not None:
+            mean = probs.mean(dim=1)  # (B, N, T)
+            per_class = torch.bmm(mean.float(), weights.to(mean.device, torch.float32))  # (B, N, C)
+            h, w = self.store.map_shape(mean.shape[1])
+            self.store.cross[self.name] = per_class.transpose(1, 2).reshape(mean.shape[0], -1, h, w)
+        return torch.matmul(probs, v)
+
+
+class SelfAttentionQKProcessor(_CaptureProcessor):
+    """Fused self-attention that keeps the Query and Key features for SAR."""
+
+    store: AttentionStore
+
+    def attend(self, attn, q, k, v, mask):
+        self.store.self_qk[self.name] = (q.detach(), k.detach())  # in the model's dtype (float16 on GPU)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, is_causal=False)
+
+
+class FullAttentionStoreProcessor(_CaptureProcessor):
+    """The naive 'attention store' (as in prompt-to-prompt): keeps every head-mean
+    probability map, self-attention's HW x HW ones included. Only for the benchmark."""
+
+    store: dict[str, torch.Tensor]
+
+    def attend(self, attn, q, k, v, mask):
+        probs = _probabilities(attn, q, k, mask)
+        self.store[self.name] = probs.mean(dim=1)
+        return torch.matmul(probs, v)
+
+
+def stock_processors(model) -> dict[str, AttnProcessor2_0]:
+    """The fused processor on every layer (what the library installs by default)."""
+    return {name: AttnProcessor2_0() for name in model.attn_processors}

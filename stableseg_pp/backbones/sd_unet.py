@@ -1,0 +1,258 @@
+"""The Stable Diffusion 1.x/2.x U-Net family: VAE, ``UNet2DConditionModel``, CLIP text encoder, DDPM time.
+
+One implementation of :class:`~stableseg_pp.backbones.base.DiffusionBackbone`:
+loading (the shipped miniature model, a local diffusers folder, or a hub id),
+its attention sites (decided from the U-Net's block structure, not from layer
+names), CLIP prompts with per-class token weights, VAE latents, DDPM noising at
+an integer timestep, and the capture processors of :mod:`.capture`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning
+from stableseg_pp.backbones.capture import CrossAttentionMapProcessor, SelfAttentionQKProcessor
+from stableseg_pp.backbones.prompts import map_class_tokens
+from stableseg_pp.runtime.hashing import folder_fingerprint
+
+MINIATURE_MODEL = Path(__file__).resolve().parent.parent / "assets" / "miniature_sd"
+ALIASES = {"miniature": MINIATURE_MODEL}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+PROCESSOR_SUFFIX = ".processor"
+
+
+def resolve_model_path(pretrained: str) -> str:
+    """Map an alias to its folder; return a local folder or a hub id unchanged."""
+    if pretrained in ALIASES:
+        return str(ALIASES[pretrained])
+    return pretrained
+
+
+def model_identity(pretrained: str) -> dict[str, str]:
+    """A local folder by its name and content fingerprint (not its path), a hub id by its id."""
+    path = Path(resolve_model_path(pretrained)).expanduser()
+    if path.is_dir():
+        return {"folder": path.name, "fingerprint": folder_fingerprint(path)}
+    return {"hub_id": pretrained}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"diffusion.dtype={dtype!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def unet_sites(unet, latent_hw: tuple[int, int]) -> list[AttentionSite]:
+    """Every attention site of a ``UNet2DConditionModel``, from its block structure.
+
+    Down block ``i`` works at latent/2^i, the mid block at the coarsest level, up
+    block ``i`` mirrors down block ``n-1-i`` (each block but the last one
+    downsamples, as in every SD 1.x/2.x U-Net). In a ``BasicTransformerBlock``,
+    ``attn1`` attends to the image and ``attn2`` to the text (``encoder_hidden_states``).
+    """
+    n_down = len(unet.config.down_block_types)
+    n_up = len(unet.config.up_block_types)
+    stage_order = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+    entries = []
+    for index, name in enumerate(unet.attn_processors):
+        path = name.removesuffix(PROCESSOR_SUFFIX)
+        parts = path.split(".")
+        if parts[0] == "down_blocks":
+            level = int(parts[1])
+        elif parts[0] == "up_blocks":
+            level = n_up - 1 - int(parts[1])
+        elif parts[0] == "mid_block":
+            level = n_down - 1
+        else:
+            raise ValueError(f"unexpected attention layer {name!r}: not a U-Net down, mid or up block")
+        kind = "cross" if unet.get_submodule(path).is_cross_attention else "self"
+        grid = (latent_hw[0] // 2**level, latent_hw[1] // 2**level)
+        entries.append(((stage_order[parts[0]], index), path, kind, grid))
+    entries.sort(key=lambda e: e[0])  # forward order: down blocks, mid block, up blocks
+    return [AttentionSite(id=path, kind=kind, grid=grid, depth=d) for d, (_, path, kind, grid) in enumerate(entries)]
+
+
+class SDUNetBackbone:
+    """Stable Diffusion 1.x/2.x (and the miniature model) behind the backbone interface.
+
+    Args:
+        name: the preset's name (``diffusion.name``).
+        pretrained: ``miniature``, a local diffusers folder, or a hub id.
+        dtype: ``float32``, ``float16`` or ``bfloat16``.
+        timestep: the DDPM timestep the U-Net is told (StableSeg: 1).
+        add_noise: noise the clean latent to ``timestep`` with the scheduler (seeded by the caller).
+    """
+
+    family = "sd_unet"
+
+    def __init__(
+        self,
+        name: str = "sd_unet",
+        pretrained: str = "miniature",
+        dtype: str = "float32",
+        timestep: int = 1,
+        add_noise: bool = False,
+    ):
+        self.name = name
+        self.pretrained = str(pretrained)
+        self.dtype = parse_dtype(dtype)
+        self.timestep = int(timestep)
+        self.add_noise = bool(add_noise)
+        self.vae = self.unet = self.text_encoder = self.tokenizer = self.scheduler = None
+        self._installed: tuple[CaptureRequest, AttentionStore, dict[str, object]] | None = None
+
+    @property
+    def stochastic(self) -> bool:
+        return self.add_noise
+
+    @classmethod
+    def from_components(cls, vae, unet, text_encoder, tokenizer, scheduler, **kwargs) -> SDUNetBackbone:
+        """A backbone from modules already built (tests, the miniature model's training); their modes are kept."""
+        backbone = cls(**kwargs)
+        backbone._set_components(vae, unet, text_encoder, tokenizer, scheduler)
+        return backbone
+
+    def _set_components(self, vae, unet, text_encoder, tokenizer, scheduler) -> None:
+        self.vae, self.unet, self.text_encoder, self.tokenizer, self.scheduler = vae, unet, text_encoder, tokenizer, scheduler
+
+    @property
+    def loaded(self) -> bool:
+        return self.unet is not None
+
+    def load(self) -> SDUNetBackbone:
+        if self.loaded:
+            return self
+        from diffusers import StableDiffusionPipeline
+
+        source = resolve_model_path(self.pretrained)
+        local = Path(source).expanduser()
+        is_local = local.exists()
+        if is_local and not (local / "model_index.json").exists():
+            raise FileNotFoundError(
+                f"{local} is not a diffusers pipeline folder (no model_index.json); "
+                "pass a folder written by save_pretrained or a hub id such as 'runwayml/stable-diffusion-v1-5'"
+            )
+        if not is_local and ("/" not in source or source.startswith((".", "/", "~"))):
+            raise FileNotFoundError(
+                f"diffusion.pretrained={self.pretrained!r}: no such folder, and not a hub id of the form 'org/name'"
+            )
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
+                pipe = StableDiffusionPipeline.from_pretrained(
+                    str(local) if is_local else source,
+                    torch_dtype=self.dtype,
+                    safety_checker=None,
+                    requires_safety_checker=False,
+                    local_files_only=is_local or os.environ.get("HF_HUB_OFFLINE") == "1",
+                )
+        except OSError as err:
+            raise OSError(
+                f"could not load diffusion model {source!r}: {err}. Without network access, download it "
+                "elsewhere and pass the local folder (diffusion.pretrained=/path/to/folder)"
+            ) from err
+        self._set_components(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
+        for module in self.modules().values():
+            module.eval().requires_grad_(False)
+        return self
+
+    def identity(self) -> dict[str, Any]:
+        return {"family": self.family, "dtype": str(self.dtype).removeprefix("torch."), **model_identity(self.pretrained)}
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        self._require_loaded()
+        return {"vae": self.vae, "unet": self.unet, "text_encoder": self.text_encoder}
+
+    def _require_loaded(self) -> None:
+        if not self.loaded:
+            raise RuntimeError(f"backbone {self.name!r} is not loaded: call load() first")
+
+    # -- geometry -------------------------------------------------------------------------------------------------
+
+    def latent_grid(self, resolution: int) -> tuple[int, int]:
+        self._require_loaded()
+        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        levels = len(self.unet.config.down_block_types) - 1
+        multiple = scale * 2**levels
+        if resolution % multiple:
+            raise ValueError(f"zero_shot.resolution={resolution} must be a multiple of {multiple} for this backbone")
+        return resolution // scale, resolution // scale
+
+    def sites(self, resolution: int) -> list[AttentionSite]:
+        self._require_loaded()
+        return unet_sites(self.unet, self.latent_grid(resolution))
+
+    # -- encoding, noising, forward ---------------------------------------------------------------------------------
+
+    def encode_text(self, class_names: Sequence[Sequence[str]], template: str, joiner: str) -> TextConditioning:
+        self._require_loaded()
+        tok = self.tokenizer
+        device = self.text_encoder.device
+        length = tok.model_max_length
+        mapped = [map_class_tokens(tok, names, template, joiner) for names in class_names]
+        k = max(len(m.positions) for m in mapped)
+        ids = torch.full((len(mapped), length), tok.pad_token_id, dtype=torch.long)
+        weights = torch.zeros(len(mapped), length, k)
+        valid = torch.zeros(len(mapped), k, dtype=torch.bool)
+        for i, m in enumerate(mapped):
+            ids[i, : len(m.input_ids)] = torch.tensor(m.input_ids)
+            weights[i, :, : len(m.positions)] = m.weight_matrix(length)
+            valid[i, : len(m.positions)] = True
+        emb = self.text_encoder(ids.to(device))[0]
+        return TextConditioning(embeddings=emb, token_weights=weights.to(device), valid=valid.to(device))
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.full((latents.shape[0],), self.timestep, device=latents.device, dtype=torch.long)
+        if self.add_noise:
+            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            latents = self.scheduler.add_noise(latents, noise, t)
+        return latents, t
+
+    def denoise(self, latents: torch.Tensor, time: torch.Tensor, text: TextConditioning) -> torch.Tensor:
+        unet = self.unet
+        return unet(latents.to(unet.dtype), time, encoder_hidden_states=text.embeddings.to(unet.dtype)).sample
+
+    # -- capture ------------------------------------------------------------------------------------------------------
+
+    def install_capture(self, request: CaptureRequest, store: AttentionStore) -> None:
+        self._require_loaded()
+        if self._installed and self._installed[0] == request and self._installed[1] is store:
+            current = self.unet.attn_processors
+            if all(current[n] is p for n, p in self._installed[2].items()):
+                return  # already in place
+        maps, qk = set(request.class_maps), set(request.query_keys)
+        names = {n.removesuffix(PROCESSOR_SUFFIX): n for n in self.unet.attn_processors}
+        if unknown := (maps | qk) - set(names):
+            raise ValueError(f"capture request names sites this U-Net does not have: {sorted(unknown)}")
+        processors = {}
+        for site, name in names.items():
+            if site in maps:
+                processors[name] = CrossAttentionMapProcessor(store, site)
+            elif site in qk:
+                processors[name] = SelfAttentionQKProcessor(store, site)
+            else:
+                processors[name] = AttnProcessor2_0()
+        self._installed = (request, store, processors)
+        self.unet.set_attn_processor(dict(processors))
+
+    def remove_capture(self) -> None:
+        self._require_loaded()
+        self._installed = None
+        self.unet.set_attn_processor({name: AttnProcessor2_0() for name in self.unet.attn_processors})

@@ -1,0 +1,23 @@
+"""Where the shipped Hydra configs are, and composing them outside ``fit`` (``segment``, the SLURM launcher, tests).
+
+The configs ship inside the package, so an installed ``stableseg_pp`` finds
+them from any directory. Users add or override config groups from their own
+folder with Hydra's ``--config-dir`` (``fit``) or ``hydra.searchpath``
+(docs/configs.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "fit") -> DictConfig:
+    """The composed ``fit`` config with ``overrides`` (``hydra.searchpath=[...]`` adds the user's config folders)."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))

@@ -1,0 +1,163 @@
+"""The dataset of a run, described once: layout, classes, background, palette, protocol, split ids.
+
+``fit`` builds one :class:`DatasetDescription` per run (writing the miniature
+world on first use) and passes it to every step, so no step re-derives these
+facts from ``cfg.data``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from stableseg_pp.data.files import load_rgb
+from stableseg_pp.data.layouts import DatasetLayout, VOCLayout
+from stableseg_pp.data.miniature import write_miniature_voc
+from stableseg_pp.data.palette import IGNORE_INDEX, palette_for
+from stableseg_pp.data.prompted_images import PromptedImages
+
+log = logging.getLogger(__name__)
+# settings of ``cfg.data`` that change how fast images are read, not what any step computes
+EXECUTION_KEYS = ("batch_size", "num_workers")
+
+
+def build_layout(data: DictConfig) -> DatasetLayout:
+    """``data.layout`` (a ``_target_`` node) at ``data.root``; the VOC layout when none is configured."""
+    spec = data.get("layout")
+    if spec is None:
+        return VOCLayout(data.root)
+    return instantiate(spec, root=data.root, _convert_="all")
+
+
+@dataclass
+class DatasetDescription:
+    """Everything the steps need to know about the configured dataset.
+
+    Args:
+        name: ``data.name``.
+        layout: where images and masks are (:mod:`stableseg_pp.data.layouts`).
+        class_names: evaluation names; class id = position.
+        prompt_names: class name -> word(s) used in prompts.
+        background_index: the class that means "no object", or None (Context-59, ADE20K, ...).
+        palette: flat RGB palette of the written masks (None: VOC colours).
+        eval_background: whether mIoU counts the background class.
+        labels: ``oracle`` (classes from the ground truth) or ``all`` (every class in every prompt).
+        require_masks / on_bad_input / convert_to_rgb: how images and masks are read.
+        limit: first N images of each split (None: all).
+        settings: the resolved ``cfg.data`` (class names filled in), for content keys.
+    """
+
+    name: str
+    layout: DatasetLayout
+    class_names: list[str]
+    prompt_names: dict[str, str]
+    background_index: int | None
+    palette: list[int] | None
+    eval_background: bool
+    labels: str
+    require_masks: bool
+    on_bad_input: str
+    convert_to_rgb: bool
+    limit: int | None
+    settings: dict[str, Any]
+    _ids: dict[str, list[str]] = field(default_factory=dict, repr=False)
+
+    @property
+    def has_background(self) -> bool:
+        return self.background_index is not None
+
+    @property
+    def empty_label(self) -> int:
+        """What a pixel that is no prompted class becomes: the background class, or ignore."""
+        return IGNORE_INDEX if self.background_index is None else self.background_index
+
+    def split_ids(self, split: str) -> list[str]:
+        """Ids of ``split``, cut to ``limit`` (listed once per run)."""
+        if split not in self._ids:
+            ids = self.layout.split_ids(split)
+            self._ids[split] = ids[: self.limit] if self.limit else ids
+        return list(self._ids[split])
+
+    def prompt_name(self, class_id: int) -> str:
+        name = self.class_names[class_id]
+        return self.prompt_names.get(name, name)
+
+    def read_image(self, split: str, sid: str):
+        return load_rgb(self.layout.image_path(split, sid), self.convert_to_rgb)
+
+    def key(self) -> dict[str, Any]:
+        """What the dataset contributes to a step's content key (execution settings left out)."""
+        key = {k: v for k, v in self.settings.items() if k not in EXECUTION_KEYS}
+        key["root"] = str(Path(key["root"]).resolve())
+        return key
+
+    def protocol(self, split: str) -> dict:
+        """The evaluation setting, written into every metrics file: numbers are comparable only when it matches."""
+        bg = self.background_index
+        label_map = (self.settings.get("layout") or {}).get("label_map")
+        return {
+            "dataset": self.name,
+            "split": self.layout.dataset_split(split),
+            "classes": len(self.class_names),
+            "background": "none" if bg is None else ("counted" if self.eval_background else "ignored"),
+            "labels": self.labels,
+            "label_map": label_map or None,
+        }
+
+    def prompted_images(self, split: str, ids: Sequence[str], resolution: int) -> PromptedImages:
+        """The images of ``ids`` resized for a diffusion model, with the classes to prompt for."""
+        return PromptedImages(
+            layout=self.layout,
+            split=split,
+            class_names=self.class_names,
+            resolution=resolution,
+            labels=self.labels,
+            require_masks=self.require_masks,
+            on_bad_input=self.on_bad_input,
+            convert_to_rgb=self.convert_to_rgb,
+            ids=ids,
+            background_index=self.background_index,
+        )
+
+
+def describe_dataset(data: DictConfig, splits: Sequence[str] = ("train", "val")) -> DatasetDescription:
+    """Check the dataset folder for ``splits`` (writing the miniature world on first use) and describe it."""
+    root = Path(data.root)
+    gen = data.get("generate")
+    if gen:
+        if not (root / "miniature.json").exists():
+            log.info("writing the miniature world to %s", root)
+        write_miniature_voc(root, **gen)
+    layout = build_layout(data)
+    layout.check(list(splits))
+    settings = OmegaConf.to_container(data, resolve=True)
+    if settings.get("class_names") is None:
+        names = layout.class_names()
+        if not names:
+            raise ValueError(f"dataset {data.name}: set data.class_names (the dataset has no class list file)")
+        settings["class_names"] = list(names)
+    prompt_names = dict(settings.get("prompt_names") or {})
+    if unknown := sorted(set(prompt_names) - set(settings["class_names"])):
+        raise ValueError(f"data.prompt_names names unknown classes {unknown}; classes: {settings['class_names']}")
+    limit = settings.get("limit")
+    return DatasetDescription(
+        name=str(settings["name"]),
+        layout=layout,
+        class_names=list(settings["class_names"]),
+        prompt_names=prompt_names,
+        background_index=settings.get("background_index", 0),
+        palette=palette_for(settings.get("palette")),
+        eval_background=bool(settings.get("eval_background", True)),
+        labels=str(settings.get("labels", "oracle")),
+        require_masks=bool(settings.get("require_masks", True)),
+        on_bad_input=str(settings.get("on_bad_input", "error")),
+        convert_to_rgb=bool(settings.get("convert_to_rgb", False)),
+        limit=int(limit) if limit else None,
+        settings=settings,
+    )

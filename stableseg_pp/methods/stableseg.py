@@ -1,0 +1,151 @@
+"""StableSeg: zero-shot segmentation from one diffusion forward (docs/method.md, "Stage 0").
+
+Image -> latent (no noise by default) -> one denoiser forward at the backbone's
+configured time with a prompt naming the classes -> per-site image-to-text
+class maps (CAPM) and Query/Key features of the image-to-image sites (SAR) ->
+class scores. Works on any :class:`~stableseg_pp.backbones.base.DiffusionBackbone`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, DiffusionBackbone, select_sites
+from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize, with_background
+from stableseg_pp.methods.sar import sar_probabilities
+
+MODES = ("ca", "sa", "ca+sa")
+
+
+@dataclass
+class StableSegOutput:
+    scores: torch.Tensor  # (B, 1 + C, R, R): final class scores, channel 0 = background
+    valid: torch.Tensor  # (B, 1 + C) bool: channels that name a class of this image
+    capm: torch.Tensor  # (B, 1 + C, R, R) normalised CAPM with background channel
+    cross_maps: dict[str, torch.Tensor]  # site id -> (B, C, h, w) raw class maps (for stage 2)
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """(B, R, R) channel index per pixel (0 = background, c = c-th class of the image)."""
+        return self.scores.masked_fill(~self.valid[:, :, None, None], float("-inf")).argmax(dim=1)
+
+
+class StableSeg(torch.nn.Module):
+    """Zero-shot segmenter on any diffusion backbone (loaded).
+
+    Args:
+        backbone: a loaded :class:`DiffusionBackbone`.
+        resolution: square input side.
+        cross_scales: map sides of the image-to-text sites averaged into CAPM ("all" = every one).
+        self_scales: map sides of the image-to-image sites SAR uses.
+        stored_cross_scales: map sides of the class maps returned for storage (stage 2 learns their weights).
+        mode: ``ca`` (CAPM), ``sa`` (SAR) or ``ca+sa`` (their sum).
+        background: ``threshold`` (constant channel), ``word`` (a map for ``background_word``) or ``none``.
+        site_weights: site id -> weight of its map in CAPM (learned by stage 2); default uniform over ``cross_scales``.
+    """
+
+    def __init__(
+        self,
+        backbone: DiffusionBackbone,
+        resolution: int = 512,
+        cross_scales: Sequence[int] | str = (8, 16),
+        self_scales: Sequence[int] | str = "all",
+        stored_cross_scales: Sequence[int] | str = "all",
+        mode: str = "ca+sa",
+        background: str = "threshold",
+        background_threshold: float = 0.55,
+        background_word: str = "background",
+        prompt_template: str = "a photo of a {}",
+        joiner: str = " and ",
+        site_weights: Mapping[str, float] | None = None,
+    ):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"zero_shot.mode={mode!r} is not one of {MODES}")
+        if background not in ("threshold", "word", "none"):
+            raise ValueError(f"zero_shot.background={background!r} must be 'threshold', 'word' or 'none' (datasets without one)")
+        self.backbone = backbone
+        # registered as submodules so that .to(device) and Lightning move them
+        self.parts = torch.nn.ModuleDict(backbone.modules())
+        self.resolution = resolution
+        self.mode = mode
+        self.background = background
+        self.background_threshold = background_threshold
+        self.background_word = background_word
+        self.prompt_template = prompt_template
+        self.joiner = joiner
+        self.latent_grid = backbone.latent_grid(resolution)
+        sites = backbone.sites(resolution)
+        self.aggregated_sites = select_sites(sites, "text", cross_scales, setting="zero_shot.cross_scales")
+        stored = select_sites(sites, "text", stored_cross_scales, setting="zero_shot.stored_cross_scales")
+        self.cross_sites: list[AttentionSite] = [s for s in sites if s in stored or s in self.aggregated_sites]
+        self.self_sites = select_sites(sites, "image", self_scales, setting="zero_shot.self_scales") if mode != "ca" else []
+        self.site_weights = dict(site_weights) if site_weights else {s.id: 1.0 for s in self.aggregated_sites}
+        unknown = set(self.site_weights) - {s.id for s in self.cross_sites}
+        if unknown:
+            raise ValueError(f"site weights name sites that are not captured: {sorted(unknown)}")
+        self.store = AttentionStore()
+        self.capture = CaptureRequest(
+            class_maps=tuple(s.id for s in self.cross_sites), query_keys=tuple(s.id for s in self.self_sites)
+        )
+        backbone.install_capture(self.capture, self.store)
+
+    @property
+    def latent_side(self) -> int:
+        return self.latent_grid[0]
+
+    def class_names_for_prompt(self, names: Sequence[str]) -> list[str]:
+        return list(names) + ([self.background_word] if self.background == "word" else [])
+
+    @torch.no_grad()
+    def forward(
+        self, pixels: torch.Tensor, class_names: Sequence[Sequence[str]], generator: torch.Generator | None = None
+    ) -> StableSegOutput:
+        if pixels.shape[-2:] != (self.resolution, self.resolution):
+            raise ValueError(f"expected images of {self.resolution}x{self.resolution}, got {tuple(pixels.shape[-2:])}")
+        backbone = self.backbone
+        text = backbone.encode_text([self.class_names_for_prompt(n) for n in class_names], self.prompt_template, self.joiner)
+        valid = text.valid
+        latents, time = backbone.noise(backbone.encode_images(pixels), generator)
+        backbone.install_capture(self.capture, self.store)  # again, if another user of the backbone replaced them
+        self.store.reset(text.token_weights, tuple(latents.shape[-2:]))
+        backbone.denoise(latents, time, text)
+        size = (self.resolution, self.resolution)
+        cross = dict(self.store.cross)
+        class_maps = minmax_normalize(aggregate_maps(cross, self.site_weights, size))
+        if self.background == "word":
+            # the word is the last valid channel of each image: move it to channel 0
+            n_valid = valid.sum(dim=1)
+            capm = self._background_word_first(class_maps, n_valid)
+            # channel 0 = the word, 1..n-1 = the classes: the same count of valid channels
+            valid = torch.arange(valid.shape[1], device=valid.device)[None] < n_valid[:, None]
+        else:  # threshold; "none": the channel is there but can never win
+            capm = with_background(class_maps, self.background_threshold)
+            valid = torch.cat([torch.full_like(valid[:, :1], self.background != "none"), valid], dim=1)
+        capm = capm.masked_fill(~valid[:, :, None, None], 0.0)
+        scores = capm
+        if self.mode != "ca":
+            ca_labels = capm.masked_fill(~valid[:, :, None, None], float("-inf")).argmax(dim=1)
+            qk = ((q, k, self.store.map_shape(q.shape[2])) for q, k in self.store.self_qk.values())
+            sapm = sar_probabilities(qk, ca_labels, valid, size)
+            scores = sapm if self.mode == "sa" else capm + sapm
+        self.store.self_qk.clear()
+        return StableSegOutput(scores=scores, valid=valid, capm=capm, cross_maps=cross)
+
+    @staticmethod
+    def _background_word_first(class_maps: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
+        """Reorder channels so that each image's background-word map (its last valid one) comes first."""
+        out = torch.zeros_like(class_maps)
+        for i, n in enumerate(n_valid.tolist()):
+            out[i, 0] = class_maps[i, n - 1]
+            out[i, 1:n] = class_maps[i, : n - 1]
+        return out
+
+
+def resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (B, K, h, w) scores to an image's original size."""
+    return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)

@@ -1,0 +1,86 @@
+"""Content-addressed stage outputs and completion records.
+
+A stage's output folder is ``<run_dir>/<stage>-<hash>`` where the hash covers
+the resolved configuration the stage depends on and the identity of its
+inputs. The completion record is written last (atomically): a folder with a
+record is finished and is skipped when the stage runs again; ``force=true``
+recomputes it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.atomic import atomic_write_text, write_json
+from stableseg_pp.runtime.hashing import config_hash, to_plain
+
+COMPLETE = "_COMPLETE.json"
+log = logging.getLogger(__name__)
+
+
+class IncompleteStageError(RuntimeError):
+    """A stage stopped before it finished (time limit, requeue signal): its folder is left to resume in."""
+
+
+def stage_dir(run_dir: str | Path, stage: str, key: Mapping[str, Any]) -> Path:
+    """The content-addressed folder of ``stage`` for configuration ``key``."""
+    return Path(run_dir) / f"{stage}-{config_hash(key)}"
+
+
+def is_complete(folder: str | Path) -> bool:
+    return (Path(folder) / COMPLETE).exists()
+
+
+def write_record(folder: str | Path, key: Mapping[str, Any], **payload: Any) -> Path:
+    """Write the completion record: the last file a finished stage writes."""
+    record = {"key": to_plain(key), "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), **payload}
+    return atomic_write_text(Path(folder) / COMPLETE, json.dumps(record, indent=2, default=str))
+
+
+def write_key(folder: str | Path, key: Mapping[str, Any]) -> None:
+    """Record what the folder is keyed by (readable before the stage completes)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(folder) / "key.json", json.dumps(to_plain(key), indent=2, sort_keys=True, default=str))
+
+
+def open_stage(run_dir: str | Path, stage: str, key: Mapping[str, Any], force: bool = False) -> tuple[Path, bool]:
+    """The stage's folder and whether it is already finished (then the caller skips it).
+
+    ``force`` removes a finished or partial folder so that everything is recomputed;
+    otherwise a partial folder is kept and the stage resumes in it. Collective:
+    every rank calls it, and all get the same answer.
+    """
+    out = stage_dir(run_dir, stage, key)
+    with distributed.main_first():  # rank 0 clears / creates the folder; the others then see it as it is
+        if distributed.is_main() and force and out.exists():
+            shutil.rmtree(out)
+        finished = is_complete(out)
+        if distributed.is_main() and not finished:
+            write_key(out, key)
+    if finished:
+        log.info("%s: finished outputs at %s, skipped (force=true recomputes)", stage, out)
+    return out, finished
+
+
+def finish_stage(out: Path, key: Mapping[str, Any], splits: dict[str, dict], **payload: Any) -> Path:
+    """Write ``metrics.json`` (each split's ``metrics`` entry) and, last, the completion record (call on rank 0)."""
+    write_json(out / "metrics.json", {s: r["metrics"] for s, r in splits.items()})
+    write_record(out, key, splits=splits, **payload)
+    return out
+
+
+def evaluate_and_finish(out: Path, key: Mapping[str, Any], report: Callable[[], dict[str, dict]], **payload: Any) -> Path:
+    """Collective end of a stage: rank 0 evaluates (``report`` -> split entries) and writes the record; all wait.
+
+    ``payload``: more entries for the completion record (e.g. timings).
+    """
+    distributed.barrier()  # every rank's files are written
+    distributed.on_main(lambda: finish_stage(out, key, report(), world_size=distributed.world_size(), **payload))
+    return out
