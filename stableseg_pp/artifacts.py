@@ -27,6 +27,7 @@ from PIL import Image
 
 from stableseg_pp.data.palette import IGNORE_INDEX, colorize, save_palette_png
 from stableseg_pp.runtime.atomic import atomic_save, atomic_write_bytes, atomic_write_text, write_json
+from stableseg_pp.runtime.errors import ConfigError
 
 __all__ = [
     "ChannelClasses",
@@ -292,15 +293,15 @@ class SiteWeights:
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as err:
-            raise ValueError(f"site weights {path}: cannot be read ({err}); give a weights.json of a weights step") from err
+            raise ConfigError(f"site weights {path}: cannot be read ({err}); give a weights.json of a weights step") from err
         if not isinstance(data, dict) or "family" not in data or not isinstance(data.get("sites"), dict):
-            raise ValueError(f"site weights {path}: not a weights file (expected keys 'family' and 'sites')")
+            raise ConfigError(f"site weights {path}: not a weights file (expected keys 'family' and 'sites')")
         return cls(family=str(data["family"]), weights={str(k): float(v) for k, v in data["sites"].items()})
 
     def check_family(self, family: str) -> None:
         """Weights learned on another backbone family are a clear error (their site ids mean nothing here)."""
         if family != self.family:
-            raise ValueError(
+            raise ConfigError(
                 f"site weights were learned on a {self.family!r} backbone, but this backbone is {family!r}: "
                 "learn them again on this backbone (stage=2)"
             )

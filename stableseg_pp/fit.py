@@ -11,6 +11,7 @@ machine without a launcher restarts this command under ``torchrun``.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,7 +27,9 @@ from stableseg_pp import tracking
 from stableseg_pp.config import CONFIG_DIR
 from stableseg_pp.data.description import describe_dataset
 from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.errors import ConfigError, report_errors
 from stableseg_pp.stages import STAGES, resolve_stages
+from stableseg_pp.stages.zero_shot import check_zero_shot_settings
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +52,47 @@ def require_launcher(cfg: DictConfig) -> None:
     """Several devices need one process each, started by a launcher; a clear error otherwise."""
     n = world_size_of(cfg)
     if n > 1 and distributed.launched_environment() is None:
-        raise SystemExit(
+        raise ConfigError(
             f"trainer.devices x trainer.num_nodes = {n} ranks, but this is a single process: start one process per "
             "device with srun (python -m stableseg_pp.launch.slurm) or torchrun (stableseg_pp/launch/torchrun.sh); "
             "on one machine `python -m stableseg_pp.fit trainer.devices=N` does it for you. See docs/cluster.md"
         )
 
 
+def check_devices(cfg: DictConfig) -> None:
+    """GPUs asked for must be there: checked before any rank is started or model loaded."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator not in ("gpu", "cuda"):
+        return
+    available = torch.cuda.device_count()
+    devices = cfg.trainer.get("devices", 1)
+    wanted = len(devices) if OmegaConf.is_list(devices) else (available if str(devices) in ("auto", "-1") else int(devices))
+    if available == 0:
+        raise ConfigError(
+            f"trainer.accelerator={accelerator}, but this machine has no GPU that PyTorch can use: "
+            "run on a GPU machine, or use trainer=cpu (or trainer.accelerator=cpu)"
+        )
+    if wanted > available:
+        raise ConfigError(f"trainer.devices={devices}, but this machine has {available} GPU(s): ask for at most {available}")
+
+
+def check_writable(cfg: DictConfig) -> None:
+    """The run folder (or the nearest folder that exists above it) must be writable before any work starts."""
+    folder = Path(cfg.paths.run_dir).resolve()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"cannot write the run folder {folder}: {existing} is not writable; set paths.root_dir (or STABLESEG_HOME) "
+            "to a folder you can write"
+        )
+
+
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Run the configured stage(s); returns each stage's output folder. Every rank calls it."""
     stages = resolve_stages(cfg.stage)
+    check_devices(cfg)
+    check_writable(cfg)
+    check_zero_shot_settings(cfg)
     require_launcher(cfg)
     distributed.setup(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -83,15 +118,31 @@ def relaunch_under_torchrun(n: int) -> int:
     return proc.wait()
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="fit")
-def main(cfg: DictConfig) -> None:
+def run_command(cfg: DictConfig) -> None:
+    """What ``python -m stableseg_pp.fit`` does: checks, then this process's ranks or the run itself."""
     n = world_size_of(cfg)
     if n > 1 and distributed.launched_environment() is None and int(cfg.trainer.get("num_nodes", 1)) == 1:
-        sys.exit(relaunch_under_torchrun(n))
+        resolve_stages(cfg.stage)
+        check_devices(cfg)  # before torchrun starts ranks that would all fail the same way
+        code = relaunch_under_torchrun(n)
+        if code:
+            raise RankFailure(f"{n} ranks under torchrun: a rank failed (exit code {code}); its error is printed above")
+        return
     try:
         run(cfg)
     finally:
         distributed.teardown()
+
+
+class RankFailure(RuntimeError):
+    """A rank started by the torchrun relaunch failed; it has printed its own one-line error."""
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="fit")
+def main(cfg: DictConfig) -> None:
+    # one line per known error (exit 2), one line per failure (exit 1); HYDRA_FULL_ERROR=1 gives the traceback
+    debug = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    report_errors(lambda: run_command(cfg), debug, "HYDRA_FULL_ERROR=1", "stableseg_pp.fit")
 
 
 if __name__ == "__main__":

@@ -31,18 +31,23 @@ from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.data.prompted_images import to_model_pixels
 from stableseg_pp.methods.stableseg import StableSeg, resize_scores
 from stableseg_pp.runtime.atomic import atomic_save, atomic_write_text
+from stableseg_pp.runtime.errors import UserError, one_line, report_errors
 
 log = logging.getLogger("stableseg_pp.segment")
 # zero_shot keys that concern datasets and stored outputs, not one picture
 NOT_FOR_SEGMENT = ("splits", "n_overlays", "stored_cross_scales", "site_weights")
 
 
+# what to do about an unreadable picture, in this command's own terms
+SEGMENT_HINT = "; replace it, or leave it out of the command (--strict refuses images that are not RGB)"
+
+
 def parse_classes(text: str) -> list[str]:
     names = [c.strip() for c in text.split(",") if c.strip()]
     if not names:
-        raise SystemExit("--classes: give at least one class name, comma-separated")
+        raise UserError("--classes: give at least one class name, comma-separated")
     if len(set(names)) != len(names):
-        raise SystemExit(f"--classes: a class is named twice in {names}")
+        raise UserError(f"--classes: a class is named twice in {names}")
     return names
 
 
@@ -71,6 +76,27 @@ def build_segmenter(cfg: DictConfig, device: str) -> StableSeg:
     return StableSeg(backbone, **settings).to(device)
 
 
+def output_stems(paths: Sequence[Path]) -> list[str]:
+    """A distinct output name per input: its file stem, with as many parent folders as it takes to tell
+    same-named inputs apart (``a/photo.jpg``, ``b/photo.jpg`` -> ``a_photo``, ``b_photo``)."""
+    resolved = [p.resolve() for p in paths]
+    stems = [p.stem for p in resolved]
+    for depth in range(1, max(len(p.parts) for p in resolved) + 1):
+        clashes = {s for s in stems if stems.count(s) > 1}
+        if not clashes:
+            break
+        stems = [
+            "_".join([*p.parent.parts[-depth:], p.stem]).lstrip("/_") if stem in clashes else stem
+            for p, stem in zip(resolved, stems, strict=True)
+        ]
+    seen: dict[str, int] = {}
+    unique = []
+    for stem in stems:  # the same file given twice
+        seen[stem] = seen.get(stem, 0) + 1
+        unique.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return unique
+
+
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, then optional key=value config overrides (as for fit)")
@@ -79,42 +105,56 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--model", default=None, help="shorthand for diffusion.pretrained= (a diffusers folder or hub id)")
     p.add_argument("--dtype", default=None, help="shorthand for diffusion.dtype= (float32, float16, bfloat16)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--convert-to-rgb", action="store_true", help="accept RGBA / greyscale images by converting them")
+    p.add_argument("--strict", action="store_true", help="refuse images that are not RGB instead of converting them")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return report_errors(lambda: segment(args), args.debug, "--debug", "stableseg_pp.segment")
 
+
+def segment(args: argparse.Namespace) -> list[Path]:
+    """Segment every readable input; the unreadable ones are listed at the end (exit code 2)."""
     classes = parse_classes(args.classes)
     images, overrides = split_overrides(args.inputs)
     if not images:
-        raise SystemExit("give at least one image file")
+        raise UserError("give at least one image file before the key=value overrides")
     if args.model:
         overrides.append(f"diffusion.pretrained={args.model}")
     if args.dtype:
         overrides.append(f"diffusion.dtype={args.dtype}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no GPU that PyTorch can use; use --device cpu")
     cfg = compose_config(overrides)
     seg = build_segmenter(cfg, args.device)
     generator = torch.Generator(args.device).manual_seed(int(cfg.seed))
     args.out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for path in images:
+    # the legend first: a mask is never without it
+    legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(classes)}}
+    atomic_write_text(args.out / "classes.json", json.dumps(legend, indent=2))
+    written, unreadable = [], []
+    for path, stem in zip(images, output_stems(images), strict=True):
         try:
-            image = load_rgb(path, convert=args.convert_to_rgb)
+            image = load_rgb(path, convert=not args.strict, exif_transpose=True, hint=SEGMENT_HINT)
         except BadInputError as err:
-            raise SystemExit(str(err)) from err
+            log.error("%s", one_line(err))
+            unreadable.append(path)
+            continue
         pixels = to_model_pixels(image, seg.resolution)[None].to(args.device)
         out = seg(pixels, [classes], generator=generator)
         scores = resize_scores(out.scores.float(), image.shape[:2])[0]
         scores = scores.masked_fill(~out.valid[0, :, None, None], float("-inf"))
         mask = scores.argmax(0).to(torch.uint8).cpu().numpy()
-        stem = path.stem
         mask_path = atomic_save(args.out / f"{stem}_mask.png", lambda t, m=mask: save_palette_png(m, t))
         ov = overlay_png(image, mask, None)
         atomic_save(args.out / f"{stem}_overlay.png", lambda t, im=ov: im.save(t, format="PNG"))
         areas = {name: float((mask == i + 1).mean()) for i, name in enumerate(classes)}
-        log.info("%s: %s", path, ", ".join(f"{k} {v:.1%}" for k, v in areas.items()))
+        log.info("%s -> %s: %s", path, mask_path.name, ", ".join(f"{k} {v:.1%}" for k, v in areas.items()))
         written.append(mask_path)
-    legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(classes)}}
-    atomic_write_text(args.out / "classes.json", json.dumps(legend, indent=2))
+    if unreadable:
+        raise UserError(
+            f"{len(unreadable)} of {len(images)} images could not be used ({', '.join(map(str, unreadable))}); "
+            f"the other {len(written)} were segmented into {args.out}"
+        )
     return written
 
 

@@ -38,13 +38,13 @@ def test_not_an_image(voc_root):
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L"])
-def test_non_rgb_image_is_an_error_unless_converted(voc_root, mode):
+def test_non_rgb_image_is_converted_unless_strict(voc_root, mode):
     path = voc_root / "JPEGImages/val_00002.jpg"
     img = Image.open(path).convert(mode)
     img.save(path, format="PNG")  # the suffix lies; the reader looks at the content
-    with pytest.raises(BadInputError, match=rf"val_00002.jpg is {mode}, not RGB"):
-        _ds(voc_root)[2]
-    sample = _ds(voc_root, convert_to_rgb=True)[2]
+    with pytest.raises(BadInputError, match=rf"val_00002.jpg is {mode}, not RGB, and strict RGB input"):
+        _ds(voc_root, convert_to_rgb=False)[2]
+    sample = _ds(voc_root)[2]  # the default converts
     assert sample.image.shape[2] == 3
 
 

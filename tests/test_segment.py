@@ -29,8 +29,10 @@ def test_segment_writes_mask_and_overlay(tmp_path, miniature_model):
     assert json.loads((out / "classes.json").read_text())["2"] == "half moon"
 
 
-def test_segment_rejects_bad_image(tmp_path, miniature_model):
+def test_segment_rejects_bad_image(tmp_path, miniature_model, capsys):
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(SystemExit, match="bad.png cannot be read"):
+    with pytest.raises(SystemExit) as stop:
         main([str(bad), "--classes", "circle", "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2
+    assert "bad.png cannot be read" in capsys.readouterr().err

@@ -15,6 +15,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from stableseg_pp.runtime.errors import ConfigError
+
 SITE_KINDS = ("self", "cross", "joint")
 
 
@@ -185,7 +187,7 @@ def select_sites(
         wanted = {int(s) for s in sides}
         available = sorted({s.side for s in pool})
         if missing := wanted - set(available):
-            raise ValueError(
+            raise ConfigError(
                 f"{setting}={sorted(wanted)}: map sides {sorted(missing)} do not exist for this backbone at this "
                 f"resolution; available: {available}"
             )
@@ -194,6 +196,6 @@ def select_sites(
         wanted = {int(d) for d in depths}
         available = sorted({s.depth for s in pool})
         if missing := wanted - set(available):
-            raise ValueError(f"{setting}: depths {sorted(missing)} do not exist; available: {available}")
+            raise ConfigError(f"{setting}: depths {sorted(missing)} do not exist; available: {available}")
         pool = [s for s in pool if s.depth in wanted]
     return pool

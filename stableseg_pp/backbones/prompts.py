@@ -11,12 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
+from stableseg_pp.runtime.errors import ConfigError, UserError
 
-class PromptTooLongError(ValueError):
+
+class PromptTooLongError(UserError, ValueError):
     """The prompt does not fit the text encoder's context."""
 
 
-class UnknownClassError(ValueError):
+class UnknownClassError(UserError, ValueError):
     """A class name is not among the dataset's classes."""
 
 
@@ -39,7 +41,7 @@ class ClassTokens:
 def build_prompt(names: Sequence[str], template: str = "a photo of a {}", joiner: str = " and ") -> str:
     """Fill ``template`` with the class names joined by ``joiner``."""
     if "{}" not in template:
-        raise ValueError(f"prompt template {template!r} has no '{{}}' for the class names")
+        raise ConfigError(f"prompt template {template!r} has no '{{}}' for the class names")
     return template.format(joiner.join(names))
 
 
@@ -63,7 +65,7 @@ def map_class_tokens(
     last classes would have no tokens.
     """
     if not names:
-        raise ValueError("no class names to build a prompt from")
+        raise ConfigError("no class names to build a prompt from")
     prompt = build_prompt(names, template, joiner)
     ids = tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids
     limit = tokenizer.model_max_length
@@ -78,7 +80,7 @@ def map_class_tokens(
     for name in names:
         piece = tokenizer(name, add_special_tokens=False).input_ids
         if not piece:
-            raise ValueError(f"class name {name!r} produces no tokens")
+            raise ConfigError(f"class name {name!r} produces no tokens")
         at = _find(ids, piece, cursor)
         if at < 0:
             # A name written differently inside the prompt (e.g. merged with punctuation):

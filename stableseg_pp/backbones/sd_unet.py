@@ -21,6 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning
 from stableseg_pp.backbones.capture import CrossAttentionMapProcessor, SelfAttentionQKProcessor
 from stableseg_pp.backbones.prompts import map_class_tokens
+from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.hashing import folder_fingerprint
 
 MINIATURE_MODEL = Path(__file__).resolve().parent.parent / "assets" / "miniature_sd"
@@ -48,7 +49,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"diffusion.dtype={dtype!r}: use one of {sorted(DTYPES)}")
+        raise ConfigError(f"diffusion.dtype={dtype!r}: use one of {sorted(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -157,9 +158,11 @@ class SDUNetBackbone:
                     local_files_only=is_local or os.environ.get("HF_HUB_OFFLINE") == "1",
                 )
         except OSError as err:
-            raise OSError(
-                f"could not load diffusion model {source!r}: {err}. Without network access, download it "
-                "elsewhere and pass the local folder (diffusion.pretrained=/path/to/folder)"
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(
+                f"diffusion.pretrained={self.pretrained}: could not load it ({reason}). Without network access, "
+                "download the model elsewhere and pass its local folder (diffusion.pretrained=/path/to/folder), "
+                "or pre-fill the Hugging Face cache (HF_HOME) on a machine with network access"
             ) from err
         self._set_components(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
         for module in self.modules().values():
@@ -185,7 +188,7 @@ class SDUNetBackbone:
         levels = len(self.unet.config.down_block_types) - 1
         multiple = scale * 2**levels
         if resolution % multiple:
-            raise ValueError(f"zero_shot.resolution={resolution} must be a multiple of {multiple} for this backbone")
+            raise ConfigError(f"zero_shot.resolution={resolution} must be a multiple of {multiple} for this backbone")
         return resolution // scale, resolution // scale
 
     def sites(self, resolution: int) -> list[AttentionSite]:

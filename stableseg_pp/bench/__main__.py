@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from stableseg_pp.bench import baselines, capture, crf, ranks, segmenter
+from stableseg_pp.runtime.errors import USAGE_EXIT, report_errors
 
 COMMANDS = {
     "capture": capture.main,
@@ -17,9 +18,12 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     if not argv or argv[0] not in COMMANDS:
-        raise SystemExit(f"usage: python -m stableseg_pp.bench {{{','.join(COMMANDS)}}} [options]")
-    COMMANDS[argv[0]](argv[1:])
+        print(f"usage: python -m stableseg_pp.bench {{{','.join(COMMANDS)}}} [options] [--debug]", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
+    report_errors(lambda: COMMANDS[argv[0]](argv[1:]), debug, "--debug", f"stableseg_pp.bench {argv[0]}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ facts from ``cfg.data``.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +17,17 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from stableseg_pp.data.files import load_rgb
+from stableseg_pp.data.files import image_mode, load_rgb
 from stableseg_pp.data.layouts import DatasetLayout, VOCLayout
 from stableseg_pp.data.miniature import write_miniature_voc
 from stableseg_pp.data.palette import IGNORE_INDEX, palette_for
 from stableseg_pp.data.prompted_images import PromptedImages
+from stableseg_pp.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
-# settings of ``cfg.data`` that change how fast images are read, not what any step computes
-EXECUTION_KEYS = ("batch_size", "num_workers")
+# settings of ``cfg.data`` that change how fast images are read, or what happens at a bad file, not what any
+# step computes for the images it computes: a run stopped at a bad image resumes its folder with on_bad_input=skip
+EXECUTION_KEYS = ("batch_size", "num_workers", "on_bad_input")
 
 
 def build_layout(data: DictConfig) -> DatasetLayout:
@@ -91,6 +94,11 @@ class DatasetDescription:
     def read_image(self, split: str, sid: str):
         return load_rgb(self.layout.image_path(split, sid), self.convert_to_rgb)
 
+    def converted_images(self, split: str, ids: Sequence[str]) -> dict[str, int]:
+        """How many of ``ids`` are stored in another mode than RGB (converted when read), by mode."""
+        modes = Counter(image_mode(self.layout.image_path(split, sid)) for sid in ids)
+        return {str(m): n for m, n in sorted(modes.items(), key=lambda kv: str(kv[0])) if m not in ("RGB", None)}
+
     def key(self) -> dict[str, Any]:
         """What the dataset contributes to a step's content key (execution settings left out)."""
         key = {k: v for k, v in self.settings.items() if k not in EXECUTION_KEYS}
@@ -140,11 +148,11 @@ def describe_dataset(data: DictConfig, splits: Sequence[str] = ("train", "val"))
     if settings.get("class_names") is None:
         names = layout.class_names()
         if not names:
-            raise ValueError(f"dataset {data.name}: set data.class_names (the dataset has no class list file)")
+            raise ConfigError(f"dataset {data.name}: set data.class_names (the dataset has no class list file)")
         settings["class_names"] = list(names)
     prompt_names = dict(settings.get("prompt_names") or {})
     if unknown := sorted(set(prompt_names) - set(settings["class_names"])):
-        raise ValueError(f"data.prompt_names names unknown classes {unknown}; classes: {settings['class_names']}")
+        raise ConfigError(f"data.prompt_names names unknown classes {unknown}; classes: {settings['class_names']}")
     limit = settings.get("limit")
     return DatasetDescription(
         name=str(settings["name"]),

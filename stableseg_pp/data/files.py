@@ -2,40 +2,88 @@
 
 from __future__ import annotations
 
+import io
+import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from stableseg_pp.data.labels import LabelMap
 from stableseg_pp.data.palette import IGNORE_INDEX
+from stableseg_pp.runtime.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
-class BadInputError(ValueError):
+class BadInputError(UserError, ValueError):
     """An input file cannot be used; the message names it and says what to do."""
 
 
-def load_rgb(path: Path, convert: bool = False) -> np.ndarray:
-    """Read an RGB image; other modes (RGBA, greyscale, ...) are an error unless ``convert``."""
+def image_to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL image as (H, W, 3) uint8 RGB, through its own colour model.
+
+    Greyscale of any bit depth is scaled to 8 bits (16-bit: /257; 32-bit
+    integer holding 16-bit values likewise; float in [0, 1]: x255) and
+    replicated; palette images go through their palette (transparency
+    included, then dropped); CMYK through its ICC profile when it has one,
+    else Pillow's conversion; an alpha channel is dropped (the colour values
+    are kept as stored, not composited).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img, dtype=np.uint8).copy()
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(img).astype(np.float64)
+        if mode.startswith("I;16") or (mode == "I" and values.max(initial=0) > 255):
+            values = values / 257.0
+        elif mode == "F" and values.max(initial=0) <= 1.0:
+            values = values * 255.0
+        grey = np.clip(np.round(values), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode == "CMYK" and img.info.get("icc_profile"):
+        from PIL import ImageCms
+
+        source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+        img = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+    elif mode in ("P", "PA"):
+        img = img.convert("RGBA")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
+
+
+DATA_HINT = "; replace or remove it, or set data.on_bad_input=skip (data.convert_to_rgb=true converts non-RGB images)"
+
+
+def load_rgb(path: Path, convert: bool = True, exif_transpose: bool = False, hint: str = DATA_HINT) -> np.ndarray:
+    """Read an image as RGB: other modes are converted (:func:`image_to_rgb`) unless ``convert`` is False (strict).
+
+    ``exif_transpose``: turn a photograph as its EXIF orientation says (as a viewer shows it).
+    ``hint``: what the error message advises (each command names its own options).
+    """
+    path = Path(path)
     if not path.exists():
-        raise BadInputError(f"image {path} does not exist")
+        raise BadInputError(f"image {path} does not exist{hint}")
     try:
         with Image.open(path) as img:
             img.load()
-            mode = img.mode
-            if mode != "RGB":
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            if img.mode != "RGB":
                 if not convert:
-                    raise BadInputError(
-                        f"image {path} is {mode}, not RGB: convert it to RGB, or set data.convert_to_rgb=true "
-                        "(alpha is dropped, grey is replicated) or data.on_bad_input=skip"
-                    )
-                img = img.convert("RGB")
-            return np.asarray(img, dtype=np.uint8).copy()
+                    raise BadInputError(f"image {path} is {img.mode}, not RGB, and strict RGB input was asked for{hint}")
+                log.debug("converting %s from %s to RGB", path, img.mode)
+            return image_to_rgb(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
-        raise BadInputError(
-            f"image {path} cannot be read ({err}): it is truncated or not an image; "
-            "replace or remove it, or set data.on_bad_input=skip"
-        ) from err
+        raise BadInputError(f"image {path} cannot be read ({err}): it is truncated or not an image{hint}") from err
+
+
+def image_mode(path: Path) -> str | None:
+    """The stored colour mode of an image (reads the header only); None when unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.mode
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        return None
 
 
 def load_mask(path: Path, n_classes: int, label_map: LabelMap | None = None) -> np.ndarray:

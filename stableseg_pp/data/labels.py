@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stableseg_pp.data.palette import IGNORE_INDEX
+from stableseg_pp.runtime.errors import ConfigError
 
 # Cityscapes label id -> train id (cityscapesScripts' labels.py); every other id is ignored.
 CITYSCAPES_TRAIN_IDS = {
@@ -41,7 +42,7 @@ class LabelMap:
 
     def __post_init__(self) -> None:
         if self.lut is not None and self.lut not in NAMED_LUTS:
-            raise ValueError(f"label map lut={self.lut!r}: choose one of {sorted(NAMED_LUTS)}")
+            raise ConfigError(f"label map lut={self.lut!r}: choose one of {sorted(NAMED_LUTS)}")
 
     @property
     def identity(self) -> bool:

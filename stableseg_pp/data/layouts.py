@@ -18,9 +18,10 @@ import numpy as np
 
 from stableseg_pp.data.files import load_mask
 from stableseg_pp.data.labels import LabelMap
+from stableseg_pp.runtime.errors import UserError
 
 
-class DatasetLayoutError(FileNotFoundError):
+class DatasetLayoutError(UserError, FileNotFoundError):
     """A dataset folder is missing or not in the expected layout; the message says what was expected."""
 
 

@@ -63,7 +63,7 @@ class ImageMaskPairs(Dataset):
         mask_paths: Sequence[Path] | None,
         n_classes: int,
         transform: v2.Compose,
-        convert_to_rgb: bool = False,
+        convert_to_rgb: bool = True,
         read_mask: Callable[[Path], np.ndarray] | None = None,
     ):
         if mask_paths is not None and len(mask_paths) != len(image_paths):

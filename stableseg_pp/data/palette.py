@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from stableseg_pp.runtime.errors import ConfigError
+
 IGNORE_INDEX = 255
 
 
@@ -44,7 +46,7 @@ def palette_for(name: str | None) -> list[int]:
         palette = list(_PALETTE)
         palette[: 3 * len(CITYSCAPES_COLOURS)] = [v for rgb in CITYSCAPES_COLOURS for v in rgb]
         return palette
-    raise ValueError(f"data.palette={name!r}: choose 'voc' or 'cityscapes'")
+    raise ConfigError(f"data.palette={name!r}: choose 'voc' or 'cityscapes'")
 
 
 def save_palette_png(mask: np.ndarray, path: str | Path, palette: list[int] | None = None) -> None:

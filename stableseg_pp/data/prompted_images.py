@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from stableseg_pp.data.files import BadInputError, load_rgb
 from stableseg_pp.data.layouts import DatasetLayout
 from stableseg_pp.data.palette import IGNORE_INDEX
+from stableseg_pp.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -56,16 +57,16 @@ class PromptedImages(Dataset):
         labels: str = "oracle",
         require_masks: bool = True,
         on_bad_input: str = "error",
-        convert_to_rgb: bool = False,
+        convert_to_rgb: bool = True,
         ids: Sequence[str] | None = None,
         background_index: int | None = 0,
     ):
         if labels not in ("oracle", "all"):
-            raise ValueError(f"data.labels={labels!r}: use 'oracle' (classes from the ground truth) or 'all'")
+            raise ConfigError(f"data.labels={labels!r}: use 'oracle' (classes from the ground truth) or 'all'")
         if on_bad_input not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_input={on_bad_input!r}: use 'error' or 'skip'")
+            raise ConfigError(f"data.on_bad_input={on_bad_input!r}: use 'error' or 'skip'")
         if labels == "oracle" and not require_masks:
-            raise ValueError("data.labels=oracle takes the classes from the ground truth: it needs require_masks=true")
+            raise ConfigError("data.labels=oracle takes the classes from the ground truth: it needs require_masks=true")
         self.layout = layout
         self.split = split
         self.class_names = list(class_names)

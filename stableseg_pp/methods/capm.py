@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 import torch.nn.functional as F
 
+from stableseg_pp.runtime.errors import ConfigError
+
 
 def aggregate_maps(maps: Mapping[str, torch.Tensor], weights: Mapping[str, float], size: tuple[int, int]) -> torch.Tensor:
     """Weighted mean of (B, C, h_l, w_l) maps, each upsampled (bilinear) to ``size``.
@@ -24,7 +26,7 @@ def aggregate_maps(maps: Mapping[str, torch.Tensor], weights: Mapping[str, float
         total = m * w if total is None else total + m * w
         norm += w
     if total is None:
-        raise ValueError("every cross-attention layer has weight 0: nothing to aggregate")
+        raise ConfigError("every cross-attention layer has weight 0: nothing to aggregate")
     return total / norm
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, DiffusionBackbone, select_sites
 from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize, with_background
 from stableseg_pp.methods.sar import sar_probabilities
+from stableseg_pp.runtime.errors import ConfigError
 
 MODES = ("ca", "sa", "ca+sa")
 
@@ -65,9 +66,9 @@ class StableSeg(torch.nn.Module):
     ):
         super().__init__()
         if mode not in MODES:
-            raise ValueError(f"zero_shot.mode={mode!r} is not one of {MODES}")
+            raise ConfigError(f"zero_shot.mode={mode!r} is not one of {MODES}")
         if background not in ("threshold", "word", "none"):
-            raise ValueError(f"zero_shot.background={background!r} must be 'threshold', 'word' or 'none' (datasets without one)")
+            raise ConfigError(f"zero_shot.background={background!r} must be 'threshold', 'word' or 'none' (datasets without one)")
         self.backbone = backbone
         # registered as submodules so that .to(device) and Lightning move them
         self.parts = torch.nn.ModuleDict(backbone.modules())
@@ -87,7 +88,7 @@ class StableSeg(torch.nn.Module):
         self.site_weights = dict(site_weights) if site_weights else {s.id: 1.0 for s in self.aggregated_sites}
         unknown = set(self.site_weights) - {s.id for s in self.cross_sites}
         if unknown:
-            raise ValueError(f"site weights name sites that are not captured: {sorted(unknown)}")
+            raise ConfigError(f"site weights name sites that are not captured: {sorted(unknown)}")
         self.store = AttentionStore()
         self.capture = CaptureRequest(
             class_maps=tuple(s.id for s in self.cross_sites), query_keys=tuple(s.id for s in self.self_sites)

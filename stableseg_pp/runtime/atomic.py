@@ -6,6 +6,7 @@ existence of a file means it is complete.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -13,14 +14,27 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+@functools.cache
+def file_mode() -> int:
+    """The mode a plain ``open()`` gives a new file under this process's umask (read once)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_save(path: str | Path, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)`` and move the result to ``path`` in one step."""
+    """Call ``write(tmp_path)`` and move the result to ``path`` in one step.
+
+    The file gets the mode a plain ``open()`` would give it (``mkstemp``'s
+    private 0600 would otherwise survive the rename), so colleagues can read it.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -8,6 +8,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from stableseg_pp.data.description import DatasetDescription
+from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.stages import self_training, zero_shot
 
 # Every stage: ``run(cfg, dataset) -> output folder``.
@@ -28,5 +29,5 @@ def resolve_stages(stage: object) -> list[str]:
     if key == "all":
         return list(PIPELINE)
     if key not in STAGES:
-        raise ValueError(f"stage={stage!r} is not a stage; choose one of {sorted(STAGES) + ['all']}")
+        raise ConfigError(f"stage={stage!r} is not a stage; choose one of {sorted(STAGES) + ['all']}")
     return [key]

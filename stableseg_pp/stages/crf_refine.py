@@ -59,13 +59,13 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     """Refine every split of ``stage0_dir``; returns the content-addressed output folder."""
     key = {"stage": NAME, "input": stage0_dir.name, "crf": OmegaConf.to_container(cfg.crf, resolve=True)}
     key["crf"].pop("workers", None)
-    out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
-    if finished:
-        return out
-    with tracking.active().step(out, [stage0_dir], key) as record:
-        _compute(cfg, dataset, stage0_dir, out, key)
-        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
-        tracking.track_results(record, dataset, out, masks)
+    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
+        if finished:
+            return out
+        with tracking.active().step(out, [stage0_dir], key) as record:
+            _compute(cfg, dataset, stage0_dir, out, key)
+            masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+            tracking.track_results(record, dataset, out, masks)
     return out
 
 

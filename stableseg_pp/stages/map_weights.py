@@ -98,12 +98,12 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, segmente
         "threshold": background_threshold(cfg, dataset),
         "seed": cfg.seed,
     }
-    out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
-    if finished:
-        return out
-    with tracking.active().step(out, [stage0_dir, segmenter_dir], key) as record:
-        # rank 0 learns the weights (a small fit without diffusion forwards); the others wait and read them
-        distributed.on_main(lambda: _learn(cfg, dataset, stage0_dir, segmenter_dir, out, key, record))
+    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
+        if finished:
+            return out
+        with tracking.active().step(out, [stage0_dir, segmenter_dir], key) as record:
+            # rank 0 learns the weights (a small fit without diffusion forwards); the others wait and read them
+            distributed.on_main(lambda: _learn(cfg, dataset, stage0_dir, segmenter_dir, out, key, record))
     return out
 
 

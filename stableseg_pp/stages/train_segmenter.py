@@ -25,6 +25,7 @@ from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
 from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
 from stableseg_pp.tracking.base import StepRecord
 
@@ -64,20 +65,20 @@ def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path) -> Path:
     for k in ("num_workers",):
         key["segmenter"]["train"].pop(k, None)
     key["segmenter"].pop("eval_batch_size", None)
-    out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
-    if finished:
-        return out
-    with tracking.active().step(out, [masks_dir], key) as record:
-        _compute(cfg, dataset, masks_dir, out, key, record)
-        masks = {"prediction": out / "val" / "masks", "pseudo_mask": masks_dir / "val" / "masks"}
-        tracking.track_results(record, dataset, out, masks)
+    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
+        if finished:
+            return out
+        with tracking.active().step(out, [masks_dir], key) as record:
+            _compute(cfg, dataset, masks_dir, out, key, record)
+            masks = {"prediction": out / "val" / "masks", "pseudo_mask": masks_dir / "val" / "masks"}
+            tracking.track_results(record, dataset, out, masks)
     return out
 
 
 def _compute(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, out: Path, key: dict, record: StepRecord) -> None:
     seg = cfg.segmenter
     if cfg.trainer.get("sync_batchnorm") and not _on_gpu(cfg):
-        raise ValueError("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU version); set it to false")
+        raise ConfigError("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU version); set it to false")
     names = dataset.class_names
     layout = dataset.layout
     pseudo = MaskSetLayout(masks_dir / "train")

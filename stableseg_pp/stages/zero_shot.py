@@ -22,9 +22,11 @@ from stableseg_pp.backbones.base import DiffusionBackbone
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
+from stableseg_pp.methods.stableseg import MODES
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import write_json
+from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import ImagesPerSecondBar
 from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
 
@@ -32,6 +34,27 @@ log = logging.getLogger(__name__)
 NAME = "stage0"
 # zero_shot settings that say what to compute where, not what each image's result is
 NOT_IN_KEY = ("n_overlays", "site_weights")
+
+
+def check_zero_shot_settings(cfg: DictConfig) -> None:
+    """The stage-0 settings that can be checked without a model (before any rank starts or weights load)."""
+    zs = cfg.zero_shot
+    if zs.mode not in MODES:
+        raise ConfigError(f"zero_shot.mode={zs.mode}: use one of {', '.join(MODES)}")
+    if zs.background not in ("threshold", "word", "none"):
+        raise ConfigError(f"zero_shot.background={zs.background}: use threshold, word or none")
+    if not isinstance(zs.resolution, int) or zs.resolution <= 0:
+        raise ConfigError(f"zero_shot.resolution={zs.resolution}: give a positive image side in pixels, e.g. 512")
+    for key in ("cross_scales", "self_scales", "stored_cross_scales"):
+        value = zs.get(key)
+        if value != "all" and not (OmegaConf.is_list(value) and all(isinstance(v, int) and v > 0 for v in value)):
+            raise ConfigError(f"zero_shot.{key}={value}: give 'all' or a list of map sides, e.g. [8, 16]")
+    if cfg.data.get("labels") not in ("oracle", "all"):
+        raise ConfigError(f"data.labels={cfg.data.get('labels')}: use oracle (classes from the ground truth) or all")
+    if cfg.data.get("on_bad_input") not in ("error", "skip"):
+        raise ConfigError(f"data.on_bad_input={cfg.data.get('on_bad_input')}: use error or skip")
+    if bad := [s for s in zs.splits if s not in ("train", "val")]:
+        raise ConfigError(f"zero_shot.splits={list(zs.splits)}: {bad} are not splits; use train and/or val")
 
 
 def build_backbone(cfg: DictConfig) -> DiffusionBackbone:
@@ -79,13 +102,13 @@ def run(cfg: DictConfig, dataset: DatasetDescription, weights: SiteWeights | Non
     weights = weights or configured_site_weights(cfg)
     backbone = build_backbone(cfg)
     key = stage_key(cfg, dataset, backbone, weights)
-    out, finished = open_stage(cfg.paths.run_dir, NAME, key, cfg.force)
-    if finished:
-        return out
-    with tracking.active().step(out, inputs, key) as record:
-        _compute(cfg, dataset, backbone, weights, out, key)
-        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
-        tracking.track_results(record, dataset, out, masks)
+    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
+        if finished:
+            return out
+        with tracking.active().step(out, inputs, key) as record:
+            _compute(cfg, dataset, backbone, weights, out, key)
+            masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+            tracking.track_results(record, dataset, out, masks)
     return out
 
 
@@ -145,7 +168,12 @@ def _compute(
             if missing:
                 log.warning("stage 0 [%s]: %d images skipped for bad input: %s", split, len(missing), missing[:10])
             write_json(layout.root / "skipped.json", missing)
-            results[split] = report_split("stage 0", dataset, split, ids, layout, skipped=len(missing))
+            converted = dataset.converted_images(split, ids)
+            if converted:
+                log.info("stage 0 [%s]: images converted to RGB, by stored mode: %s", split, converted)
+            results[split] = report_split(
+                "stage 0", dataset, split, ids, layout, skipped=len(missing), converted_to_rgb=converted
+            )
         return results
 
     evaluate_and_finish(

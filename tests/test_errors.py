@@ -1,0 +1,151 @@
+"""Known user errors give one line and exit code 2, never a traceback; one writer per step folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stableseg_pp.data.miniature import draw_sample
+from stableseg_pp.segment import main as segment_main
+from stableseg_pp.stages import zero_shot
+
+
+def _fit(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    environ.update({"HF_HUB_OFFLINE": "1", "STABLESEG_HOME": str(tmp_path), **(env or {})})
+    cmd = [sys.executable, "-m", "stableseg_pp.fit", "stage=0", "debug=fast", *overrides]
+    return subprocess.run(cmd, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if ln.startswith("stableseg_pp.")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["stage=3"], "stage=3 is not a stage"),
+        (["zero_shot.mode=cross"], "zero_shot.mode=cross: use one of"),
+        (["data.labels=some"], "data.labels=some: use oracle"),
+        (["zero_shot.cross_scales=[7]"], r"zero_shot.cross_scales=[7]: map sides [7] do not exist"),
+        (["zero_shot.resolution=100"], "zero_shot.resolution=100 must be a multiple of 16"),
+        (["diffusion.pretrained=/nope"], "diffusion.pretrained='/nope': no such folder"),
+        (["diffusion.pretrained=someorg/somemodel"], "pre-fill the Hugging Face cache"),
+        (["trainer.accelerator=gpu", "trainer.devices=2"], "trainer.accelerator=gpu, but this machine has no GPU"),
+        (["paths.data_dir=/nonexistent", "data.generate=null"], "dataset folder /nonexistent/miniature does not exist"),
+        (
+            [
+                "data.labels=all",
+                "data.require_masks=false",
+                f"data.class_names=[{','.join(f'c{i}' for i in range(200))}]",
+                "data.background_index=null",
+            ],
+            "tokens but the text encoder takes 77",
+        ),
+    ],
+)
+def test_fit_user_errors_are_one_line(tmp_path, overrides, message):
+    done = _fit(tmp_path, *overrides)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    (line,) = _error_lines(done.stderr)
+    assert line.startswith("stableseg_pp.fit: error: ") and message in line
+
+
+@pytest.mark.slow
+def test_bad_image_in_error_mode_is_one_line(tmp_path):
+    done = _fit(tmp_path, "zero_shot.splits=[val]")  # writes the miniature world
+    assert done.returncode == 0, done.stderr[-2000:]
+    (tmp_path / "data" / "miniature" / "JPEGImages" / "val_00003.jpg").write_bytes(b"not a picture")
+    done = _fit(tmp_path, "zero_shot.splits=[val]", "force=true")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = _error_lines(done.stderr)
+    assert "val_00003.jpg cannot be read" in line and "data.on_bad_input=skip" in line
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without a GPU")
+def test_segment_on_a_missing_gpu_is_one_line(tmp_path, capsys):
+    pic = _picture(tmp_path / "p.png", 1)
+    with pytest.raises(SystemExit) as stop:
+        segment_main([str(pic), "--classes", "circle", "--out", str(tmp_path / "o"), "--device", "cuda"])
+    assert stop.value.code == 2 and "--device cuda: this machine has no GPU" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_traceback_only_when_asked(tmp_path):
+    done = _fit(tmp_path, "zero_shot.mode=cross", env={"HYDRA_FULL_ERROR": "1"})
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_bad_input_policy_is_not_part_of_the_content_key(compose_fit):
+    from stableseg_pp.data.description import describe_dataset
+
+    keys = []
+    for policy in ("error", "skip"):
+        cfg = compose_fit("debug=fast", f"data.on_bad_input={policy}")
+        dataset = describe_dataset(cfg.data)
+        keys.append(zero_shot.stage_key(cfg, dataset, zero_shot.build_backbone(cfg), None))
+    assert keys[0] == keys[1]  # a run stopped at a bad image resumes its folder with skip
+
+
+@pytest.mark.slow
+def test_two_identical_runs_at_once_share_one_folder_cleanly(tmp_path):
+    environ = {**os.environ, "HF_HUB_OFFLINE": "1", "STABLESEG_HOME": str(tmp_path)}
+    cmd = [sys.executable, "-m", "stableseg_pp.fit", "stage=0", "debug=fast"]
+    procs = [
+        subprocess.Popen(cmd, cwd=tmp_path, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for _ in range(2)
+    ]
+    errs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], errs
+    (folder,) = (tmp_path / "outputs" / "debug-miniature").glob("stage0-*")
+    record = json.loads((folder / "_COMPLETE.json").read_text())
+    assert record["images_predicted"] == 16  # computed once: the second run found it finished
+    assert sum("finished outputs" in e for e in errs) == 1
+    for split in ("train", "val"):
+        ranks = (folder / split / "ranks" / "rank0.txt").read_text().split()
+        assert len(ranks) == len(set(ranks)) == 8  # no image written twice
+    assert not list(folder.rglob("*.tmp*"))
+
+
+def _picture(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(draw_sample(seed).image).save(path)
+    return path
+
+
+def test_segment_same_names_and_a_bad_file_in_the_middle(tmp_path, miniature_model, capsys):
+    a = _picture(tmp_path / "a" / "photo.png", 3)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    b = _picture(tmp_path / "b" / "photo.png", 4)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as stop:
+        segment_main([str(a), str(bad), str(b), "--classes", "circle,star", "--out", str(out)])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "1 of 3 images could not be used" in err and "broken.png" in err and "Traceback" not in err
+    assert "data.on_bad_input" not in err  # segment's messages name its own options
+    assert sorted(p.name for p in out.glob("*_mask.png")) == ["a_photo_mask.png", "b_photo_mask.png"]
+    assert json.loads((out / "classes.json").read_text()) == {"0": "background", "1": "circle", "2": "star"}
+    first, second = (np.array(Image.open(out / f"{n}_photo_mask.png")) for n in "ab")
+    assert first.shape == second.shape == (64, 64)
+
+
+def test_segment_follows_exif_orientation(tmp_path, miniature_model):
+    pixels = np.zeros((40, 64, 3), np.uint8)  # stored 64 wide, 40 high
+    pixels[:, :32] = draw_sample(5).image[:40, :32]
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to view
+    Image.fromarray(pixels).save(path, exif=exif)
+    segment_main([str(path), "--classes", "circle", "--out", str(tmp_path / "o")])
+    assert Image.open(tmp_path / "o" / "phone_mask.png").size == (40, 64)  # as the user sees it: 40 wide, 64 high
