@@ -137,7 +137,7 @@ def segment(args: argparse.Namespace) -> list[Path]:
             image = load_rgb(path, convert=not args.strict, exif_transpose=True, hint=SEGMENT_HINT)
         except BadInputError as err:
             log.error("%s", one_line(err))
-            unreadable.append(path)
+            unreadable.append(one_line(err))
             continue
         pixels = to_model_pixels(image, seg.resolution)[None].to(args.device)
         out = seg(pixels, [classes], generator=generator)
@@ -152,8 +152,8 @@ def segment(args: argparse.Namespace) -> list[Path]:
         written.append(mask_path)
     if unreadable:
         raise UserError(
-            f"{len(unreadable)} of {len(images)} images could not be used ({', '.join(map(str, unreadable))}); "
-            f"the other {len(written)} were segmented into {args.out}"
+            f"{len(unreadable)} of {len(images)} images could not be used; the other {len(written)} were segmented "
+            f"into {args.out}: {' | '.join(unreadable)}"
         )
     return written
 

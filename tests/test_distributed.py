@@ -109,5 +109,7 @@ def test_ddp_training_on_two_ranks_resumes_after_a_kill(tmp_path, compose_fit, m
 
 
 def test_several_devices_without_a_launcher_is_a_clear_error(compose_fit):
-    with pytest.raises(SystemExit, match="srun .*torchrun"):
+    from stableseg_pp.runtime.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="srun .*torchrun"):
         run(compose_fit("trainer.devices=2", "trainer.num_nodes=2"))

@@ -71,7 +71,7 @@ def test_stage0_default_config_reads_every_mode(tmp_path, compose_fit, miniature
                       "data.batch_size=5", "data.num_workers=0")  # fmt: skip
     cfg.data.prompt_names = {}
     out = run(cfg)["0"]
-    assert sorted(p.stem for p in (out / "val" / "masks").glob("*.png")) == ids
+    assert sorted(p.stem for p in (out / "val" / "masks").glob("*.png")) == sorted(ids)
     record = json.loads((out / "_COMPLETE.json").read_text())
     assert record["splits"]["val"]["converted_to_rgb"] == {"CMYK": 1, "I;16": 1, "L": 1, "P": 1, "RGBA": 1}
     assert record["splits"]["val"]["skipped"] == 0

@@ -97,6 +97,7 @@ class StageLock:
 
     def __exit__(self, *exc) -> None:
         if self._lock is not None:
+            self.owner_file.unlink(missing_ok=True)
             self._lock.release()
 
 
