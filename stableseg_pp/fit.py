@@ -28,8 +28,8 @@ from stableseg_pp.config import CONFIG_DIR
 from stableseg_pp.data.description import describe_dataset
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError, report_errors
-from stableseg_pp.stages import STAGES, resolve_stages
-from stableseg_pp.stages.zero_shot import check_zero_shot_settings
+from stableseg_pp.stages import STAGES, check_stage_splits, resolve_stages
+from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +87,24 @@ def check_writable(cfg: DictConfig) -> None:
         )
 
 
-def run(cfg: DictConfig) -> dict[str, Path]:
-    """Run the configured stage(s); returns each stage's output folder. Every rank calls it."""
-    stages = resolve_stages(cfg.stage)
+def check_settings(cfg: DictConfig) -> None:
+    """Everything that can be checked before a rank starts or a model loads (a clear one-line error otherwise)."""
+    check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
     check_devices(cfg)
     check_writable(cfg)
     check_zero_shot_settings(cfg)
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """Run the configured stage(s); returns each stage's output folder. Every rank calls it."""
+    stages = resolve_stages(cfg.stage)
+    check_settings(cfg)
     require_launcher(cfg)
     distributed.setup(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with distributed.main_first():  # rank 0 writes the miniature world on first use; the others then read it
         dataset = describe_dataset(cfg.data, list(cfg.zero_shot.splits))
+    check_backbone_settings(cfg, dataset)
     outputs = {}
     with tracking.activate(build_tracker(cfg), OmegaConf.to_container(cfg, resolve=True)):
         for key in stages:
@@ -122,8 +129,8 @@ def run_command(cfg: DictConfig) -> None:
     """What ``python -m stableseg_pp.fit`` does: checks, then this process's ranks or the run itself."""
     n = world_size_of(cfg)
     if n > 1 and distributed.launched_environment() is None and int(cfg.trainer.get("num_nodes", 1)) == 1:
-        resolve_stages(cfg.stage)
-        check_devices(cfg)  # before torchrun starts ranks that would all fail the same way
+        check_settings(cfg)  # before torchrun starts ranks that would all fail the same way
+        check_backbone_settings(cfg, describe_dataset(cfg.data, list(cfg.zero_shot.splits)))
         code = relaunch_under_torchrun(n)
         if code:
             raise RankFailure(f"{n} ranks under torchrun: a rank failed (exit code {code}); its error is printed above")

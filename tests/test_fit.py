@@ -149,3 +149,28 @@ def test_presets_compose(compose_fit, overrides, expected):
     cfg = compose_fit(*overrides)
     for key, value in expected.items():
         assert OmegaConf.select(cfg, key) == value, key
+
+
+PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "stableseg_pp" / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_has_the_splits_its_stages_need(compose_fit, preset):
+    from stableseg_pp.launch import slurm
+    from stableseg_pp.stages import check_stage_splits, stage_chain
+
+    cfg = compose_fit(f"experiment={preset}")
+    check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))  # no "run the earlier stages first" half-way
+    chain = stage_chain(cfg.stage)
+    assert chain == (["0"] if preset.endswith("_stableseg") else ["0", "1", "2"])
+    scripts = slurm.write_scripts([f"experiment={preset}", f"paths.root_dir={cfg.paths.root_dir}"])
+    assert [s.stem for s in scripts] == [f"stage{k}" for k in chain]  # the SLURM chain queues only those
+
+
+def test_training_stages_without_train_pseudo_masks_are_refused(compose_fit):
+    from stableseg_pp.runtime.errors import ConfigError
+    from stableseg_pp.stages import check_stage_splits
+
+    cfg = compose_fit("experiment=voc_stableseg", "stage=all")
+    with pytest.raises(ConfigError, match=r"stage=all trains DeepLabV3\+ .* train split.*zero_shot.splits=\['val'\]"):
+        check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))

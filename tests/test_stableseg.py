@@ -76,3 +76,19 @@ def test_two_segmenters_on_one_backbone_keep_their_own_capture(backbone, batch):
     b = StableSeg(backbone, resolution=64, mode="ca", cross_scales=[8], stored_cross_scales=[8])
     out_a, out_b = a(pixels, names), b(pixels, names)
     assert set(out_a.cross_maps) == {s.id for s in a.cross_sites} != set(out_b.cross_maps)
+
+
+def test_sites_and_prompt_checks_before_loading_weights(backbone, miniature_model):
+    """The structure comes from the configs (a U-Net on the meta device): settings are checked before weights load."""
+    from stableseg_pp.backbones.prompts import PromptTooLongError
+
+    fresh = SDUNetBackbone(pretrained=str(miniature_model))
+    assert [(s.id, s.kind, s.grid, s.depth) for s in fresh.sites(64)] == [
+        (s.id, s.kind, s.grid, s.depth) for s in backbone.sites(64)
+    ]
+    assert not fresh.loaded
+    fresh.check_prompt(["circle", "half moon"], "a photo of a {}", " and ")
+    with pytest.raises(PromptTooLongError, match="tokens but the text encoder takes 77"):
+        fresh.check_prompt([f"c{i}" for i in range(60)], "a photo of a {}", " and ")
+    with pytest.raises(LookupError):
+        SDUNetBackbone(pretrained="someorg/not-cached").sites(64)

@@ -111,8 +111,11 @@ class DiffusionBackbone(Protocol):
     """What every backbone family provides (one module per family, selected by ``diffusion._target_``).
 
     A backbone is built from its config cheaply; :meth:`load` reads the weights
-    (each rank calls it itself). Every method below :meth:`identity` needs the
-    weights loaded.
+    (each rank calls it itself). :meth:`latent_grid`, :meth:`sites` and
+    :meth:`check_prompt` also work before loading when the family can read its
+    model's configs (then settings are checked before any weights load; they
+    raise ``LookupError`` when it cannot); every other method below
+    :meth:`identity` needs the weights loaded.
     """
 
     #: the family's name, stored with every map and learned weight (e.g. ``sd_unet``)
@@ -140,6 +143,10 @@ class DiffusionBackbone(Protocol):
 
     def sites(self, resolution: int) -> list[AttentionSite]:
         """Every attention site, in forward order, with its map grid at ``resolution``."""
+        ...
+
+    def check_prompt(self, class_names: Sequence[str], template: str, joiner: str) -> None:
+        """A clear error (``PromptTooLongError``) when a prompt naming ``class_names`` does not fit the text encoder."""
         ...
 
     def encode_text(self, class_names: Sequence[Sequence[str]], template: str, joiner: str) -> TextConditioning:

@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -111,6 +112,7 @@ class SDUNetBackbone:
         self.add_noise = bool(add_noise)
         self.vae = self.unet = self.text_encoder = self.tokenizer = self.scheduler = None
         self._installed: tuple[CaptureRequest, AttentionStore, dict[str, object]] | None = None
+        self._meta: tuple[Any, Any, Any] | None = None  # the structure read from the configs, before loading
 
     @property
     def stochastic(self) -> bool:
@@ -130,28 +132,35 @@ class SDUNetBackbone:
     def loaded(self) -> bool:
         return self.unet is not None
 
+    def _source(self) -> tuple[str, bool]:
+        """The folder or hub id to read, and whether it is a local folder; a clear error when it is neither."""
+        source = resolve_model_path(self.pretrained)
+        local = Path(source).expanduser()
+        if local.exists():
+            if not (local / "model_index.json").exists():
+                raise ConfigError(
+                    f"diffusion.pretrained={self.pretrained}: {local} is not a diffusers pipeline folder (no "
+                    "model_index.json); pass a folder written by save_pretrained or a hub id such as "
+                    "'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+                )
+            return str(local), True
+        if "/" not in source or source.startswith((".", "/", "~")):
+            raise ConfigError(
+                f"diffusion.pretrained={self.pretrained!r}: no such folder, and not a hub id of the form 'org/name'"
+            )
+        return source, False
+
     def load(self) -> SDUNetBackbone:
         if self.loaded:
             return self
         from diffusers import StableDiffusionPipeline
 
-        source = resolve_model_path(self.pretrained)
-        local = Path(source).expanduser()
-        is_local = local.exists()
-        if is_local and not (local / "model_index.json").exists():
-            raise FileNotFoundError(
-                f"{local} is not a diffusers pipeline folder (no model_index.json); "
-                "pass a folder written by save_pretrained or a hub id such as 'runwayml/stable-diffusion-v1-5'"
-            )
-        if not is_local and ("/" not in source or source.startswith((".", "/", "~"))):
-            raise FileNotFoundError(
-                f"diffusion.pretrained={self.pretrained!r}: no such folder, and not a hub id of the form 'org/name'"
-            )
+        source, is_local = self._source()
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
                 pipe = StableDiffusionPipeline.from_pretrained(
-                    str(local) if is_local else source,
+                    source,
                     torch_dtype=self.dtype,
                     safety_checker=None,
                     requires_safety_checker=False,
@@ -169,6 +178,28 @@ class SDUNetBackbone:
             module.eval().requires_grad_(False)
         return self
 
+    def _structure(self) -> tuple[Any, Any, Any]:
+        """(U-Net, VAE config, tokenizer): the loaded ones, or before loading the U-Net built on the meta device from
+        its config (no weights read) and the tokenizer, so that settings are checked before any weights load.
+        Raises ``LookupError`` when the configs cannot be read without downloading (a hub id not in the cache)."""
+        if self.loaded:
+            return self.unet, self.vae.config, self.tokenizer
+        if self._meta is None:
+            from diffusers import AutoencoderKL, UNet2DConditionModel
+            from transformers import AutoTokenizer
+
+            source, _ = self._source()
+            try:
+                unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=True)
+                vae_config = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=True)
+                tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True)
+            except (OSError, ValueError) as err:
+                raise LookupError(f"{source}: configs not available without downloading ({err})") from err
+            with torch.device("meta"):
+                unet = UNet2DConditionModel.from_config(unet_config)
+            self._meta = (unet, SimpleNamespace(**vae_config), tokenizer)
+        return self._meta
+
     def identity(self) -> dict[str, Any]:
         return {"family": self.family, "dtype": str(self.dtype).removeprefix("torch."), **model_identity(self.pretrained)}
 
@@ -183,17 +214,19 @@ class SDUNetBackbone:
     # -- geometry -------------------------------------------------------------------------------------------------
 
     def latent_grid(self, resolution: int) -> tuple[int, int]:
-        self._require_loaded()
-        scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        levels = len(self.unet.config.down_block_types) - 1
+        unet, vae_config, _ = self._structure()
+        scale = 2 ** (len(vae_config.block_out_channels) - 1)
+        levels = len(unet.config.down_block_types) - 1
         multiple = scale * 2**levels
         if resolution % multiple:
             raise ConfigError(f"zero_shot.resolution={resolution} must be a multiple of {multiple} for this backbone")
         return resolution // scale, resolution // scale
 
     def sites(self, resolution: int) -> list[AttentionSite]:
-        self._require_loaded()
-        return unet_sites(self.unet, self.latent_grid(resolution))
+        return unet_sites(self._structure()[0], self.latent_grid(resolution))
+
+    def check_prompt(self, class_names: Sequence[str], template: str, joiner: str) -> None:
+        map_class_tokens(self._structure()[2], class_names, template, joiner)
 
     # -- encoding, noising, forward ---------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from stableseg_pp.config import compose_config
 from stableseg_pp.runtime.distributed import configured_world_size
+from stableseg_pp.stages import stage_chain
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "stage.sbatch"
 
@@ -65,7 +66,7 @@ def render(cfg: DictConfig, stage: str, overrides: Sequence[str], workdir: Path,
 
 def write_scripts(overrides: Sequence[str], stages: Sequence[str] | None = None, workdir: Path | None = None) -> list[Path]:
     cfg = compose_config(overrides)
-    stages = [str(s) for s in (stages or cfg.launcher.stages)]
+    stages = [str(s) for s in (stages or cfg.launcher.get("stages") or stage_chain(cfg.stage))]
     log_dir = Path(cfg.launcher.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     scripts = []
@@ -91,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--submit", action="store_true", help="queue the scripts as a chain (afterok)")
     parser.add_argument("--dry-run", action="store_true", help="with --submit: write and print, do not queue")
-    parser.add_argument("--stages", nargs="+", help="stages to chain (default: launcher.stages)")
+    parser.add_argument("--stages", nargs="+", help="stages to chain (default: launcher.stages, else the chain of `stage`)")
     args, overrides = parser.parse_known_args(argv)
     scripts = write_scripts(overrides, args.stages)
     for s in scripts:

@@ -269,6 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    out_as_given = args.out
     args.out = args.out.resolve()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -324,7 +325,9 @@ def main(argv: list[str] | None = None) -> None:
         "seeds_tried": len(tries),
         "chosen_seed": seed,
         "minutes": (time.time() - t0) / 60,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        # paths as given (relative stays relative): the model card names no folder of the training machine
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+        | {"out": str(out_as_given)},
     }
     (args.out / "training_log.json").write_text(json.dumps(summary, indent=2))
     flags = f"--steps {args.steps} --vae-steps {args.vae_steps} --images {args.images} --seeds {' '.join(map(str, args.seeds))}"

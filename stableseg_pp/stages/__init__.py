@@ -21,6 +21,9 @@ STAGES: dict[str, StageFn] = {
 }
 # ``all`` runs the whole pipeline; stage 2 reuses (or runs) stages 0 and 1 through content-addressed outputs.
 PIPELINE: tuple[str, ...] = ("2",)
+# The steps each stage runs in order (a SLURM chain queues one job per entry), and the zero_shot splits it needs.
+CHAINS: dict[str, tuple[str, ...]] = {"0": ("0",), "1": ("0", "1"), "2": ("0", "1", "2")}
+NEEDED_SPLITS: dict[str, tuple[str, ...]] = {"0": (), "1": ("train",), "2": ("train",)}
 
 
 def resolve_stages(stage: object) -> list[str]:
@@ -31,3 +34,19 @@ def resolve_stages(stage: object) -> list[str]:
     if key not in STAGES:
         raise ConfigError(f"stage={stage!r} is not a stage; choose one of {sorted(STAGES) + ['all']}")
     return [key]
+
+
+def stage_chain(stage: object) -> list[str]:
+    """The stages a run of ``stage`` goes through, in order (``all`` -> 0, 1, 2)."""
+    return list(CHAINS[resolve_stages(stage)[-1]])
+
+
+def check_stage_splits(stage: object, splits: list[str]) -> None:
+    """Stages 1 and 2 train DeepLabV3+ on the pseudo-masks of the train split: stage 0 must make them."""
+    for key in resolve_stages(stage):
+        missing = [s for s in NEEDED_SPLITS[key] if s not in splits]
+        if missing:
+            raise ConfigError(
+                f"stage={stage} trains DeepLabV3+ on stage 0's pseudo-masks of the {'/'.join(missing)} split, but "
+                f"zero_shot.splits={splits}: add {'/'.join(missing)} to zero_shot.splits, or run stage=0"
+            )

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, SiteWeights, Stage0Writer
-from stableseg_pp.backbones.base import DiffusionBackbone
+from stableseg_pp.backbones.base import DiffusionBackbone, select_sites
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
@@ -55,6 +55,26 @@ def check_zero_shot_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"data.on_bad_input={cfg.data.get('on_bad_input')}: use error or skip")
     if bad := [s for s in zs.splits if s not in ("train", "val")]:
         raise ConfigError(f"zero_shot.splits={list(zs.splits)}: {bad} are not splits; use train and/or val")
+
+
+def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> None:
+    """The settings that need the backbone's structure (scales against its sites, the resolution, the longest
+    prompt with ``data.labels=all``), checked from its configs before any weights are read."""
+    zs = cfg.zero_shot
+    backbone = build_backbone(cfg)
+    try:
+        sites = backbone.sites(zs.resolution)
+    except LookupError:
+        return  # a hub id not in the local cache: checked when it is loaded
+    select_sites(sites, "text", zs.cross_scales, setting="zero_shot.cross_scales")
+    select_sites(sites, "text", zs.stored_cross_scales, setting="zero_shot.stored_cross_scales")
+    if zs.mode != "ca":
+        select_sites(sites, "image", zs.self_scales, setting="zero_shot.self_scales")
+    if dataset.labels == "all":
+        names = [dataset.prompt_name(c) for c in range(len(dataset.class_names)) if c != dataset.background_index]
+        if dataset.has_background and zs.background == "word":
+            names.append(zs.background_word)
+        backbone.check_prompt(names, zs.prompt_template, zs.joiner)
 
 
 def build_backbone(cfg: DictConfig) -> DiffusionBackbone:
