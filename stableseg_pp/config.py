@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -21,3 +22,24 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "fit") -> D
     """The composed ``fit`` config with ``overrides`` (``hydra.searchpath=[...]`` adds the user's config folders)."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
+
+
+def build(node: DictConfig, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets a user error of the built class through as itself.
+
+    Hydra wraps whatever a constructor raises in ``InstantiationException``; a
+    :class:`~stableseg_pp.runtime.errors.UserError` (a clear message about a
+    setting) must reach the command line as one line, so it is unwrapped.
+    """
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from stableseg_pp.runtime.errors import UserError
+
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        raise

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stableseg_pp.artifacts import SiteWeights, overlay_png
-from stableseg_pp.config import compose_config
+from stableseg_pp.config import build, compose_config
 from stableseg_pp.data.files import BadInputError, load_rgb
 from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.data.prompted_images import to_model_pixels
@@ -64,7 +63,7 @@ def split_overrides(items: Sequence[str]) -> tuple[list[Path], list[str]]:
 
 def build_segmenter(cfg: DictConfig, device: str) -> StableSeg:
     """StableSeg on the configured backbone, with the configured stage-0 settings."""
-    backbone = instantiate(cfg.diffusion, _convert_="all").load()
+    backbone = build(cfg.diffusion, _convert_="all").load()
     settings = OmegaConf.to_container(cfg.zero_shot, resolve=True)
     for k in NOT_FOR_SEGMENT:
         settings.pop(k, None)

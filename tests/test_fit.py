@@ -174,3 +174,16 @@ def test_training_stages_without_train_pseudo_masks_are_refused(compose_fit):
     cfg = compose_fit("experiment=voc_stableseg", "stage=all")
     with pytest.raises(ConfigError, match=r"stage=all trains DeepLabV3\+ .* train split.*zero_shot.splits=\['val'\]"):
         check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
+
+
+@pytest.mark.parametrize("preset", ["voc_stableseg_pp", "context59_stableseg_pp"])
+def test_table5_presets_start_from_imagenet_and_say_how_to_cache_it(compose_fit, preset, monkeypatch):
+    from stableseg_pp.config import build
+    from stableseg_pp.runtime.errors import ConfigError
+
+    cfg = compose_fit(f"experiment={preset}")
+    assert cfg.segmenter.model.encoder_weights == "imagenet" and cfg.segmenter.model.encoder_name == "resnet101"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", "/nonexistent-cache")  # nothing cached: the offline load must fail clearly
+    with pytest.raises(ConfigError, match=r"encoder_weights=imagenet: the resnet101 encoder weights are not in the local"):
+        build(cfg.segmenter.model, class_names=["a", "b"], _convert_="all")

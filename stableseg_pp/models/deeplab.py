@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from stableseg_pp.data.palette import IGNORE_INDEX
+from stableseg_pp.runtime.errors import ConfigError
 
 
 class DeepLabV3PlusModule(L.LightningModule):
@@ -34,14 +35,24 @@ class DeepLabV3PlusModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.class_names = list(class_names)
-        self.model = smp.DeepLabV3Plus(
-            encoder_name=encoder_name,
-            encoder_weights=encoder_weights,
-            encoder_depth=encoder_depth,
-            decoder_channels=decoder_channels,
-            encoder_output_stride=output_stride,
-            classes=len(self.class_names),
-        )
+        try:
+            self.model = smp.DeepLabV3Plus(
+                encoder_name=encoder_name,
+                encoder_weights=encoder_weights,
+                encoder_depth=encoder_depth,
+                decoder_channels=decoder_channels,
+                encoder_output_stride=output_stride,
+                classes=len(self.class_names),
+            )
+        except OSError as err:  # the pretrained encoder is neither cached nor downloadable (no network)
+            if encoder_weights is None:
+                raise
+            raise ConfigError(
+                f"segmenter.model.encoder_weights={encoder_weights}: the {encoder_name} encoder weights are not in the "
+                "local cache and cannot be downloaded here. Pre-cache them on a machine with network access (same "
+                f"HF_HOME): python -c \"import segmentation_models_pytorch as smp; smp.DeepLabV3Plus('{encoder_name}', "
+                f"encoder_weights='{encoder_weights}')\", or set segmenter.model.encoder_weights=null (random weights)"
+            ) from err
         self.val_miou = MulticlassJaccardIndex(num_classes=len(self.class_names), ignore_index=IGNORE_INDEX)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

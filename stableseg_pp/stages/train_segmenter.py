@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, SegmenterMaskWriter
+from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
 from stableseg_pp.evaluation.mask_sets import report_split
@@ -112,7 +113,7 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, out:
     val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
     # Seed here, not only at start-up: the result must not depend on which stages ran before in this process.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = instantiate(seg.model, class_names=names, _convert_="all")
+    module = build(seg.model, class_names=names, _convert_="all")
     ckpt_dir = out / "checkpoints"
     # monitor=None: keep the newest epoch (choosing by val mIoU would use labels); last.ckpt links to it
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", save_top_k=1, every_n_epochs=1)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, SiteWeights, Stage0Writer
 from stableseg_pp.backbones.base import DiffusionBackbone, select_sites
+from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
@@ -79,7 +80,7 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
 
 def build_backbone(cfg: DictConfig) -> DiffusionBackbone:
     """The configured backbone (``diffusion._target_``), not loaded yet."""
-    return instantiate(cfg.diffusion, _convert_="all")
+    return build(cfg.diffusion, _convert_="all")
 
 
 def stableseg_settings(cfg: DictConfig, dataset: DatasetDescription) -> dict:
