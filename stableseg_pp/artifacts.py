@@ -39,6 +39,7 @@ __all__ = [
     "StoredMaps",
     "load_stored_maps",
     "overlay_png",
+    "unique_stems",
     "write_json",
 ]
 
@@ -174,6 +175,27 @@ def load_stored_maps(path: str | Path) -> StoredMaps:
         scores = data["scores"] if "scores" in data.files else None
         family = str(data["family"]) if "family" in data.files else None
         return StoredMaps(data["class_ids"].tolist(), family, maps, scores)
+
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """A distinct output name per input: its file stem, with as many parent folders as it takes to tell
+    same-named inputs apart (``a/photo.jpg``, ``b/photo.jpg`` -> ``a_photo``, ``b_photo``)."""
+    resolved = [p.resolve() for p in paths]
+    stems = [p.stem for p in resolved]
+    for depth in range(1, max(len(p.parts) for p in resolved) + 1):
+        clashes = {s for s in stems if stems.count(s) > 1}
+        if not clashes:
+            break
+        stems = [
+            "_".join([*p.parent.parts[-depth:], p.stem]).lstrip("/_") if stem in clashes else stem
+            for p, stem in zip(resolved, stems, strict=True)
+        ]
+    seen: dict[str, int] = {}
+    unique = []
+    for stem in stems:  # the same file given twice
+        seen[stem] = seen.get(stem, 0) + 1
+        unique.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
+    return unique
 
 
 def overlay_png(

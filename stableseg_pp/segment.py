@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from stableseg_pp.artifacts import SiteWeights, overlay_png
+from stableseg_pp.artifacts import SiteWeights, overlay_png, unique_stems
 from stableseg_pp.config import build, compose_config
 from stableseg_pp.data.files import BadInputError, load_rgb
 from stableseg_pp.data.palette import save_palette_png
@@ -75,27 +75,6 @@ def build_segmenter(cfg: DictConfig, device: str) -> StableSeg:
     return StableSeg(backbone, **settings).to(device)
 
 
-def output_stems(paths: Sequence[Path]) -> list[str]:
-    """A distinct output name per input: its file stem, with as many parent folders as it takes to tell
-    same-named inputs apart (``a/photo.jpg``, ``b/photo.jpg`` -> ``a_photo``, ``b_photo``)."""
-    resolved = [p.resolve() for p in paths]
-    stems = [p.stem for p in resolved]
-    for depth in range(1, max(len(p.parts) for p in resolved) + 1):
-        clashes = {s for s in stems if stems.count(s) > 1}
-        if not clashes:
-            break
-        stems = [
-            "_".join([*p.parent.parts[-depth:], p.stem]).lstrip("/_") if stem in clashes else stem
-            for p, stem in zip(resolved, stems, strict=True)
-        ]
-    seen: dict[str, int] = {}
-    unique = []
-    for stem in stems:  # the same file given twice
-        seen[stem] = seen.get(stem, 0) + 1
-        unique.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
-    return unique
-
-
 def main(argv: list[str] | None = None) -> list[Path]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files, then optional key=value config overrides (as for fit)")
@@ -131,7 +110,7 @@ def segment(args: argparse.Namespace) -> list[Path]:
     legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(classes)}}
     atomic_write_text(args.out / "classes.json", json.dumps(legend, indent=2))
     written, unreadable = [], []
-    for path, stem in zip(images, output_stems(images), strict=True):
+    for path, stem in zip(images, unique_stems(images), strict=True):
         try:
             image = load_rgb(path, convert=not args.strict, exif_transpose=True, hint=SEGMENT_HINT)
         except BadInputError as err:

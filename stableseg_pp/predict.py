@@ -1,0 +1,147 @@
+"""Apply a trained DeepLabV3+ (the end product of stages 1-2) to new pictures, or export it.
+
+    python -m stableseg_pp.predict outputs/miniature-miniature_sd/deeplab-<hash> photo.jpg --out masks/
+    python -m stableseg_pp.predict outputs/.../deeplab-<hash> --export segmenter.pt --export-size 512
+
+The first argument is a DeepLabV3+ step folder (its ``checkpoints/last.ckpt``)
+or a checkpoint file. Writes ``<name>_mask.png`` (palette PNG of class ids),
+``<name>_overlay.png`` and ``classes.json`` (the legend). ``--export`` writes
+a TorchScript model that needs neither this package nor Lightning: it takes
+``(B, 3, S, S)`` RGB images with values 0-255 (any float or integer dtype) and
+returns ``(B, S, S)`` class ids (int64); resize pictures to ``S x S`` first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stableseg_pp.artifacts import overlay_png, unique_stems
+from stableseg_pp.data.files import BadInputError, load_rgb
+from stableseg_pp.data.pairs import IMAGENET_MEAN, IMAGENET_STD
+from stableseg_pp.data.palette import save_palette_png
+from stableseg_pp.models.deeplab import DeepLabV3PlusModule
+from stableseg_pp.runtime.atomic import atomic_save, atomic_write_text
+from stableseg_pp.runtime.errors import UserError, one_line, report_errors
+
+log = logging.getLogger("stableseg_pp.predict")
+HINT = "; replace it, or leave it out of the command"
+
+
+class ExportedSegmenter(torch.nn.Module):
+    """DeepLabV3+ with its input normalisation: 0-255 RGB images in, class ids out.
+
+    Args:
+        model: the trained smp model (``DeepLabV3PlusModule.model``).
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) / self.std
+        return self.model(x).argmax(1)
+
+
+def find_checkpoint(path: Path) -> Path:
+    """A checkpoint file, or a DeepLabV3+ step folder's ``checkpoints/last.ckpt``."""
+    if path.is_file():
+        return path
+    ckpt = path / "checkpoints" / "last.ckpt"
+    if path.is_dir() and ckpt.exists():
+        return ckpt
+    raise UserError(
+        f"{path}: not a checkpoint file nor a DeepLabV3+ step folder with checkpoints/last.ckpt; give "
+        "outputs/<run>/deeplab-<hash> (the folder of a finished stage 1 or 2) or a .ckpt file"
+    )
+
+
+def load_segmenter(path: Path, device: str) -> DeepLabV3PlusModule:
+    """The trained module (its pretrained-encoder setting is ignored: the checkpoint holds every weight)."""
+    ckpt = find_checkpoint(path)
+    try:
+        module = DeepLabV3PlusModule.load_from_checkpoint(ckpt, map_location=device, encoder_weights=None)
+    except (RuntimeError, KeyError, OSError) as err:
+        raise UserError(f"{ckpt}: not a DeepLabV3+ checkpoint of this package ({one_line(err)})") from err
+    return module.eval().to(device)
+
+
+@torch.no_grad()
+def predict_mask(module: DeepLabV3PlusModule, image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB -> (H, W) uint8 class ids, at the picture's own size."""
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(module.device) / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    logits = module((x - mean) / std)
+    return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+
+
+def export(module: DeepLabV3PlusModule, path: Path, size: int) -> Path:
+    """Trace :class:`ExportedSegmenter` at ``size x size`` and save it as TorchScript (atomically)."""
+    if size % 2**module.hparams.encoder_depth:
+        raise UserError(f"--export-size {size}: use a multiple of {2**module.hparams.encoder_depth}")
+    wrapper = ExportedSegmenter(module.model).eval().to(module.device)
+    example = torch.zeros(1, 3, size, size, device=module.device)
+    with torch.no_grad():
+        traced = torch.jit.trace(wrapper, example)
+    return atomic_save(path, lambda t: torch.jit.save(traced, t))
+
+
+def main(argv: list[str] | None = None) -> list[Path]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("segmenter", type=Path, help="a DeepLabV3+ step folder (deeplab-<hash>) or a .ckpt file")
+    p.add_argument("images", nargs="*", type=Path)
+    p.add_argument("--out", type=Path, help="folder for the masks (needed with images)")
+    p.add_argument("--export", type=Path, help="write a TorchScript model to this file")
+    p.add_argument("--export-size", type=int, default=512, help="image side the exported model takes (default 512)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--strict", action="store_true", help="refuse images that are not RGB instead of converting them")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    return report_errors(lambda: run(args), args.debug, "--debug", "stableseg_pp.predict")
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    if not args.images and not args.export:
+        raise UserError("give images to segment (with --out) and/or --export FILE")
+    if args.images and not args.out:
+        raise UserError("--out: give the folder for the masks")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device}: this machine has no GPU that PyTorch can use; use --device cpu")
+    module = load_segmenter(args.segmenter, args.device)
+    written: list[Path] = []
+    if args.export:
+        written.append(export(module, args.export, args.export_size))
+        log.info("exported %s (input: (B, 3, %d, %d) RGB 0-255)", args.export, args.export_size, args.export_size)
+    if args.images:
+        args.out.mkdir(parents=True, exist_ok=True)
+        legend = dict(enumerate(module.class_names))
+        atomic_write_text(args.out / "classes.json", json.dumps({str(k): v for k, v in legend.items()}, indent=2))
+        bad = []
+        for path, stem in zip(args.images, unique_stems(args.images), strict=True):
+            try:
+                image = load_rgb(path, convert=not args.strict, exif_transpose=True, hint=HINT)
+            except BadInputError as err:
+                log.error("%s", one_line(err))
+                bad.append(one_line(err))
+                continue
+            mask = predict_mask(module, image)
+            written.append(atomic_save(args.out / f"{stem}_mask.png", lambda t, m=mask: save_palette_png(m, t)))
+            ov = overlay_png(image, mask, None)
+            atomic_save(args.out / f"{stem}_overlay.png", lambda t, im=ov: im.save(t, format="PNG"))
+        if bad:
+            raise UserError(f"{len(bad)} of {len(args.images)} images could not be used: {' | '.join(bad)}")
+    return written
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The trained segmenter is usable: `predict` and the exported model give the LightningModule's masks."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample
+from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform
+from stableseg_pp.models.deeplab import DeepLabV3PlusModule
+from stableseg_pp.predict import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A small DeepLabV3+ after a few steps, saved as a step folder's last.ckpt."""
+    folder = tmp_path_factory.mktemp("deeplab-test")
+    L.seed_everything(0)
+    module = DeepLabV3PlusModule(CLASS_NAMES, encoder_name="resnet18", lr=0.05)
+    samples = [draw_sample(s) for s in range(8)]
+    images = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1).float() / 255 for s in samples])
+    masks = torch.stack([torch.from_numpy(s.mask.astype(np.int64)) for s in samples])
+    trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, DataLoader(TensorDataset(images, masks), batch_size=4))
+    trainer.save_checkpoint(folder / "checkpoints" / "last.ckpt")
+    return folder, module.eval()
+
+
+def _module_masks(module, paths):
+    """What the pipeline's own prediction path gives (eval transform, predict_step, argmax of the probabilities)."""
+    ds = ImageMaskPairs(paths, None, len(CLASS_NAMES), eval_transform())
+    images = torch.stack([ds[i][0] for i in range(len(ds))])
+    with torch.no_grad():
+        probs, _ = module.predict_step((images, torch.arange(len(ds))), 0)
+    return probs.argmax(1).to(torch.uint8).numpy()
+
+
+def test_predict_and_export_match_the_lightning_module(trained, tmp_path):
+    folder, module = trained
+    paths = []
+    for s in (20, 21, 22):
+        p = tmp_path / "in" / f"pic{s}.png"
+        p.parent.mkdir(exist_ok=True)
+        Image.fromarray(draw_sample(s).image).save(p)
+        paths.append(p)
+    out = tmp_path / "out"
+    main([str(folder), *map(str, paths), "--out", str(out), "--export", str(tmp_path / "seg.pt"), "--export-size", "64"])
+    expected = _module_masks(module, paths)
+    for p, ref in zip(paths, expected, strict=True):
+        got = np.array(Image.open(out / f"{p.stem}_mask.png"))
+        np.testing.assert_array_equal(got, ref)
+    assert json.loads((out / "classes.json").read_text())["5"] == CLASS_NAMES[5]
+
+    exported = torch.jit.load(str(tmp_path / "seg.pt"))  # needs neither this package nor Lightning
+    batch = torch.stack([torch.from_numpy(draw_sample(s).image).permute(2, 0, 1) for s in (20, 21, 22)])
+    np.testing.assert_array_equal(exported(batch).numpy(), expected.astype(np.int64))
+
+
+def test_predict_refuses_a_folder_without_checkpoint(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main([str(tmp_path), str(tmp_path / "x.png"), "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "not a checkpoint file nor a DeepLabV3+ step folder" in capsys.readouterr().err
