@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--strict", action="store_true", help="refuse images that are not RGB instead of converting them")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # images, options and overrides in any order
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     return report_errors(lambda: run(args), args.debug, "--debug", "stableseg_pp.predict")
 
