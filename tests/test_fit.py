@@ -187,3 +187,16 @@ def test_table5_presets_start_from_imagenet_and_say_how_to_cache_it(compose_fit,
     monkeypatch.setenv("HF_HOME", "/nonexistent-cache")  # nothing cached: the offline load must fail clearly
     with pytest.raises(ConfigError, match=r"encoder_weights=imagenet: the resnet101 encoder weights are not in the local"):
         build(cfg.segmenter.model, class_names=["a", "b"], _convert_="all")
+
+
+@pytest.mark.slow
+def test_annotation_free_protocol_with_150_class_names(compose_fit, miniature_model):
+    """data.labels=all with an ADE20K-sized class list: the prompt is split, every image gets a mask."""
+    cfg = compose_fit(*SMALL, "zero_shot.splits=[val]", "data.labels=all", "data.limit=3")
+    cfg.data.class_names = list(cfg.data.class_names) + [f"thing {i}" for i in range(143)]
+    out = run(cfg)["0"]
+    masks = sorted((out / "val" / "masks").glob("*.png"))
+    assert len(masks) == 3
+    stored = artifacts.load_stored_maps(out / "val" / "maps" / f"{masks[0].stem}.npz")
+    assert len(stored.class_ids) == 149 and all(m.shape[0] == 149 for m in stored.site_maps.values())
+    assert json.loads((out / "metrics.json").read_text())["val"]["labels"] == "all"

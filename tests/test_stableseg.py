@@ -92,3 +92,34 @@ def test_sites_and_prompt_checks_before_loading_weights(backbone, miniature_mode
         fresh.check_prompt([f"c{i}" for i in range(60)], "a photo of a {}", " and ")
     with pytest.raises(LookupError):
         SDUNetBackbone(pretrained="someorg/not-cached").sites(64)
+
+
+def test_long_class_lists_are_split_over_prompts(backbone):
+    from stableseg_pp.backbones.prompts import PromptTooLongError
+    from stableseg_pp.methods.stableseg import split_into_prompts
+
+    names = list(CLASS_NAMES[1:])
+    assert split_into_prompts(backbone, names, "a photo of a {}", " and ", 2) == [[0, 1], [2, 3], [4, 5]]
+    many = [f"{n} {i}" for i in range(30) for n in names]  # 180 names: far more than one prompt holds
+    groups = split_into_prompts(backbone, many, "a photo of a {}", " and ")
+    assert len(groups) > 1 and [i for g in groups for i in g] == list(range(len(many)))
+    for g in groups:  # each group is one prompt that fits
+        backbone.check_prompt([many[i] for i in g], "a photo of a {}", " and ")
+    with pytest.raises(PromptTooLongError):
+        split_into_prompts(backbone, ["circle", " ".join(["star"] * 80)], "a photo of a {}", " and ")
+
+
+def test_split_prompts_give_the_maps_of_separate_prompts(backbone, batch):
+    """Each group of a split class list is one forward: its classes' maps equal a run with that group's prompt alone."""
+    pixels, _, _ = batch
+    names = [list(CLASS_NAMES[1:6]), list(CLASS_NAMES[2:5])]
+    split = StableSeg(backbone, resolution=64, mode="ca+sa", max_classes_per_prompt=2)
+    out = split(pixels, names)
+    assert out.scores.shape == (2, 6, 64, 64) and out.valid.sum(1).tolist() == [6, 4]
+    whole = StableSeg(backbone, resolution=64, mode="ca+sa")
+    for i, image_names in enumerate(names):
+        for start in range(0, len(image_names), 2):
+            group = image_names[start : start + 2]
+            alone = whole(pixels[i : i + 1], [group])
+            for site, maps in out.cross_maps.items():
+                torch.testing.assert_close(maps[i, start : start + len(group)], alone.cross_maps[site][0], rtol=1e-4, atol=1e-5)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, DiffusionBackbone, select_sites
+from stableseg_pp.backbones.prompts import PromptTooLongError
 from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize, with_background
 from stableseg_pp.methods.sar import sar_probabilities
 from stableseg_pp.runtime.errors import ConfigError
@@ -47,6 +48,8 @@ class StableSeg(torch.nn.Module):
         mode: ``ca`` (CAPM), ``sa`` (SAR) or ``ca+sa`` (their sum).
         background: ``threshold`` (constant channel), ``word`` (a map for ``background_word``) or ``none``.
         site_weights: site id -> weight of its map in CAPM (learned by stage 2); default uniform over ``cross_scales``.
+        max_classes_per_prompt: at most this many class names in one prompt (None: as many as fit). Longer class
+            lists (e.g. ``data.labels=all`` on ADE20K) are split over several prompts, one forward each.
     """
 
     def __init__(
@@ -63,6 +66,7 @@ class StableSeg(torch.nn.Module):
         prompt_template: str = "a photo of a {}",
         joiner: str = " and ",
         site_weights: Mapping[str, float] | None = None,
+        max_classes_per_prompt: int | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -89,6 +93,8 @@ class StableSeg(torch.nn.Module):
         unknown = set(self.site_weights) - {s.id for s in self.cross_sites}
         if unknown:
             raise ConfigError(f"site weights name sites that are not captured: {sorted(unknown)}")
+        self.max_classes_per_prompt = max_classes_per_prompt
+        self._groups: dict[tuple[str, ...], list[list[int]]] = {}
         self.store = AttentionStore()
         self.capture = CaptureRequest(
             class_maps=tuple(s.id for s in self.cross_sites), query_keys=tuple(s.id for s in self.self_sites)
@@ -102,6 +108,16 @@ class StableSeg(torch.nn.Module):
     def class_names_for_prompt(self, names: Sequence[str]) -> list[str]:
         return list(names) + ([self.background_word] if self.background == "word" else [])
 
+    def prompt_groups(self, names: Sequence[str]) -> list[list[int]]:
+        """Indices of ``names`` split into consecutive groups whose prompts fit the text encoder (and hold at most
+        ``max_classes_per_prompt`` names): one group, one forward, unless the class list is too long for one prompt."""
+        key = tuple(names)
+        if key not in self._groups:
+            self._groups[key] = split_into_prompts(
+                self.backbone, names, self.prompt_template, self.joiner, self.max_classes_per_prompt
+            )
+        return self._groups[key]
+
     @torch.no_grad()
     def forward(
         self, pixels: torch.Tensor, class_names: Sequence[Sequence[str]], generator: torch.Generator | None = None
@@ -109,12 +125,17 @@ class StableSeg(torch.nn.Module):
         if pixels.shape[-2:] != (self.resolution, self.resolution):
             raise ValueError(f"expected images of {self.resolution}x{self.resolution}, got {tuple(pixels.shape[-2:])}")
         backbone = self.backbone
-        text = backbone.encode_text([self.class_names_for_prompt(n) for n in class_names], self.prompt_template, self.joiner)
-        valid = text.valid
+        prompt_names = [self.class_names_for_prompt(n) for n in class_names]
+        groups = [self.prompt_groups(n) for n in prompt_names]
         latents, time = backbone.noise(backbone.encode_images(pixels), generator)
         backbone.install_capture(self.capture, self.store)  # again, if another user of the backbone replaced them
-        self.store.reset(text.token_weights, tuple(latents.shape[-2:]))
-        backbone.denoise(latents, time, text)
+        if all(len(g) == 1 for g in groups):  # every image's classes in one prompt: one forward per image
+            text = backbone.encode_text(prompt_names, self.prompt_template, self.joiner)
+            valid = text.valid
+            self.store.reset(text.token_weights, tuple(latents.shape[-2:]))
+            backbone.denoise(latents, time, text)
+        else:
+            valid = self._forward_prompt_groups(latents, time, prompt_names, groups)
         size = (self.resolution, self.resolution)
         cross = dict(self.store.cross)
         class_maps = minmax_normalize(aggregate_maps(cross, self.site_weights, size))
@@ -137,6 +158,36 @@ class StableSeg(torch.nn.Module):
         self.store.self_qk.clear()
         return StableSegOutput(scores=scores, valid=valid, capm=capm, cross_maps=cross)
 
+    def _forward_prompt_groups(
+        self, latents: torch.Tensor, time: torch.Tensor, names: list[list[str]], groups: list[list[list[int]]]
+    ) -> torch.Tensor:
+        """Class lists too long for one prompt: one forward per (image, group) in one batch; each image's class maps
+        are its groups' maps in order (each class map is min-max normalised on its own afterwards), its Query/Key
+        features those of its first group. Fills the store as a single forward would; returns (B, K) validity."""
+        backbone, store = self.backbone, self.store
+        image_of = [i for i, image_groups in enumerate(groups) for _ in image_groups]
+        entries = [[names[i][j] for j in group] for i, image_groups in enumerate(groups) for group in image_groups]
+        text = backbone.encode_text(entries, self.prompt_template, self.joiner)
+        index = torch.tensor(image_of, device=latents.device)
+        store.reset(text.token_weights, tuple(latents.shape[-2:]))
+        backbone.denoise(latents[index], time[index], text)
+        k = max(len(n) for n in names)
+        first = torch.tensor([image_of.index(i) for i in range(len(names))], device=latents.device)
+        for site, maps in list(store.cross.items()):  # (entries, K_group, h, w) -> (B, K, h, w)
+            out = maps.new_zeros((len(names), k, *maps.shape[-2:]))
+            e = 0
+            for i, image_groups in enumerate(groups):
+                c = 0
+                for group in image_groups:
+                    out[i, c : c + len(group)] = maps[e, : len(group)]
+                    c += len(group)
+                    e += 1
+            store.cross[site] = out
+        for site, (q, kk) in list(store.self_qk.items()):
+            store.self_qk[site] = (q[first], kk[first])
+        counts = torch.tensor([len(n) for n in names], device=latents.device)
+        return torch.arange(k, device=latents.device)[None] < counts[:, None]
+
     @staticmethod
     def _background_word_first(class_maps: torch.Tensor, n_valid: torch.Tensor) -> torch.Tensor:
         """Reorder channels so that each image's background-word map (its last valid one) comes first."""
@@ -145,6 +196,31 @@ class StableSeg(torch.nn.Module):
             out[i, 0] = class_maps[i, n - 1]
             out[i, 1:n] = class_maps[i, : n - 1]
         return out
+
+
+def split_into_prompts(
+    backbone: DiffusionBackbone, names: Sequence[str], template: str, joiner: str, max_per_prompt: int | None = None
+) -> list[list[int]]:
+    """Consecutive groups of ``names`` (as indices), each as long as fits one prompt (and ``max_per_prompt``).
+
+    A name that does not fit a prompt even alone is the backbone's clear ``PromptTooLongError``.
+    """
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for i in range(len(names)):
+        trial = [*current, i]
+        if max_per_prompt is None or len(trial) <= max_per_prompt:
+            try:
+                backbone.check_prompt([names[j] for j in trial], template, joiner)
+                current = trial
+                continue
+            except PromptTooLongError:
+                if not current:
+                    raise
+        groups.append(current)
+        backbone.check_prompt([names[i]], template, joiner)
+        current = [i]
+    return [*groups, current] if current else groups
 
 
 def resize_scores(scores: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -23,7 +23,7 @@ from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
-from stableseg_pp.methods.stableseg import MODES
+from stableseg_pp.methods.stableseg import MODES, split_into_prompts
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import write_json
@@ -59,8 +59,8 @@ def check_zero_shot_settings(cfg: DictConfig) -> None:
 
 
 def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> None:
-    """The settings that need the backbone's structure (scales against its sites, the resolution, the longest
-    prompt with ``data.labels=all``), checked from its configs before any weights are read."""
+    """The settings that need the backbone's structure (scales against its sites, the resolution, every class name
+    of a ``data.labels=all`` prompt), checked from its configs before any weights are read."""
     zs = cfg.zero_shot
     backbone = build_backbone(cfg)
     try:
@@ -75,7 +75,8 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
         names = [dataset.prompt_name(c) for c in range(len(dataset.class_names)) if c != dataset.background_index]
         if dataset.has_background and zs.background == "word":
             names.append(zs.background_word)
-        backbone.check_prompt(names, zs.prompt_template, zs.joiner)
+        # the class list is split over as many prompts as it takes; each name must fit one on its own
+        split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
 
 
 def build_backbone(cfg: DictConfig) -> DiffusionBackbone:
