@@ -274,3 +274,17 @@ def test_stage2_end_to_end_without_a_background_class(tmp_path, compose_fit, min
     assert abs(sum(learned["sites"].values()) - 1) < 1e-4
     table = json.loads((run_dir / "results.json").read_text())
     assert len(table) == 6 and all(r["val_miou"] is not None and np.isfinite(r["val_miou"]) for r in table)
+
+
+@pytest.mark.slow
+def test_voc_stableseg_preset_runs_to_completion_on_a_voc_fixture(tmp_path, compose_fit, miniature_model):
+    """The zero-shot preset as documented (`experiment=voc_stableseg paths.data_dir=...`), with the miniature backbone."""
+    _voc_fixture_from_the_miniature_world(tmp_path / "data" / "VOCdevkit" / "VOC2012")
+    names = ",".join(f"'{n}'" for n in CLASS_NAMES)
+    cfg = compose_fit("experiment=voc_stableseg", f"paths.data_dir={tmp_path / 'data'}", "diffusion=miniature_sd",
+                      "zero_shot.resolution=64", "trainer=cpu", f"data.class_names=[{names}]")  # fmt: skip
+    cfg.data.prompt_names = {}
+    outputs = run(cfg)  # the preset's own stage plan: stage 0 on val
+    assert list(outputs) == ["0"]
+    record = json.loads((outputs["0"] / "_COMPLETE.json").read_text())
+    assert set(record["splits"]) == {"val"} and record["splits"]["val"]["metrics"]["protocol"]["background"] == "ignored"

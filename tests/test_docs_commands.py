@@ -21,12 +21,28 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 
 
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced code block, fences paired in order."""
+    blocks, lang, body = [], None, []
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if lang is None:
+                lang, body = line[3:].strip(), []
+            else:
+                blocks.append((lang, "\n".join(body) + "\n"))
+                lang = None
+        elif lang is not None:
+            body.append(line)
+    return blocks
+
+
 def documented_commands() -> list[tuple[str, str]]:
-    """(where, command) for every `python -m stableseg_pp...` line of a fenced code block (continuations joined)."""
+    """(where, command) for every `python -m stableseg_pp...` line of a shell code block (continuations joined)."""
     found = []
     for doc in DOCS:
-        text = doc.read_text()
-        for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
+        for lang, block in fenced_blocks(doc.read_text()):
+            if lang not in ("", "bash", "sh"):
+                continue
             for line in block.replace("\\\n", " ").splitlines():
                 if "python -m stableseg_pp." in line:
                     found.append((f"{doc.relative_to(REPO)}", line.strip()))
@@ -47,10 +63,17 @@ def _args(command: str) -> tuple[str, list[str]]:
 
 
 def _user_config_dir(root: Path) -> Path:
-    """The folder docs/configs.md writes."""
+    """The user config folder the docs write: docs/configs.md's my_shapes, and every ```yaml block of the docs whose
+    first line names its file (``# my_configs/<group>/<name>.yaml``)."""
     folder = root / "my_configs" / "data"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "my_shapes.yaml").write_text("defaults:\n  - miniature\nname: my_shapes\nlimit: 3\n")
+    for doc in DOCS:
+        for lang, block in fenced_blocks(doc.read_text()):
+            if lang == "yaml" and (m := re.match(r"# (my_configs/[\w/]+\.yaml)\n", block)):
+                target = root / m.group(1)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(block)
     return root / "my_configs"
 
 

@@ -123,3 +123,28 @@ def test_split_prompts_give_the_maps_of_separate_prompts(backbone, batch):
             alone = whole(pixels[i : i + 1], [group])
             for site, maps in out.cross_maps.items():
                 torch.testing.assert_close(maps[i, start : start + len(group)], alone.cross_maps[site][0], rtol=1e-4, atol=1e-5)
+
+
+def test_single_file_checkpoints_are_accepted_with_clear_errors(tmp_path, miniature_model, monkeypatch):
+    """diffusion.pretrained may name a .safetensors/.ckpt file (from_single_file); its identity is its content,
+    its configs come from diffusion.single_file_config; without them offline the error says what to set."""
+    from safetensors.torch import save_file
+
+    from stableseg_pp.runtime.errors import ConfigError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = tmp_path / "model.safetensors"
+    save_file({"x": torch.zeros(3)}, str(path))
+    alone = SDUNetBackbone(pretrained=str(path))
+    assert alone.identity()["file"] == "model.safetensors" and "fingerprint" in alone.identity()
+    with pytest.raises(LookupError):  # no configs without the hub: the pre-flight check is skipped, not wrong
+        alone.sites(64)
+    with pytest.raises(ConfigError, match="single-file checkpoint could not be loaded.*diffusion.single_file_config"):
+        alone.load()
+    configured = SDUNetBackbone(pretrained=str(path), single_file_config=str(miniature_model))
+    assert len(configured.sites(64)) == len(SDUNetBackbone(pretrained=str(miniature_model)).sites(64))
+    with pytest.raises(ConfigError, match="single-file checkpoint could not be loaded"):
+        configured.load()  # this file holds no model weights
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not a single-file checkpoint"):
+        SDUNetBackbone(pretrained=str(tmp_path / "notes.txt")).sites(64)

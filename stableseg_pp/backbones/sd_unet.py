@@ -22,13 +22,14 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning
 from stableseg_pp.backbones.capture import CrossAttentionMapProcessor, SelfAttentionQKProcessor
 from stableseg_pp.backbones.prompts import map_class_tokens
-from stableseg_pp.runtime.errors import ConfigError
-from stableseg_pp.runtime.hashing import folder_fingerprint
+from stableseg_pp.runtime.errors import ConfigError, one_line
+from stableseg_pp.runtime.hashing import file_fingerprint, folder_fingerprint
 
 MINIATURE_MODEL = Path(__file__).resolve().parent.parent / "assets" / "miniature_sd"
 ALIASES = {"miniature": MINIATURE_MODEL}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 PROCESSOR_SUFFIX = ".processor"
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def resolve_model_path(pretrained: str) -> str:
@@ -39,10 +40,12 @@ def resolve_model_path(pretrained: str) -> str:
 
 
 def model_identity(pretrained: str) -> dict[str, str]:
-    """A local folder by its name and content fingerprint (not its path), a hub id by its id."""
+    """A local folder or single file by its name and content fingerprint (not its path), a hub id by its id."""
     path = Path(resolve_model_path(pretrained)).expanduser()
     if path.is_dir():
         return {"folder": path.name, "fingerprint": folder_fingerprint(path)}
+    if path.is_file():
+        return {"file": path.name, "fingerprint": file_fingerprint(path)}
     return {"hub_id": pretrained}
 
 
@@ -93,6 +96,8 @@ class SDUNetBackbone:
         dtype: ``float32``, ``float16`` or ``bfloat16``.
         timestep: the DDPM timestep the U-Net is told (StableSeg: 1).
         add_noise: noise the clean latent to ``timestep`` with the scheduler (seeded by the caller).
+        single_file_config: for a single-file checkpoint (``pretrained=model.safetensors``): a diffusers folder or
+            hub id of the same architecture whose component configs it takes (None: the hub's default for the file).
     """
 
     family = "sd_unet"
@@ -104,12 +109,14 @@ class SDUNetBackbone:
         dtype: str = "float32",
         timestep: int = 1,
         add_noise: bool = False,
+        single_file_config: str | None = None,
     ):
         self.name = name
         self.pretrained = str(pretrained)
         self.dtype = parse_dtype(dtype)
         self.timestep = int(timestep)
         self.add_noise = bool(add_noise)
+        self.single_file_config = single_file_config
         self.vae = self.unet = self.text_encoder = self.tokenizer = self.scheduler = None
         self._installed: tuple[CaptureRequest, AttentionStore, dict[str, object]] | None = None
         self._meta: tuple[Any, Any, Any] | None = None  # the structure read from the configs, before loading
@@ -133,15 +140,22 @@ class SDUNetBackbone:
         return self.unet is not None
 
     def _source(self) -> tuple[str, bool]:
-        """The folder or hub id to read, and whether it is a local folder; a clear error when it is neither."""
+        """The folder, single file or hub id to read, and whether it is local; a clear error when it is none of them."""
         source = resolve_model_path(self.pretrained)
         local = Path(source).expanduser()
+        if local.is_file():
+            if local.suffix not in SINGLE_FILE_SUFFIXES:
+                raise ConfigError(
+                    f"diffusion.pretrained={self.pretrained}: a file, but not a single-file checkpoint "
+                    f"({', '.join(SINGLE_FILE_SUFFIXES)}); pass such a file or a diffusers folder"
+                )
+            return str(local), True
         if local.exists():
             if not (local / "model_index.json").exists():
                 raise ConfigError(
                     f"diffusion.pretrained={self.pretrained}: {local} is not a diffusers pipeline folder (no "
-                    "model_index.json); pass a folder written by save_pretrained or a hub id such as "
-                    "'stable-diffusion-v1-5/stable-diffusion-v1-5'"
+                    "model_index.json); pass a folder written by save_pretrained, a single-file checkpoint "
+                    "(.safetensors/.ckpt) or a hub id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'"
                 )
             return str(local), True
         if "/" not in source or source.startswith((".", "/", "~")):
@@ -150,24 +164,57 @@ class SDUNetBackbone:
             )
         return source, False
 
+    @property
+    def single_file(self) -> bool:
+        return Path(resolve_model_path(self.pretrained)).expanduser().is_file()
+
+    def _configs_source(self) -> str:
+        """Where the component configs are: the diffusers folder or hub id, or for a single file ``single_file_config``."""
+        source, _ = self._source()  # a clear error for a path that is no model at all
+        if not self.single_file:
+            return source
+        if not self.single_file_config:
+            raise LookupError("a single-file checkpoint without diffusion.single_file_config: configs from the hub")
+        return str(Path(resolve_model_path(self.single_file_config)).expanduser())
+
     def load(self) -> SDUNetBackbone:
         if self.loaded:
             return self
         from diffusers import StableDiffusionPipeline
+        from diffusers.loaders.single_file_utils import SingleFileComponentError
 
         source, is_local = self._source()
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
-                pipe = StableDiffusionPipeline.from_pretrained(
-                    source,
-                    torch_dtype=self.dtype,
-                    safety_checker=None,
-                    requires_safety_checker=False,
-                    local_files_only=is_local or os.environ.get("HF_HUB_OFFLINE") == "1",
-                )
-        except OSError as err:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                if self.single_file:
+                    # the weights from the file, the component configs from single_file_config (else the hub)
+                    config = self.single_file_config and str(Path(resolve_model_path(self.single_file_config)).expanduser())
+                    pipe = StableDiffusionPipeline.from_single_file(
+                        source,
+                        config=config or None,
+                        torch_dtype=self.dtype,
+                        safety_checker=None,
+                        requires_safety_checker=False,
+                        local_files_only=offline or bool(config and Path(config).exists()),
+                    )
+                else:
+                    pipe = StableDiffusionPipeline.from_pretrained(
+                        source,
+                        torch_dtype=self.dtype,
+                        safety_checker=None,
+                        requires_safety_checker=False,
+                        local_files_only=is_local or offline,
+                    )
+        except (OSError, ValueError, SingleFileComponentError) as err:
+            if self.single_file:
+                raise ConfigError(
+                    f"diffusion.pretrained={self.pretrained}: the single-file checkpoint could not be loaded "
+                    f"({one_line(err)}). Set diffusion.single_file_config to a diffusers folder (or hub id) of the same "
+                    "architecture, e.g. a local copy of stable-diffusion-v1-5/stable-diffusion-v1-5, for its configs"
+                ) from err
+            reason = one_line(err)
             raise ConfigError(
                 f"diffusion.pretrained={self.pretrained}: could not load it ({reason}). Without network access, "
                 "download the model elsewhere and pass its local folder (diffusion.pretrained=/path/to/folder), "
@@ -188,7 +235,7 @@ class SDUNetBackbone:
             from diffusers import AutoencoderKL, UNet2DConditionModel
             from transformers import AutoTokenizer
 
-            source, _ = self._source()
+            source = self._configs_source()
             try:
                 unet_config = UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=True)
                 vae_config = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=True)

@@ -36,3 +36,16 @@ def folder_fingerprint(path: str | Path) -> str:
         if f.suffix == ".json" and f.stat().st_size < 1_000_000:
             h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def file_fingerprint(path: str | Path, chunk: int = 1 << 20) -> str:
+    """Identity of a large file (a single-file checkpoint): its size and the hash of its first and last MiB."""
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(chunk, size - chunk))
+            h.update(f.read(chunk))
+    return h.hexdigest()[:16]
