@@ -217,7 +217,7 @@ class SDUNetBackbone:
             reason = one_line(err)
             raise ConfigError(
                 f"diffusion.pretrained={self.pretrained}: could not load it ({reason}). Without network access, "
-                "download the model elsewhere and pass its local folder (diffusion.pretrained=/path/to/folder), "
+                "download the model elsewhere and pass its local folder or single file (diffusion.pretrained=/path), "
                 "or pre-fill the Hugging Face cache (HF_HOME) on a machine with network access"
             ) from err
         self._set_components(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
