@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Mapping, Sequence
+import logging
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,9 +26,12 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
+from stableseg_pp.data.files import BadInputError, load_rgb
 from stableseg_pp.data.palette import IGNORE_INDEX, colorize, save_palette_png
 from stableseg_pp.runtime.atomic import atomic_save, atomic_write_bytes, atomic_write_text, write_json
-from stableseg_pp.runtime.errors import ConfigError
+from stableseg_pp.runtime.errors import ConfigError, UserError, one_line
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ChannelClasses",
@@ -40,6 +44,7 @@ __all__ = [
     "load_stored_maps",
     "overlay_png",
     "unique_stems",
+    "write_picture_masks",
     "write_json",
 ]
 
@@ -196,6 +201,41 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
         seen[stem] = seen.get(stem, 0) + 1
         unique.append(stem if seen[stem] == 1 else f"{stem}_{seen[stem]}")
     return unique
+
+
+def write_picture_masks(
+    images: Sequence[Path],
+    out: Path,
+    legend: Mapping[int, str],
+    predict: Callable[[np.ndarray], np.ndarray],
+    strict: bool = False,
+    hint: str = "",
+) -> list[Path]:
+    """Masks of single pictures (``segment``, ``predict``): ``<name>_mask.png`` + ``<name>_overlay.png`` per picture,
+    the legend ``classes.json`` first (a mask is never without it), distinct names for same-named files, EXIF
+    orientation applied. Every readable picture is done; the unreadable ones end it with one ``UserError``."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "classes.json", json.dumps({str(k): v for k, v in legend.items()}, indent=2))
+    written, unreadable = [], []
+    for path, stem in zip(images, unique_stems(images), strict=True):
+        try:
+            image = load_rgb(path, convert=not strict, exif_transpose=True, hint=hint)
+        except BadInputError as err:
+            log.error("%s", one_line(err))
+            unreadable.append(one_line(err))
+            continue
+        mask = predict(image)
+        written.append(atomic_save(out / f"{stem}_mask.png", lambda t, m=mask: save_palette_png(m, t)))
+        overlay = overlay_png(image, mask, None)
+        atomic_save(out / f"{stem}_overlay.png", lambda t, im=overlay: im.save(t, format="PNG"))
+        areas = {name: float((mask == k).mean()) for k, name in legend.items() if k}
+        log.info("%s -> %s: %s", path, written[-1].name, ", ".join(f"{n} {v:.1%}" for n, v in areas.items()))
+    if unreadable:
+        raise UserError(
+            f"{len(unreadable)} of {len(images)} images could not be used; the other {len(written)} were done "
+            f"into {out}: {' | '.join(unreadable)}"
+        )
+    return written
 
 
 def overlay_png(

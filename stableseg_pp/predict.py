@@ -14,19 +14,16 @@ returns ``(B, S, S)`` class ids (int64); resize pictures to ``S x S`` first.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stableseg_pp.artifacts import overlay_png, unique_stems
-from stableseg_pp.data.files import BadInputError, load_rgb
+from stableseg_pp.artifacts import write_picture_masks
 from stableseg_pp.data.pairs import IMAGENET_MEAN, IMAGENET_STD
-from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
-from stableseg_pp.runtime.atomic import atomic_save, atomic_write_text
+from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.errors import UserError, one_line, report_errors
 
 log = logging.getLogger("stableseg_pp.predict")
@@ -123,23 +120,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         written.append(export(module, args.export, args.export_size))
         log.info("exported %s (input: (B, 3, %d, %d) RGB 0-255)", args.export, args.export_size, args.export_size)
     if args.images:
-        args.out.mkdir(parents=True, exist_ok=True)
         legend = dict(enumerate(module.class_names))
-        atomic_write_text(args.out / "classes.json", json.dumps({str(k): v for k, v in legend.items()}, indent=2))
-        bad = []
-        for path, stem in zip(args.images, unique_stems(args.images), strict=True):
-            try:
-                image = load_rgb(path, convert=not args.strict, exif_transpose=True, hint=HINT)
-            except BadInputError as err:
-                log.error("%s", one_line(err))
-                bad.append(one_line(err))
-                continue
-            mask = predict_mask(module, image)
-            written.append(atomic_save(args.out / f"{stem}_mask.png", lambda t, m=mask: save_palette_png(m, t)))
-            ov = overlay_png(image, mask, None)
-            atomic_save(args.out / f"{stem}_overlay.png", lambda t, im=ov: im.save(t, format="PNG"))
-        if bad:
-            raise UserError(f"{len(bad)} of {len(args.images)} images could not be used: {' | '.join(bad)}")
+        written += write_picture_masks(args.images, args.out, legend, lambda im: predict_mask(module, im), args.strict, HINT)
     return written
 
 

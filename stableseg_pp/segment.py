@@ -14,7 +14,6 @@ settings have one set of defaults. Writes ``<name>_mask.png`` (palette PNG:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,14 +22,11 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from stableseg_pp.artifacts import SiteWeights, overlay_png, unique_stems
+from stableseg_pp.artifacts import SiteWeights, write_picture_masks
 from stableseg_pp.config import build, compose_config
-from stableseg_pp.data.files import BadInputError, load_rgb
-from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.data.prompted_images import to_model_pixels
 from stableseg_pp.methods.stableseg import StableSeg, resize_scores
-from stableseg_pp.runtime.atomic import atomic_save, atomic_write_text
-from stableseg_pp.runtime.errors import UserError, one_line, report_errors
+from stableseg_pp.runtime.errors import UserError, report_errors
 
 log = logging.getLogger("stableseg_pp.segment")
 # zero_shot keys that concern datasets and stored outputs, not one picture
@@ -105,35 +101,16 @@ def segment(args: argparse.Namespace) -> list[Path]:
     cfg = compose_config(overrides)
     seg = build_segmenter(cfg, args.device)
     generator = torch.Generator(args.device).manual_seed(int(cfg.seed))
-    args.out.mkdir(parents=True, exist_ok=True)
-    # the legend first: a mask is never without it
-    legend = {"0": "background", **{str(i + 1): n for i, n in enumerate(classes)}}
-    atomic_write_text(args.out / "classes.json", json.dumps(legend, indent=2))
-    written, unreadable = [], []
-    for path, stem in zip(images, unique_stems(images), strict=True):
-        try:
-            image = load_rgb(path, convert=not args.strict, exif_transpose=True, hint=SEGMENT_HINT)
-        except BadInputError as err:
-            log.error("%s", one_line(err))
-            unreadable.append(one_line(err))
-            continue
+
+    def predict(image: np.ndarray) -> np.ndarray:
         pixels = to_model_pixels(image, seg.resolution)[None].to(args.device)
         out = seg(pixels, [classes], generator=generator)
         scores = resize_scores(out.scores.float(), image.shape[:2])[0]
         scores = scores.masked_fill(~out.valid[0, :, None, None], float("-inf"))
-        mask = scores.argmax(0).to(torch.uint8).cpu().numpy()
-        mask_path = atomic_save(args.out / f"{stem}_mask.png", lambda t, m=mask: save_palette_png(m, t))
-        ov = overlay_png(image, mask, None)
-        atomic_save(args.out / f"{stem}_overlay.png", lambda t, im=ov: im.save(t, format="PNG"))
-        areas = {name: float((mask == i + 1).mean()) for i, name in enumerate(classes)}
-        log.info("%s -> %s: %s", path, mask_path.name, ", ".join(f"{k} {v:.1%}" for k, v in areas.items()))
-        written.append(mask_path)
-    if unreadable:
-        raise UserError(
-            f"{len(unreadable)} of {len(images)} images could not be used; the other {len(written)} were segmented "
-            f"into {args.out}: {' | '.join(unreadable)}"
-        )
-    return written
+        return scores.argmax(0).to(torch.uint8).cpu().numpy()
+
+    legend = {0: "background", **{i + 1: n for i, n in enumerate(classes)}}
+    return write_picture_masks(images, args.out, legend, predict, args.strict, SEGMENT_HINT)
 
 
 if __name__ == "__main__":
