@@ -45,7 +45,7 @@ def _error_lines(stderr: str) -> list[str]:
             [
                 "data.labels=all",
                 "data.require_masks=false",
-                f"data.class_names=[{','.join(f'c{i}' for i in range(200))}]",
+                f"data.class_names=[circle,'{' '.join(['word'] * 200)}']",  # one name longer than any prompt
                 "data.background_index=null",
             ],
             "tokens but the text encoder takes 77",
