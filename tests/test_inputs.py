@@ -91,3 +91,10 @@ def test_outputs_get_the_mode_of_a_plain_open(tmp_path, umask, mode):
     )  # fmt: skip
     atomic, plain = out.stdout.split()
     assert atomic == plain == oct(mode)
+
+
+def test_broken_colour_profile_falls_back(tmp_path):
+    cmyk = Image.fromarray(draw_sample(1).image).convert("CMYK")
+    cmyk.info["icc_profile"] = b"not a profile"
+    got = image_to_rgb(cmyk)  # a broken ICC profile falls back to Pillow's conversion
+    np.testing.assert_array_equal(got, draw_sample(1).image)

@@ -44,8 +44,11 @@ def image_to_rgb(img: Image.Image) -> np.ndarray:
     if mode == "CMYK" and img.info.get("icc_profile"):
         from PIL import ImageCms
 
-        source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
-        img = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        try:
+            source = ImageCms.ImageCmsProfile(io.BytesIO(img.info["icc_profile"]))
+            img = ImageCms.profileToProfile(img, source, ImageCms.createProfile("sRGB"), outputMode="RGB")
+        except (ImageCms.PyCMSError, OSError, ValueError):
+            log.debug("unusable ICC profile: converting CMYK without it")  # a broken profile is no reason to fail
     elif mode in ("P", "PA"):
         img = img.convert("RGBA")
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
@@ -73,8 +76,12 @@ def load_rgb(path: Path, convert: bool = True, exif_transpose: bool = False, hin
                     raise BadInputError(f"image {path} is {img.mode}, not RGB, and strict RGB input was asked for{hint}")
                 log.debug("converting %s from %s to RGB", path, img.mode)
             return image_to_rgb(img)
+    except BadInputError:
+        raise
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise BadInputError(f"image {path} cannot be read ({err}): it is truncated or not an image{hint}") from err
+    except ValueError as err:  # a colour mode Pillow cannot turn into RGB (e.g. LAB)
+        raise BadInputError(f"image {path} cannot be converted to RGB ({err}): save it as RGB{hint}") from err
 
 
 def image_mode(path: Path) -> str | None:
