@@ -24,10 +24,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stableseg_pp import tracking
-from stableseg_pp.config import CONFIG_DIR
+from stableseg_pp.config import CONFIG_DIR, compose_config
 from stableseg_pp.data.description import describe_dataset
 from stableseg_pp.runtime import distributed
-from stableseg_pp.runtime.errors import ConfigError, report_errors
+from stableseg_pp.runtime.errors import USAGE_EXIT, ConfigError, one_line, report_errors
 from stableseg_pp.stages import STAGES, check_stage_splits, resolve_stages
 from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
 
@@ -152,5 +152,24 @@ def main(cfg: DictConfig) -> None:
     report_errors(lambda: run_command(cfg), debug, "HYDRA_FULL_ERROR=1", "stableseg_pp.fit")
 
 
+def check_overrides(args: list[str]) -> None:
+    """Compose the config once before Hydra does, so that a bad override (an unknown config group option, a key
+    that does not exist, a value that does not parse) is one line with exit code 2 like every other user error."""
+    if any(a.startswith("-") for a in args) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return  # Hydra's own flags (--config-dir, --cfg, -m): Hydra composes and reports
+    from hydra.errors import HydraException, MissingConfigException
+
+    try:
+        compose_config(args)
+    except HydraException as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        message = "; ".join(lines[:2]) if len(lines) <= 2 else one_line(err)  # Hydra's hint (e.g. "use +key=...")
+        if isinstance(err, MissingConfigException) and err.options:
+            message += f"; available: {', '.join(err.options)}"
+        print(f"stableseg_pp.fit: error: {message}", file=sys.stderr)
+        sys.exit(USAGE_EXIT)
+
+
 if __name__ == "__main__":
+    check_overrides(sys.argv[1:])
     main()

@@ -151,3 +151,21 @@ def test_segment_follows_exif_orientation(tmp_path, miniature_model):
     Image.fromarray(pixels).save(path, exif=exif)
     segment_main([str(path), "--classes", "circle", "--out", str(tmp_path / "o")])
     assert Image.open(tmp_path / "o" / "phone_mask.png").size == (40, 64)  # as the user sees it: 40 wide, 64 high
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data=nonexistent", "Could not find 'data/nonexistent'; available: ade20k"),
+        ("zero_shot.foo=1", "Could not override 'zero_shot.foo'.; To append to your config use +zero_shot.foo=1"),
+    ],
+)
+def test_bad_overrides_are_one_line(tmp_path, override, message):
+    done = subprocess.run(
+        [sys.executable, "-m", "stableseg_pp.fit", override], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"},
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    (line,) = _error_lines(done.stderr)
+    assert message in line
