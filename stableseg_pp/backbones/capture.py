@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.attention_processor import Attention
 
 from stableseg_pp.backbones.base import AttentionStore
 
@@ -144,8 +144,3 @@ class FullAttentionStoreProcessor(_CaptureProcessor):
         probs = _probabilities(attn, q, k, mask)
         self.store[self.name] = probs.mean(dim=1)
         return torch.matmul(probs, v)
-
-
-def stock_processors(model) -> dict[str, AttnProcessor2_0]:
-    """The fused processor on every layer (what the library installs by default)."""
-    return {name: AttnProcessor2_0() for name in model.attn_processors}
