@@ -45,7 +45,6 @@ __all__ = [
     "overlay_png",
     "unique_stems",
     "write_picture_masks",
-    "write_json",
 ]
 
 

@@ -37,10 +37,6 @@ log = logging.getLogger(__name__)
 OmegaConf.register_new_resolver("global_rank", distributed.env_rank, replace=True)
 
 
-def world_size_of(cfg: DictConfig) -> int:
-    return distributed.configured_world_size(cfg.trainer)
-
-
 def build_tracker(cfg: DictConfig) -> tracking.Tracker:
     """The configured tracker on rank 0; the other ranks record nothing."""
     if not distributed.is_main() or not cfg.get("logger"):
@@ -50,7 +46,7 @@ def build_tracker(cfg: DictConfig) -> tracking.Tracker:
 
 def require_launcher(cfg: DictConfig) -> None:
     """Several devices need one process each, started by a launcher; a clear error otherwise."""
-    n = world_size_of(cfg)
+    n = distributed.configured_world_size(cfg.trainer)
     if n > 1 and distributed.launched_environment() is None:
         raise ConfigError(
             f"trainer.devices x trainer.num_nodes = {n} ranks, but this is a single process: start one process per "
@@ -127,7 +123,7 @@ def relaunch_under_torchrun(n: int) -> int:
 
 def run_command(cfg: DictConfig) -> None:
     """What ``python -m stableseg_pp.fit`` does: checks, then this process's ranks or the run itself."""
-    n = world_size_of(cfg)
+    n = distributed.configured_world_size(cfg.trainer)
     if n > 1 and distributed.launched_environment() is None and int(cfg.trainer.get("num_nodes", 1)) == 1:
         check_settings(cfg)  # before torchrun starts ranks that would all fail the same way
         check_backbone_settings(cfg, describe_dataset(cfg.data, list(cfg.zero_shot.splits)))
