@@ -78,10 +78,12 @@ class CaptureRequest:
     Args:
         class_maps: site ids whose per-class image-to-text maps are stored (head mean, HW x classes).
         query_keys: site ids whose image Query/Key features are kept (for SAR; never an HW x HW map).
+        text_logits: site ids whose pre-softmax image-to-text logits per class are kept, with gradients (MAGNET).
     """
 
     class_maps: tuple[str, ...] = ()
     query_keys: tuple[str, ...] = ()
+    text_logits: tuple[str, ...] = ()
 
 
 @dataclass
@@ -92,12 +94,14 @@ class AttentionStore:
     latent_hw: tuple[int, int] = (0, 0)
     cross: dict[str, torch.Tensor] = field(default_factory=dict)  # site id -> (B, C, h, w)
     self_qk: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (B, heads, N, d)
+    text_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # site id -> (B, C, h, w), with gradients
 
     def reset(self, token_weights: torch.Tensor | None, latent_hw: tuple[int, int]) -> None:
         self.token_weights = token_weights
         self.latent_hw = latent_hw
         self.cross.clear()
         self.self_qk.clear()
+        self.text_logits.clear()
 
     def map_shape(self, n_tokens: int) -> tuple[int, int]:
         """Side lengths of a site's map from its number of image tokens."""
@@ -172,6 +176,13 @@ class DiffusionBackbone(Protocol):
     def remove_capture(self) -> None:
         """The stock processors on every site."""
         ...
+
+
+def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, R, R) pixels in [-1, 1] -> the latent mean, shifted and scaled as the denoiser takes it."""
+    latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
 
 
 def select_sites(

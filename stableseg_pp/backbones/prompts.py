@@ -1,7 +1,7 @@
 """Prompts and the mapping from class names to text-token positions.
 
 A class name may span several tokens ("half moon", "potted plant"); its map
-is the mean over those tokens. Position 0 is BOS, so token positions start at 1.
+is the mean over those tokens. For CLIP position 0 is BOS, so token positions start at 1.
 """
 
 from __future__ import annotations
@@ -57,18 +57,19 @@ def map_class_tokens(
     names: Sequence[str],
     template: str = "a photo of a {}",
     joiner: str = " and ",
+    max_length: int | None = None,
 ) -> ClassTokens:
     """Build the prompt naming ``names`` and locate each name's tokens in it.
 
     Raises ``PromptTooLongError`` when the prompt (with BOS and EOS) is longer
     than the tokenizer's ``model_max_length``: it would be truncated and the
-    last classes would have no tokens.
+    last classes would have no tokens (``max_length`` overrides that limit, e.g. T5's sequence length).
     """
     if not names:
         raise ConfigError("no class names to build a prompt from")
     prompt = build_prompt(names, template, joiner)
     ids = tokenizer(prompt, add_special_tokens=True, truncation=False).input_ids
-    limit = tokenizer.model_max_length
+    limit = tokenizer.model_max_length if max_length is None else max_length
     if len(ids) > limit:
         raise PromptTooLongError(
             f"prompt {prompt!r} has {len(ids)} tokens but the text encoder takes {limit}: "
@@ -76,7 +77,7 @@ def map_class_tokens(
             "or use shorter class synonyms"
         )
     positions: list[list[int]] = []
-    cursor = 1
+    cursor = 1 if ids and ids[0] == tokenizer.bos_token_id else 0  # CLIP starts with BOS, T5 does not
     for name in names:
         piece = tokenizer(name, add_special_tokens=False).input_ids
         if not piece:

@@ -19,42 +19,15 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning
+from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning, vae_latents
 from stableseg_pp.backbones.capture import CrossAttentionMapProcessor, SelfAttentionQKProcessor
+from stableseg_pp.backbones.loading import ALIASES, model_identity, parse_dtype, resolve_model_path
 from stableseg_pp.backbones.prompts import map_class_tokens
 from stableseg_pp.runtime.errors import ConfigError, one_line
-from stableseg_pp.runtime.hashing import file_fingerprint, folder_fingerprint
 
-MINIATURE_MODEL = Path(__file__).resolve().parent.parent / "assets" / "miniature_sd"
-ALIASES = {"miniature": MINIATURE_MODEL}
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MINIATURE_MODEL = ALIASES["miniature"]
 PROCESSOR_SUFFIX = ".processor"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
-
-
-def resolve_model_path(pretrained: str) -> str:
-    """Map an alias to its folder; return a local folder or a hub id unchanged."""
-    if pretrained in ALIASES:
-        return str(ALIASES[pretrained])
-    return pretrained
-
-
-def model_identity(pretrained: str) -> dict[str, str]:
-    """A local folder or single file by its name and content fingerprint (not its path), a hub id by its id."""
-    path = Path(resolve_model_path(pretrained)).expanduser()
-    if path.is_dir():
-        return {"folder": path.name, "fingerprint": folder_fingerprint(path)}
-    if path.is_file():
-        return {"file": path.name, "fingerprint": file_fingerprint(path)}
-    return {"hub_id": pretrained}
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ConfigError(f"diffusion.dtype={dtype!r}: use one of {sorted(DTYPES)}")
-    return DTYPES[dtype]
 
 
 def unet_sites(unet, latent_hw: tuple[int, int]) -> list[AttentionSite]:
@@ -296,10 +269,7 @@ class SDUNetBackbone:
 
     @torch.no_grad()
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        return vae_latents(self.vae, pixels)
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.full((latents.shape[0],), self.timestep, device=latents.device, dtype=torch.long)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from stableseg_pp.bench import baselines, capture, crf, ranks, segmenter
+from stableseg_pp.bench import baselines, capture, capture_mmdit, crf, hopping, ranks, segmenter
 from stableseg_pp.runtime.errors import USAGE_EXIT, report_errors
 
 COMMANDS = {
@@ -13,6 +13,8 @@ COMMANDS = {
     "crf": crf.main,
     "segmenter": segmenter.main,
     "ranks": ranks.main,
+    "hopping": hopping.main,
+    "capture_mmdit": capture_mmdit.main,
 }
 
 

@@ -47,7 +47,10 @@ class StableSeg(torch.nn.Module):
         stored_cross_scales: map sides of the class maps returned for storage (stage 2 learns their weights).
         mode: ``ca`` (CAPM), ``sa`` (SAR) or ``ca+sa`` (their sum).
         background: ``threshold`` (constant channel), ``word`` (a map for ``background_word``) or ``none``.
-        site_weights: site id -> weight of its map in CAPM (learned by stage 2); default uniform over ``cross_scales``.
+        cross_depths: only the image-to-text sites at these depths (MM-DiT blocks, e.g. [9] for Seg4Diff's grounding
+            block of SD3 Medium); None = every depth. Combined with ``cross_scales``.
+        self_depths: only the image-to-image sites at these depths; None = every depth.
+        site_weights: site id -> weight of its map in CAPM (learned by stage 2); default uniform over the selected sites.
         max_classes_per_prompt: at most this many class names in one prompt (None: as many as fit). Longer class
             lists (e.g. ``data.labels=all`` on ADE20K) are split over several prompts, one forward each.
     """
@@ -67,6 +70,8 @@ class StableSeg(torch.nn.Module):
         joiner: str = " and ",
         site_weights: Mapping[str, float] | None = None,
         max_classes_per_prompt: int | None = None,
+        cross_depths: Sequence[int] | None = None,
+        self_depths: Sequence[int] | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -85,10 +90,16 @@ class StableSeg(torch.nn.Module):
         self.joiner = joiner
         self.latent_grid = backbone.latent_grid(resolution)
         sites = backbone.sites(resolution)
-        self.aggregated_sites = select_sites(sites, "text", cross_scales, setting="zero_shot.cross_scales")
+        self.aggregated_sites = select_sites(
+            sites, "text", cross_scales, cross_depths, setting="zero_shot.cross_scales / zero_shot.cross_depths"
+        )
         stored = select_sites(sites, "text", stored_cross_scales, setting="zero_shot.stored_cross_scales")
         self.cross_sites: list[AttentionSite] = [s for s in sites if s in stored or s in self.aggregated_sites]
-        self.self_sites = select_sites(sites, "image", self_scales, setting="zero_shot.self_scales") if mode != "ca" else []
+        self.self_sites = (
+            select_sites(sites, "image", self_scales, self_depths, setting="zero_shot.self_scales / zero_shot.self_depths")
+            if mode != "ca"
+            else []
+        )
         self.site_weights = dict(site_weights) if site_weights else {s.id: 1.0 for s in self.aggregated_sites}
         unknown = set(self.site_weights) - {s.id for s in self.cross_sites}
         if unknown:

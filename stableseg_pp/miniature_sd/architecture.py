@@ -54,10 +54,10 @@ def write_tokenizer_files(folder: str | Path, words: tuple[str, ...] = WORDS) ->
     return folder
 
 
-def build_tokenizer(folder: str | Path) -> CLIPTokenizer:
-    """A real ``CLIPTokenizer`` (BOS, EOS, padding to 77) on the small vocabulary."""
+def build_tokenizer(folder: str | Path, max_length: int = 77) -> CLIPTokenizer:
+    """A real ``CLIPTokenizer`` (BOS, EOS, padding to ``max_length``) on the small vocabulary."""
     write_tokenizer_files(folder)
-    config = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS, "model_max_length": 77}
+    config = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS, "model_max_length": max_length}
     (Path(folder) / "tokenizer_config.json").write_text(json.dumps(config))
     tok = CLIPTokenizer.from_pretrained(str(folder))
     for word in WORDS:

@@ -50,6 +50,10 @@ def check_zero_shot_settings(cfg: DictConfig) -> None:
         value = zs.get(key)
         if value != "all" and not (OmegaConf.is_list(value) and all(isinstance(v, int) and v > 0 for v in value)):
             raise ConfigError(f"zero_shot.{key}={value}: give 'all' or a list of map sides, e.g. [8, 16]")
+    for key in ("cross_depths", "self_depths"):
+        value = zs.get(key)
+        if value is not None and not (OmegaConf.is_list(value) and value and all(isinstance(v, int) and v >= 0 for v in value)):
+            raise ConfigError(f"zero_shot.{key}={value}: give null (every depth) or a list of block indices, e.g. [9]")
     if cfg.data.get("labels") not in ("oracle", "all"):
         raise ConfigError(f"data.labels={cfg.data.get('labels')}: use oracle (classes from the ground truth) or all")
     if cfg.data.get("on_bad_input") not in ("error", "skip"):
@@ -67,10 +71,11 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
         sites = backbone.sites(zs.resolution)
     except LookupError:
         return  # a hub id not in the local cache: checked when it is loaded
-    select_sites(sites, "text", zs.cross_scales, setting="zero_shot.cross_scales")
+    depths = {k: zs.get(k) for k in ("cross_depths", "self_depths")}
+    select_sites(sites, "text", zs.cross_scales, depths["cross_depths"], setting="zero_shot.cross_scales / cross_depths")
     select_sites(sites, "text", zs.stored_cross_scales, setting="zero_shot.stored_cross_scales")
     if zs.mode != "ca":
-        select_sites(sites, "image", zs.self_scales, setting="zero_shot.self_scales")
+        select_sites(sites, "image", zs.self_scales, depths["self_depths"], setting="zero_shot.self_scales / self_depths")
     if dataset.labels == "all":
         names = [dataset.prompt_name(c) for c in range(len(dataset.class_names)) if c != dataset.background_index]
         if dataset.has_background and zs.background == "word":

@@ -1,0 +1,157 @@
+"""Capture processors for MM-DiT joint attention (diffusers ``JointAttnProcessor2_0`` path, SD3 / SD3.5).
+
+A joint block attends over one sequence ``[image tokens, text tokens]``. The
+class maps StableSeg needs are the **image-to-text** probabilities, normalised
+over the *whole* joint key set exactly as the model computes them. They come
+out of the same fused ``F.scaled_dot_product_attention`` call that computes the
+block's output: the values are extended by the (tokens x classes) weight
+matrix on the text rows and zeros on the image rows, so the extra output
+columns are ``sum_t P[i, t] W[t, c]`` per head. Memory is image-tokens x
+classes per head; the image x image matrix is never formed (Seg4Diff
+materialises it: about 0.9 GB per block in fp16 at 1024x1024).
+
+The text-to-image part (text queries over the joint keys, text-tokens x image-
+tokens per head) is computed explicitly when asked for; so are the pre-softmax
+image-to-text logits (with gradients, for MAGNET).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention_processor import Attention
+
+from stableseg_pp.backbones.base import AttentionStore
+
+DIRECTIONS = ("image_to_text", "both")
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, inner = x.shape
+    return x.view(b, n, heads, inner // heads).transpose(1, 2)
+
+
+def joint_projections(attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor):
+    """Image and text Q, K, V split into heads (B, heads, n, d), exactly as ``JointAttnProcessor2_0`` computes them."""
+    q, k, v = (_heads(f(hidden_states), attn.heads) for f in (attn.to_q, attn.to_k, attn.to_v))
+    if attn.norm_q is not None:
+        q = attn.norm_q(q)
+    if attn.norm_k is not None:
+        k = attn.norm_k(k)
+    cq, ck, cv = (_heads(f(encoder_hidden_states), attn.heads) for f in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+    if attn.norm_added_q is not None:
+        cq = attn.norm_added_q(cq)
+    if attn.norm_added_k is not None:
+        ck = attn.norm_added_k(ck)
+    return (q, k, v), (cq, ck, cv)
+
+
+def joint_outputs(attn: Attention, out: torch.Tensor, n_image: int, dtype: torch.dtype):
+    """Split the joint output (B, heads, N + T, d) and project it, as ``JointAttnProcessor2_0`` does."""
+    b, heads, n, d = out.shape
+    out = out.transpose(1, 2).reshape(b, n, heads * d).to(dtype)
+    image, text = out[:, :n_image], out[:, n_image:]
+    if not attn.context_pre_only:
+        text = attn.to_add_out(text)
+    image = attn.to_out[1](attn.to_out[0](image))
+    return image, text
+
+
+def attention_with_class_maps(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_weights: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention whose output also carries ``P @ key_weights`` (one pass of the fused kernel).
+
+    q, k, v: (B, heads, L, d); key_weights: (B, L, C), one row per key. Returns the attention output (B, heads, L, d)
+    and the per-head class probabilities (B, heads, L, C). Q and K are zero-padded to the widened value width so
+    every SDPA backend (flash included) takes it; the scale is passed explicitly, so the scores are unchanged.
+    """
+    b, heads, length, d = v.shape
+    c = key_weights.shape[-1]
+    width = -(-(d + c) // 8) * 8  # a multiple of 8 for the fused kernels
+    extra = key_weights.to(v.dtype)[:, None].expand(b, heads, length, c)
+    v_wide = F.pad(torch.cat([v, extra], dim=-1), (0, width - d - c))
+    q_wide = F.pad(q, (0, width - d))
+    k_wide = F.pad(k, (0, width - d))
+    out = F.scaled_dot_product_attention(q_wide, k_wide, v_wide, dropout_p=0.0, is_causal=False, scale=scale)
+    return out[..., :d], out[..., d : d + c]
+
+
+class JointAttentionMapProcessor:
+    """``JointAttnProcessor2_0`` that also records, for one block, what StableSeg and MAGNET read.
+
+    Args:
+        store: where the maps go (keyed by ``name``).
+        name: the site id.
+        class_maps: record per-class maps (B, C, h, w) in ``store.cross``: the head-mean image-to-text probabilities
+            weighted by ``store.token_weights`` (``directions="both"``: averaged with the transposed text-to-image ones).
+        query_keys: keep the image tokens' Query/Key features (for SAR) in ``store.self_qk``.
+        text_logits: keep the pre-softmax image-to-text logits, head mean, weighted per class (B, C, h, w), with
+            gradients, in ``store.text_logits``.
+        directions: ``image_to_text`` (Seg4Diff) or ``both`` (the SD3 zero-shot paper).
+    """
+
+    def __init__(
+        self,
+        store: AttentionStore,
+        name: str,
+        class_maps: bool = True,
+        query_keys: bool = False,
+        text_logits: bool = False,
+        directions: str = "image_to_text",
+    ):
+        if directions not in DIRECTIONS:
+            raise ValueError(f"directions={directions!r} is not one of {DIRECTIONS}")
+        self.store = store
+        self.name = name
+        self.class_maps = class_maps
+        self.query_keys = query_keys
+        self.text_logits = text_logits
+        self.directions = directions
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is None:
+            raise ValueError(f"{self.name}: JointAttentionMapProcessor installed on an image-only attention")
+        store = self.store
+        (q, k, v), (cq, ck, cv) = joint_projections(attn, hidden_states, encoder_hidden_states)
+        n_image = q.shape[2]
+        q_all, k_all, v_all = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        weights = store.token_weights
+        h, w = store.map_shape(n_image)
+        if self.class_maps and weights is not None:
+            weights = weights.to(q.device)
+            key_weights = F.pad(weights, (0, 0, n_image, 0))  # image keys weigh nothing
+            out, per_class = attention_with_class_maps(q_all, k_all, v_all, key_weights, attn.scale)
+            maps = per_class[:, :, :n_image].float().mean(dim=1)  # (B, N, C): image-to-text, joint normalisation
+            if self.directions == "both":
+                # text queries over the joint keys (T x (N + T) per head), their image columns, transposed
+                probs = (torch.matmul(cq, k_all.transpose(-1, -2)) * attn.scale).float().softmax(dim=-1)
+                to_image = probs[..., :n_image].mean(dim=1)  # (B, T, N)
+                maps = (maps + torch.bmm(to_image.transpose(1, 2), weights.float())) / 2
+            store.cross[self.name] = maps.transpose(1, 2).reshape(maps.shape[0], -1, h, w)
+        else:
+            out = F.scaled_dot_product_attention(q_all, k_all, v_all, dropout_p=0.0, is_causal=False)
+        if self.query_keys:
+            store.self_qk[self.name] = (q.detach(), k.detach())
+        if self.text_logits and weights is not None:
+            logits = (torch.matmul(q, ck.transpose(-1, -2)) * attn.scale).mean(dim=1)  # (B, N, T)
+            per_class = torch.bmm(logits.float(), weights.to(logits.device, torch.float32))
+            store.text_logits[self.name] = per_class.transpose(1, 2).reshape(per_class.shape[0], -1, h, w)
+        return joint_outputs(attn, out, n_image, q.dtype)
+
+
+class FullJointAttentionProcessor:
+    """Seg4Diff's capture: the whole (N + T) x (N + T) joint probability matrix computed explicitly per head, its
+    image-to-text block kept (head mean). Only for the benchmark: the image x image part is what ours never forms."""
+
+    def __init__(self, store: dict[str, torch.Tensor], name: str):
+        self.store = store
+        self.name = name
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        (q, k, v), (cq, ck, cv) = joint_projections(attn, hidden_states, encoder_hidden_states)
+        n_image = q.shape[2]
+        q_all, k_all, v_all = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        probs = (torch.matmul(q_all, k_all.transpose(-1, -2)) * attn.scale).softmax(dim=-1)
+        self.store[self.name] = probs[:, :, :n_image, n_image:].mean(dim=1)
+        return joint_outputs(attn, torch.matmul(probs, v_all), n_image, q.dtype)

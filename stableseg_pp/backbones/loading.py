@@ -1,0 +1,66 @@
+"""What every backbone family shares when it finds and names its weights: aliases of the shipped
+miniature models, local folders vs hub ids, content fingerprints, dtypes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from stableseg_pp.runtime.errors import ConfigError
+from stableseg_pp.runtime.hashing import file_fingerprint, folder_fingerprint
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+#: the models shipped in the package, by the name a config gives as ``diffusion.pretrained``
+ALIASES = {"miniature": ASSETS / "miniature_sd", "miniature_mmdit": ASSETS / "miniature_mmdit"}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_model_path(pretrained: str) -> str:
+    """Map an alias to its folder; return a local folder or a hub id unchanged."""
+    if pretrained in ALIASES:
+        return str(ALIASES[pretrained])
+    return pretrained
+
+
+def model_identity(pretrained: str) -> dict[str, str]:
+    """A local folder or single file by its name and content fingerprint (not its path), a hub id by its id."""
+    path = Path(resolve_model_path(pretrained)).expanduser()
+    if path.is_dir():
+        return {"folder": path.name, "fingerprint": folder_fingerprint(path)}
+    if path.is_file():
+        return {"file": path.name, "fingerprint": file_fingerprint(path)}
+    return {"hub_id": pretrained}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ConfigError(f"diffusion.dtype={dtype!r}: use one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def pipeline_folder_or_hub_id(pretrained: str, example_hub_id: str) -> tuple[str, bool]:
+    """A diffusers pipeline folder (alias or path) or a hub id, and whether it is local; a clear error otherwise."""
+    source = resolve_model_path(pretrained)
+    local = Path(source).expanduser()
+    if local.exists():
+        if not (local / "model_index.json").exists():
+            raise ConfigError(
+                f"diffusion.pretrained={pretrained}: {local} is not a diffusers pipeline folder (no model_index.json); "
+                f"pass a folder written by save_pretrained or a hub id such as '{example_hub_id}'"
+            )
+        return str(local), True
+    if "/" not in source or source.startswith((".", "/", "~")):
+        raise ConfigError(f"diffusion.pretrained={pretrained!r}: no such folder, and not a hub id of the form 'org/name'")
+    return source, False
+
+
+def offline_hint(pretrained: str, reason: str) -> str:
+    """The one-line message for weights that could not be read."""
+    return (
+        f"diffusion.pretrained={pretrained}: could not load it ({reason}). Without network access, download the model "
+        "elsewhere and pass its local folder (diffusion.pretrained=/path), or pre-fill the Hugging Face cache (HF_HOME) "
+        "on a machine with network access"
+    )

@@ -1,0 +1,258 @@
+"""The MM-DiT family (SD3 / SD3.5): joint-attention capture, both text-conditioning schemes, flow-matching noise."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
+
+from stableseg_pp.backbones.base import AttentionStore, CaptureRequest
+from stableseg_pp.backbones.hopping import encode_packed, pack_prompts
+from stableseg_pp.backbones.prompts import map_class_tokens
+from stableseg_pp.backbones.sd3_mmdit import SD3Backbone
+from stableseg_pp.methods.stableseg import StableSeg
+from stableseg_pp.miniature_sd.architecture import WORDS, build_tokenizer
+
+TEMPLATE = "a photo of a {}"
+
+
+def t5_tokenizer() -> T5TokenizerFast:
+    """A real T5 (SentencePiece-style Unigram) tokenizer on the miniature vocabulary: no BOS, ``</s>`` at the end."""
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [(f"▁{w}", -1.0) for w in dict.fromkeys(WORDS)] + [(c, -5.0) for c in letters]
+    tk = Tokenizer(models.Unigram(vocab, unk_id=2))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    tk.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return T5TokenizerFast(tokenizer_object=tk, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", extra_ids=0)
+
+
+def clip(tokenizer, width: int) -> CLIPTextModelWithProjection:
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, projection_dim=width,
+        num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    return CLIPTextModelWithProjection(config).eval()
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory) -> StableDiffusion3Pipeline:
+    """A small SD3.5-shaped pipeline with random weights and all three text encoders (T5 included)."""
+    torch.manual_seed(0)
+    tok = build_tokenizer(tmp_path_factory.mktemp("tok"), max_length=24)
+    t5 = T5EncoderModel(T5Config(vocab_size=64 + len(WORDS), d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4))
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+        num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )  # fmt: skip
+    vae = AutoencoderKL(
+        block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=4, shift_factor=0.1, scaling_factor=1.5,
+    )  # fmt: skip
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae.eval(),
+        text_encoder=clip(tok, 16), tokenizer=tok, text_encoder_2=clip(tok, 32), tokenizer_2=tok,
+        text_encoder_3=t5.eval(), tokenizer_3=t5_tokenizer(),
+    )  # fmt: skip
+
+
+def backbone(pipe, **kwargs) -> SD3Backbone:
+    return SD3Backbone.from_pipeline(pipe, **({"name": "random", "t5_tokens": 12} | kwargs))
+
+
+def test_sites_follow_the_block_structure(pipe):
+    sites = backbone(pipe).sites(16)
+    assert [(s.id, s.kind, s.depth) for s in sites] == [
+        ("transformer_blocks.0.attn", "joint", 0),
+        ("transformer_blocks.0.attn2", "self", 0),  # SD3.5's image-only attention
+        ("transformer_blocks.1.attn", "joint", 1),
+        ("transformer_blocks.2.attn", "joint", 2),  # the last block: context_pre_only
+    ]
+    assert {s.grid for s in sites} == {(4, 4)}  # 16 px -> 8x8 latent -> 2x2 patches
+
+
+@pytest.mark.parametrize("directions", ["image_to_text", "both"])
+def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directions):
+    b = backbone(pipe, attention_maps=directions)
+    tr = b.transformer
+    torch.manual_seed(1)
+    x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 10, 64)
+    pooled, t = torch.randn(2, 48), torch.tensor([1.0, 500.0])
+    weights = torch.rand(2, 10, 3)
+    b.remove_capture()
+    with torch.no_grad():
+        stock = tr(x, text, pooled, t).sample
+    inputs: dict[str, tuple] = {}
+    hooks = [
+        tr.get_submodule(f"transformer_blocks.{i}.attn").register_forward_pre_hook(
+            lambda m, a, kw, i=i: inputs.__setitem__(i, (m, kw["hidden_states"], kw["encoder_hidden_states"])),
+            with_kwargs=True,
+        )
+        for i in range(3)
+    ]
+    store = AttentionStore()
+    sites = tuple(f"transformer_blocks.{i}.attn" for i in range(3))
+    b.install_capture(CaptureRequest(class_maps=sites, text_logits=sites[:1]), store)
+    store.reset(weights, (8, 8))
+    with torch.no_grad():
+        captured = tr(x, text, pooled, t).sample
+    for h in hooks:
+        h.remove()
+    b.remove_capture()
+    torch.testing.assert_close(captured, stock, rtol=1e-5, atol=1e-5)
+    for i, (m, hs, ehs) in inputs.items():
+        # the full joint softmax, recomputed from the layer's weights
+        def heads(y, m=m):
+            return y.view(2, y.shape[1], m.heads, -1).transpose(1, 2)
+
+        q = m.norm_q(heads(m.to_q(hs)))
+        k = m.norm_k(heads(m.to_k(hs)))
+        cq = m.norm_added_q(heads(m.add_q_proj(ehs)))
+        ck = m.norm_added_k(heads(m.add_k_proj(ehs)))
+        qa, ka = torch.cat([q, cq], 2), torch.cat([k, ck], 2)
+        probs = (qa @ ka.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1).mean(1)  # (B, N + T, N + T)
+        n = hs.shape[1]
+        expected = probs[:, :n, n:] @ weights  # image-to-text, normalised over all keys
+        if directions == "both":
+            expected = (expected + probs[:, n:, :n].transpose(1, 2) @ weights) / 2
+        got = store.cross[f"transformer_blocks.{i}.attn"]
+        assert got.shape == (2, 3, 4, 4)
+        torch.testing.assert_close(got.flatten(2).transpose(1, 2), expected.detach(), rtol=1e-4, atol=1e-6)
+        if i == 0:
+            logits = ((q @ ck.transpose(-1, -2)) / q.shape[-1] ** 0.5).mean(1) @ weights
+            torch.testing.assert_close(store.text_logits[sites[0]].flatten(2).transpose(1, 2), logits.detach())
+
+
+def test_hopping_pass_equals_separate_passes(pipe):
+    tok = pipe.tokenizer
+    names = ["circle", "half moon", "star", "square", "cross", "triangle"]
+    lists = [tok(TEMPLATE.format(n)).input_ids for n in names]
+    packed = pack_prompts(lists, tok.model_max_length, tok.pad_token_id, causal=True)
+    assert len(packed.input_ids) < len(names)  # several prompts share a row
+    enc = pipe.text_encoder
+
+    def run(ids, positions, mask):
+        out = enc(ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        return out.hidden_states[-2], out.last_hidden_state
+
+    with torch.no_grad():
+        together = encode_packed(run, lists, tok.model_max_length, tok.pad_token_id, True, "cpu")
+        for ids, (penultimate, last) in zip(lists, together, strict=True):
+            alone = enc(torch.tensor([ids]), output_hidden_states=True)
+            torch.testing.assert_close(penultimate, alone.hidden_states[-2][0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(last, alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+        t5_lists = [pipe.tokenizer_3(TEMPLATE.format(n)).input_ids for n in names]
+        t5 = encode_packed(lambda i, p, m: (pipe.text_encoder_3(i, attention_mask=m)[0],), t5_lists, 40, 0, False, "cpu")
+        for ids, (hidden,) in zip(t5_lists, t5, strict=True):
+            torch.testing.assert_close(hidden, pipe.text_encoder_3(torch.tensor([ids]))[0][0], rtol=1e-5, atol=1e-5)
+
+
+def test_per_class_embeddings_sit_at_their_positions(pipe):
+    b = backbone(pipe, conditioning="per_class")
+    classes = [["circle", "half moon"], ["star"]]
+    with torch.no_grad():
+        cond = b.encode_text(classes, TEMPLATE, " and ")
+        emb, pooled = cond.embeddings
+        length = pipe.tokenizer.model_max_length
+        assert emb.shape == (2, length + 12, 64) and pooled.shape == (2, 48)
+        empty = [b._clip_padded(i, [""])[0][0] for i in (0, 1)]
+        empty_t5 = b._t5_padded([""])[0]
+        for img, names in enumerate(classes):
+            for c, name in enumerate(names):
+                for i, (lo, hi) in enumerate([(0, 16), (16, 48)]):
+                    m = map_class_tokens(b.tokenizers[i], [name], TEMPLATE)
+                    alone = b._clip_padded(i, [m.prompt])[0][0]
+                    torch.testing.assert_close(emb[img, 1 + c, lo:hi], alone[m.positions[0]].sum(0), rtol=1e-5, atol=1e-5)
+                assert emb[img, 1 + c, 48:].abs().max() == 0  # CLIP zero-padded to T5's width
+                m3 = map_class_tokens(b.tokenizer_3, [name], TEMPLATE, max_length=12)
+                alone3 = pipe.text_encoder_3(torch.tensor([m3.input_ids]))[0][0]  # its own pass, unpadded
+                torch.testing.assert_close(emb[img, length + c], alone3[m3.positions[0]].sum(0), rtol=1e-5, atol=1e-5)
+            k = len(names)
+            torch.testing.assert_close(emb[img, 0, :16], empty[0][0])  # BOS
+            torch.testing.assert_close(emb[img, k + 1 :, :16][: length - k - 1], empty[0][k + 1 :])  # padding
+            torch.testing.assert_close(emb[img, length + k :], empty_t5[k:])
+    # each class map = half its CLIP position + half its T5 position
+    w = cond.token_weights
+    assert w[0, 2, 1] == 0.5 and w[0, length + 1, 1] == 0.5 and w[0].sum(0).tolist() == [1.0, 1.0]
+    assert cond.valid.tolist() == [[True, True], [True, False]]
+    assert len(pipe.tokenizer("half moon", add_special_tokens=False).input_ids) == 2  # a multi-token name
+
+
+def test_joined_prompt_equals_the_pipeline_encoding(pipe):
+    b = backbone(pipe, conditioning="joined")
+    with torch.no_grad():
+        cond = b.encode_text([["circle", "half moon"]], TEMPLATE, " and ")
+        ref, _, ref_pooled, _ = pipe.encode_prompt(
+            "a photo of a circle and half moon", None, None, device="cpu", do_classifier_free_guidance=False,
+            max_sequence_length=12,
+        )  # fmt: skip
+    torch.testing.assert_close(cond.embeddings[0], ref)
+    torch.testing.assert_close(cond.embeddings[1], ref_pooled)
+    half_moon = map_class_tokens(pipe.tokenizer, ["circle", "half moon"], TEMPLATE).positions[1]
+    assert len(half_moon) == 2 and torch.allclose(cond.token_weights[0, half_moon, 1], torch.tensor(0.25))
+
+
+def test_flow_matching_noise_is_the_schedulers_scale_noise(pipe):
+    b = backbone(pipe, add_noise=True, num_inference_steps=28, noise_step=8)
+    x = torch.randn(2, 4, 8, 8)
+    noisy, t = b.noise(x, torch.Generator().manual_seed(3))
+    ref = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    ref.set_timesteps(28)
+    assert torch.equal(t, ref.timesteps[7].expand(2))
+    eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(noisy, ref.scale_noise(x, t, eps))
+    sigma = ref.sigmas[7]
+    torch.testing.assert_close(noisy, (1 - sigma) * x + sigma * eps)  # x_t = (1 - s) x0 + s eps
+    again, _ = b.noise(x, torch.Generator().manual_seed(3))
+    assert torch.equal(noisy, again)  # seedable and deterministic
+    clean, t1 = backbone(pipe).noise(x)
+    assert torch.equal(clean, x) and t1.tolist() == [1.0, 1.0]
+
+
+@pytest.mark.parametrize("conditioning", ["per_class", "joined"])
+def test_stableseg_runs_on_the_mmdit(pipe, conditioning):
+    b = backbone(pipe, conditioning=conditioning)
+    seg = StableSeg(b, resolution=16, cross_scales="all", cross_depths=[1], mode="ca+sa")
+    assert [s.id for s in seg.aggregated_sites] == ["transformer_blocks.1.attn"]
+    out = seg(torch.rand(2, 3, 16, 16) * 2 - 1, [["circle", "half moon"], ["star"]])
+    assert out.scores.shape == (2, 3, 16, 16) and out.valid.tolist() == [[True, True, True], [True, True, False]]
+    assert set(out.cross_maps) == {f"transformer_blocks.{i}.attn" for i in range(3)}  # all stored for stage 2
+    assert F.softmax(out.scores, 1).isfinite().all()
+
+
+def test_shipped_miniature_mmdit_is_an_sd3_pipeline():
+    from stableseg_pp.backbones.loading import ALIASES
+
+    folder = ALIASES["miniature_mmdit"]
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    assert size <= 20 * 2**20, f"{folder} is {size / 2**20:.1f} MB"
+    assert (folder / "README.md").exists() and (folder / "training_log.json").exists()
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    assert pipe.transformer.config.dual_attention_layers == [0, 1] or tuple(pipe.transformer.config.dual_attention_layers) == (
+        0,
+        1,
+    )
+    assert pipe.vae.config.shift_factor is not None
+
+
+@pytest.mark.slow
+def test_stage_all_on_the_miniature_mmdit(compose_fit):
+    """Stages 0, 1 and 2 (StableSeg++: weights learned over the MM-DiT's blocks) on a small part of the world."""
+    import json
+
+    from stableseg_pp.fit import run
+    from tests.test_self_training import SMALL
+
+    final = run(compose_fit("stage=all", "diffusion=miniature_mmdit", *SMALL))["2"]
+    run_dir = final.parent
+    weights = json.loads(next(run_dir.glob("weights-*")).joinpath("weights.json").read_text())
+    assert weights["family"] == "sd3_mmdit"
+    assert set(weights["sites"]) == {f"transformer_blocks.{i}.attn" for i in range(5)}
+    table = json.loads((run_dir / "results.json").read_text())
+    assert len(table) == 6 and all(0 <= r["val_miou"] <= 1 for r in table)
