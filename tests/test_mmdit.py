@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,7 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
 from stableseg_pp.backbones.base import AttentionStore, CaptureRequest
-from stableseg_pp.backbones.hopping import encode_packed, pack_prompts
+from stableseg_pp.backbones.hopping import additive_mask, encode_packed, pack_prompts
 from stableseg_pp.backbones.prompts import map_class_tokens
 from stableseg_pp.backbones.sd3_mmdit import SD3Backbone
 from stableseg_pp.methods.stableseg import StableSeg
@@ -129,16 +131,19 @@ def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directi
             torch.testing.assert_close(store.text_logits[sites[0]].flatten(2).transpose(1, 2), logits.detach())
 
 
-def test_hopping_pass_equals_separate_passes(pipe):
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_hopping_pass_equals_separate_passes(pipe, attention):
     tok = pipe.tokenizer
     names = ["circle", "half moon", "star", "square", "cross", "triangle"]
     lists = [tok(TEMPLATE.format(n)).input_ids for n in names]
     packed = pack_prompts(lists, tok.model_max_length, tok.pad_token_id, causal=True)
     assert len(packed.input_ids) < len(names)  # several prompts share a row
-    enc = pipe.text_encoder
+    enc, t5_enc = copy.deepcopy(pipe.text_encoder), copy.deepcopy(pipe.text_encoder_3)
+    enc.set_attn_implementation(attention)
+    t5_enc.set_attn_implementation(attention)
 
     def run(ids, positions, mask):
-        out = enc(ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+        out = enc(ids, attention_mask=additive_mask(mask, enc.dtype), position_ids=positions, output_hidden_states=True)
         return out.hidden_states[-2], out.last_hidden_state
 
     with torch.no_grad():
@@ -148,9 +153,11 @@ def test_hopping_pass_equals_separate_passes(pipe):
             torch.testing.assert_close(penultimate, alone.hidden_states[-2][0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(last, alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
         t5_lists = [pipe.tokenizer_3(TEMPLATE.format(n)).input_ids for n in names]
-        t5 = encode_packed(lambda i, p, m: (pipe.text_encoder_3(i, attention_mask=m)[0],), t5_lists, 40, 0, False, "cpu")
+        t5 = encode_packed(
+            lambda i, p, m: (t5_enc(i, attention_mask=additive_mask(m, torch.float32))[0],), t5_lists, 40, 0, False, "cpu"
+        )
         for ids, (hidden,) in zip(t5_lists, t5, strict=True):
-            torch.testing.assert_close(hidden, pipe.text_encoder_3(torch.tensor([ids]))[0][0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(hidden, t5_enc(torch.tensor([ids]))[0][0], rtol=1e-5, atol=1e-5)
 
 
 def test_per_class_embeddings_sit_at_their_positions(pipe):

@@ -63,6 +63,12 @@ def pack_prompts(token_lists: Sequence[Sequence[int]], length: int, pad_id: int,
     return PackedPrompts(ids, positions, mask[:, None], spans)
 
 
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean hopping mask as an additive float mask (0 or the dtype's minimum), which every attention
+    implementation of transformers' text encoders (eager and SDPA) applies the same way."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def encode_packed(
     encoder: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Sequence[torch.Tensor]],
     token_lists: Sequence[Sequence[int]],

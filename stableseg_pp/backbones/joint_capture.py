@@ -117,15 +117,16 @@ class JointAttentionMapProcessor:
         n_image = q.shape[2]
         q_all, k_all, v_all = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
         weights = store.token_weights
-        h, w = store.map_shape(n_image)
         if self.class_maps and weights is not None:
+            h, w = store.map_shape(n_image)
             weights = weights.to(q.device)
             key_weights = F.pad(weights, (0, 0, n_image, 0))  # image keys weigh nothing
             out, per_class = attention_with_class_maps(q_all, k_all, v_all, key_weights, attn.scale)
             maps = per_class[:, :, :n_image].float().mean(dim=1)  # (B, N, C): image-to-text, joint normalisation
             if self.directions == "both":
                 # text queries over the joint keys (T x (N + T) per head), their image columns, transposed
-                probs = (torch.matmul(cq, k_all.transpose(-1, -2)) * attn.scale).float().softmax(dim=-1)
+                # logits in float32, as the fused kernel keeps them (bf16 would round them to 1/8 at 16)
+                probs = torch.matmul(cq.float() * attn.scale, k_all.float().transpose(-1, -2)).softmax(dim=-1)
                 to_image = probs[..., :n_image].mean(dim=1)  # (B, T, N)
                 maps = (maps + torch.bmm(to_image.transpose(1, 2), weights.float())) / 2
             store.cross[self.name] = maps.transpose(1, 2).reshape(maps.shape[0], -1, h, w)
@@ -134,8 +135,9 @@ class JointAttentionMapProcessor:
         if self.query_keys:
             store.self_qk[self.name] = (q.detach(), k.detach())
         if self.text_logits and weights is not None:
-            logits = (torch.matmul(q, ck.transpose(-1, -2)) * attn.scale).mean(dim=1)  # (B, N, T)
-            per_class = torch.bmm(logits.float(), weights.to(logits.device, torch.float32))
+            h, w = store.map_shape(n_image)
+            logits = torch.matmul(q.float() * attn.scale, ck.float().transpose(-1, -2)).mean(dim=1)  # (B, N, T)
+            per_class = torch.bmm(logits, weights.to(logits.device, torch.float32))
             store.text_logits[self.name] = per_class.transpose(1, 2).reshape(per_class.shape[0], -1, h, w)
         return joint_outputs(attn, out, n_image, q.dtype)
 

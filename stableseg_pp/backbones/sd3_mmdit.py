@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning, vae_latents
 from stableseg_pp.backbones.capture import SelfAttentionQKProcessor
-from stableseg_pp.backbones.hopping import encode_packed
+from stableseg_pp.backbones.hopping import additive_mask, encode_packed
 from stableseg_pp.backbones.joint_capture import DIRECTIONS, JointAttentionMapProcessor
 from stableseg_pp.backbones.loading import model_identity, offline_hint, parse_dtype, pipeline_folder_or_hub_id
 from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt, map_class_tokens
@@ -60,6 +60,12 @@ def mmdit_sites(transformer, latent_hw: tuple[int, int]) -> list[AttentionSite]:
         if getattr(block, "attn2", None) is not None:
             sites.append(AttentionSite(id=f"transformer_blocks.{i}.attn2", kind="self", grid=grid, depth=i))
     return sites
+
+
+def _integer(key: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"diffusion.{key}={value}: give a whole number >= {minimum}")
+    return value
 
 
 class SD3Backbone:
@@ -98,12 +104,15 @@ class SD3Backbone:
             raise ConfigError(f"diffusion.conditioning={conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
         if attention_maps not in DIRECTIONS:
             raise ConfigError(f"diffusion.attention_maps={attention_maps!r}: use one of {', '.join(DIRECTIONS)}")
-        if not 1 <= int(noise_step) <= int(num_inference_steps):
+        steps = _integer("num_inference_steps", num_inference_steps, 1)
+        if not 1 <= _integer("noise_step", noise_step, 1) <= steps:
+            raise ConfigError(f"diffusion.noise_step={noise_step}: give a step between 1 and num_inference_steps={steps}")
+        if not 0 <= _integer("t5_tokens", t5_tokens, 0) <= 512 or (use_t5 and int(t5_tokens) == 0):
             raise ConfigError(
-                f"diffusion.noise_step={noise_step}: give a step between 1 and num_inference_steps={num_inference_steps}"
+                f"diffusion.t5_tokens={t5_tokens}: give T5's sequence length, 1 to 512 (e.g. 77 or 256; 0 only with use_t5=false)"
             )
-        if int(t5_tokens) < 0:
-            raise ConfigError(f"diffusion.t5_tokens={t5_tokens}: give a sequence length >= 0, e.g. 256")
+        if not isinstance(timestep, int | float) or not 0 <= timestep <= 1000:
+            raise ConfigError(f"diffusion.timestep={timestep}: give the transformer's time, 0 to 1000 (1 = almost clean)")
         self.name = name
         self.pretrained = str(pretrained)
         self.dtype = parse_dtype(dtype)
@@ -121,6 +130,7 @@ class SD3Backbone:
         self.text_encoder_3 = self.tokenizer_3 = None
         self._installed: tuple[CaptureRequest, AttentionStore, dict[str, object]] | None = None
         self._meta: SimpleNamespace | None = None
+        self._schedule: tuple | None = None  # ((scheduler id, steps), the noising schedule)
 
     @property
     def stochastic(self) -> bool:
@@ -274,7 +284,7 @@ class SD3Backbone:
         tok, enc = self.tokenizers[index], self.text_encoders[index]
 
         def run(ids, positions, mask):
-            out = enc(ids, attention_mask=mask, position_ids=positions, output_hidden_states=True)
+            out = enc(ids, attention_mask=additive_mask(mask, enc.dtype), position_ids=positions, output_hidden_states=True)
             return out.hidden_states[-2], out.last_hidden_state
 
         return encode_packed(run, token_lists, tok.model_max_length, tok.pad_token_id, True, enc.device)
@@ -283,7 +293,7 @@ class SD3Backbone:
         enc = self.text_encoder_3
 
         def run(ids, positions, mask):
-            return (enc(ids, attention_mask=mask)[0],)  # relative positions: packing leaves them unchanged
+            return (enc(ids, attention_mask=additive_mask(mask, enc.dtype))[0],)  # relative positions: unchanged
 
         length = max(self.t5_tokens, max(len(t) for t in token_lists))
         return [o[0] for o in encode_packed(run, token_lists, length, self.tokenizer_3.pad_token_id, False, enc.device)]
@@ -323,7 +333,7 @@ class SD3Backbone:
         clip = torch.cat([h1, h2], dim=-1)
         clip = F.pad(clip, (0, self._joint_width() - clip.shape[-1]))
         t5 = self._t5_padded(prompts) if self.text_encoder_3 is not None else self._t5_zeros(len(prompts), clip)
-        return torch.cat([clip, t5.to(clip.dtype)], dim=1), torch.cat([p1, p2], dim=-1)
+        return torch.cat([clip, t5.to(clip.device, clip.dtype)], dim=1), torch.cat([p1, p2.to(p1.device)], dim=-1)
 
     def _encode_joined(self, class_names, template, joiner) -> TextConditioning:
         embeddings, pooled = self.encode_prompts([build_prompt(names, template, joiner) for names in class_names])
@@ -339,6 +349,8 @@ class SD3Backbone:
         return TextConditioning((embeddings, pooled), weights.to(device), valid.to(device))
 
     def _encode_per_class(self, class_names, template, joiner) -> TextConditioning:
+        for names in class_names:
+            self.check_prompt(names, template, joiner)  # a clear PromptTooLongError, not an index error
         unique = list(dict.fromkeys(name for names in class_names for name in names))
         batch = len(class_names)
         hidden, pooled = [], []
@@ -372,7 +384,7 @@ class SD3Backbone:
             t5_positions = [[[c] for c in range(len(names))] for names in class_names]
         else:
             t5 = self._t5_zeros(batch, clip)
-        embeddings = torch.cat([clip, t5.to(clip.dtype)], dim=1)
+        embeddings = torch.cat([clip, t5.to(clip.device, clip.dtype)], dim=1)
         weights, valid = self._class_weights(positions, t5_positions, embeddings.shape[1])
         device = embeddings.device
         return TextConditioning((embeddings, torch.cat(pooled, dim=-1)), weights.to(device), valid.to(device))
@@ -383,18 +395,24 @@ class SD3Backbone:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return vae_latents(self.vae, pixels)
 
-    def noising_timestep(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The scheduler's timestep at step ``noise_step`` of ``num_inference_steps`` (as the SD3 pipeline sets them)."""
-        self.scheduler.set_timesteps(self.num_inference_steps, device=device)
-        return self.scheduler.timesteps[self.noise_step - 1]
+    def noise_schedule(self):
+        """A copy of the model's scheduler with ``num_inference_steps`` set as the SD3 pipeline sets them (the
+        pipeline's own scheduler, which a training loop may be using, is left alone)."""
+        key = (id(self.scheduler), self.num_inference_steps)
+        if self._schedule is None or self._schedule[0] != key:
+            schedule = type(self.scheduler).from_config(self.scheduler.config)
+            schedule.set_timesteps(self.num_inference_steps)
+            self._schedule = (key, schedule)
+        return self._schedule[1]
 
     def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b = latents.shape[0]
         if not self.add_noise:
             return latents, torch.full((b,), self.timestep, device=latents.device, dtype=torch.float32)
-        t = self.noising_timestep(latents.device).expand(b)
+        schedule = self.noise_schedule()
+        t = schedule.timesteps[self.noise_step - 1].to(latents.device).expand(b)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        return self.scheduler.scale_noise(latents, t, noise), t
+        return schedule.scale_noise(latents, t, noise), t
 
     def denoise(self, latents: torch.Tensor, time: torch.Tensor, text: TextConditioning) -> torch.Tensor:
         tr = self.transformer

@@ -172,13 +172,16 @@ def train_denoiser(latent_mean, latent_std, captions, tokenizer, vae, args, seed
 
 
 @torch.no_grad()
-def binding_check(backbone, n_images: int, seed: int = 0, cross_scales=(8, 16)) -> dict:
+def binding_check(backbone, n_images: int, seed: int = 0, **stableseg) -> dict:
     """Does the model bind class words to shapes? Class accuracy on foreground pixels.
 
     For every ground-truth foreground pixel, StableSeg's cross-attention (CA only)
     picks one of the classes present in the image; chance is 1 / (classes present).
+    ``stableseg``: StableSeg settings (default: the 8x8 and 16x16 cross-attention maps).
     """
-    seg = StableSeg(backbone, resolution=64, cross_scales=cross_scales, mode="ca", background_threshold=0.55)
+    settings = {"resolution": 64, "cross_scales": (8, 16), "mode": "ca", "background_threshold": 0.55} | stableseg
+    seg = StableSeg(backbone, **settings)
+    torch.manual_seed(seed)  # noised latents, where the backbone adds noise
     images, masks, _, classes = make_images("check", n_images, seed)
     metrics = SegmentationMetrics(CLASS_NAMES)
     correct = chance = total = 0.0
