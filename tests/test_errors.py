@@ -37,6 +37,10 @@ def _error_lines(stderr: str) -> list[str]:
         (["data.labels=some"], "data.labels=some: use oracle"),
         (["zero_shot.cross_scales=[7]"], r"zero_shot.cross_scales=[7]: map sides [7] do not exist"),
         (["zero_shot.resolution=100"], "zero_shot.resolution=100 must be a multiple of 16"),
+        (
+            ["diffusion=miniature_mmdit", "zero_shot.cross_depths=[9]"],
+            "zero_shot.cross_depths=[9]: depths [9] do not exist for this backbone; available: [0, 1, 2, 3, 4]",
+        ),
         (["diffusion.pretrained=/nope"], "diffusion.pretrained='/nope': no such folder"),
         (["diffusion.pretrained=someorg/somemodel"], "pre-fill the Hugging Face cache"),
         (["trainer.accelerator=gpu", "trainer.devices=2"], "trainer.accelerator=gpu, but this machine has no GPU"),

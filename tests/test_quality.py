@@ -1,4 +1,4 @@
-"""The shipped miniature model segments for real: stage 0 beats both trivial baselines on val."""
+"""The shipped miniature models segment for real: stage 0 beats both trivial baselines on val."""
 
 from __future__ import annotations
 
@@ -9,12 +9,17 @@ import pytest
 from stableseg_pp.bench.baselines import baselines
 from stableseg_pp.fit import run
 
+# val mIoU floors below what each shipped preset measures (miniature_sd 0.559, miniature_mmdit 0.810; docs/mmdit.md)
+FLOOR_SD = 0.45
+FLOOR_MMDIT = 0.70
+
 
 @pytest.mark.slow
-def test_stage0_beats_trivial_baselines_on_val(compose_fit, miniature_model):
-    cfg = compose_fit("stage=0", "zero_shot.splits=[val]")
+@pytest.mark.parametrize(("diffusion", "floor"), [("miniature_sd", FLOOR_SD), ("miniature_mmdit", FLOOR_MMDIT)])
+def test_stage0_beats_trivial_baselines_on_val(compose_fit, miniature_model, diffusion, floor):
+    cfg = compose_fit("stage=0", "zero_shot.splits=[val]", f"diffusion={diffusion}")
     out = run(cfg)["0"]
     miou = json.loads((out / "metrics.json").read_text())["val"]["miou"]
     base = baselines(cfg.data.root, "val")
-    assert miou >= 0.45
+    assert miou >= floor
     assert miou > base["all_background"] and miou > base["gt_foreground_random_present_class"]

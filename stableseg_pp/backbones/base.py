@@ -191,12 +191,13 @@ def select_sites(
     sides: Iterable[int] | str = "all",
     depths: Iterable[int] | None = None,
     setting: str = "scales",
+    depth_setting: str = "depths",
 ) -> list[AttentionSite]:
     """The sites that give ``which`` maps (``text``: class maps, ``image``: Q/K for SAR), by map side and/or depth.
 
     ``sides``: "all" or map side lengths (U-Nets' scales); ``depths``: positions
     in the forward (MM-DiT blocks). A requested value that no site has is a clear
-    error naming ``setting`` and the values that exist.
+    error naming the setting (``setting`` for sides, ``depth_setting`` for depths) and the values that exist.
     """
     if which not in ("text", "image"):
         raise ValueError(f"select_sites: which={which!r} must be 'text' or 'image'")
@@ -214,6 +215,9 @@ def select_sites(
         wanted = {int(d) for d in depths}
         available = sorted({s.depth for s in pool})
         if missing := wanted - set(available):
-            raise ConfigError(f"{setting}: depths {sorted(missing)} do not exist; available: {available}")
+            raise ConfigError(
+                f"{depth_setting}={sorted(wanted)}: depths {sorted(missing)} do not exist for this backbone; "
+                f"available: {available}"
+            )
         pool = [s for s in pool if s.depth in wanted]
     return pool

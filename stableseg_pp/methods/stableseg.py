@@ -91,12 +91,12 @@ class StableSeg(torch.nn.Module):
         self.latent_grid = backbone.latent_grid(resolution)
         sites = backbone.sites(resolution)
         self.aggregated_sites = select_sites(
-            sites, "text", cross_scales, cross_depths, setting="zero_shot.cross_scales / zero_shot.cross_depths"
+            sites, "text", cross_scales, cross_depths, "zero_shot.cross_scales", "zero_shot.cross_depths"
         )
         stored = select_sites(sites, "text", stored_cross_scales, setting="zero_shot.stored_cross_scales")
         self.cross_sites: list[AttentionSite] = [s for s in sites if s in stored or s in self.aggregated_sites]
         self.self_sites = (
-            select_sites(sites, "image", self_scales, self_depths, setting="zero_shot.self_scales / zero_shot.self_depths")
+            select_sites(sites, "image", self_scales, self_depths, "zero_shot.self_scales", "zero_shot.self_depths")
             if mode != "ca"
             else []
         )

@@ -72,10 +72,10 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
     except LookupError:
         return  # a hub id not in the local cache: checked when it is loaded
     depths = {k: zs.get(k) for k in ("cross_depths", "self_depths")}
-    select_sites(sites, "text", zs.cross_scales, depths["cross_depths"], setting="zero_shot.cross_scales / cross_depths")
+    select_sites(sites, "text", zs.cross_scales, depths["cross_depths"], "zero_shot.cross_scales", "zero_shot.cross_depths")
     select_sites(sites, "text", zs.stored_cross_scales, setting="zero_shot.stored_cross_scales")
     if zs.mode != "ca":
-        select_sites(sites, "image", zs.self_scales, depths["self_depths"], setting="zero_shot.self_scales / self_depths")
+        select_sites(sites, "image", zs.self_scales, depths["self_depths"], "zero_shot.self_scales", "zero_shot.self_depths")
     if dataset.labels == "all":
         names = [dataset.prompt_name(c) for c in range(len(dataset.class_names)) if c != dataset.background_index]
         if dataset.has_background and zs.background == "word":
