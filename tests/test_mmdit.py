@@ -248,6 +248,17 @@ def test_shipped_miniature_mmdit_is_an_sd3_pipeline():
     assert pipe.vae.config.shift_factor is not None
 
 
+def test_asking_for_t5_on_a_model_without_one_is_a_clear_error():
+    from stableseg_pp.runtime.errors import ConfigError
+
+    backbone = SD3Backbone(name="miniature_mmdit", pretrained="miniature_mmdit", use_t5=True, t5_tokens=77)
+    with pytest.raises(ConfigError, match=r"diffusion.use_t5=true, but .* has no T5 .*set diffusion.use_t5=false"):
+        backbone.sites(64)  # checked from the configs, before any weights are read
+    with pytest.raises(ConfigError, match=r"has no T5"):
+        backbone.load()
+    assert SD3Backbone(name="m", pretrained="miniature_mmdit", use_t5=False, t5_tokens=0).sites(64)
+
+
 @pytest.mark.slow
 def test_stage_all_on_the_miniature_mmdit(compose_fit):
     """Stages 0, 1 and 2 (StableSeg++: weights learned over the MM-DiT's blocks) on a small part of the world."""

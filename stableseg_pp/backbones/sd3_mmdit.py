@@ -174,10 +174,18 @@ class SD3Backbone:
                 )
         except (OSError, ValueError) as err:
             raise ConfigError(offline_hint(self.pretrained, one_line(err))) from err
+        if self.use_t5 and pipe.text_encoder_3 is None:
+            raise self._no_t5_error()
         self._set_components(pipe)
         for module in self.modules().values():
             module.eval().requires_grad_(False)
         return self
+
+    def _no_t5_error(self) -> ConfigError:
+        return ConfigError(
+            f"diffusion.use_t5=true, but diffusion.pretrained={self.pretrained} has no T5 (text_encoder_3, tokenizer_3); "
+            "set diffusion.use_t5=false diffusion.t5_tokens=0"
+        )
 
     def _structure(self) -> SimpleNamespace:
         """The transformer (on the meta device before loading: no weights read), the VAE config and the tokenizers,
@@ -206,6 +214,8 @@ class SD3Backbone:
                         tokenizer_3 = None  # a model without T5 (its tokens are zeros)
             except (OSError, ValueError) as err:
                 raise LookupError(f"{source}: configs not available without downloading ({err})") from err
+            if self.use_t5 and tokenizer_3 is None:
+                raise self._no_t5_error()
             with torch.device("meta"):
                 transformer = SD3Transformer2DModel.from_config(config)
             self._meta = SimpleNamespace(
