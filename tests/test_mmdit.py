@@ -259,6 +259,23 @@ def test_asking_for_t5_on_a_model_without_one_is_a_clear_error():
     assert SD3Backbone(name="m", pretrained="miniature_mmdit", use_t5=False, t5_tokens=0).sites(64)
 
 
+def test_a_model_with_t5_whose_t5_is_not_cached_is_checked_at_load(tmp_path):
+    """A model whose index lists T5 but whose T5 folders were never fetched (a cache filled with use_t5=false):
+    not "has no T5", but the settings check is left to the load."""
+    import json
+    import shutil
+
+    from stableseg_pp.backbones.loading import ALIASES
+
+    folder = tmp_path / "sd3_like"
+    shutil.copytree(ALIASES["miniature_mmdit"], folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    index = json.loads((folder / "model_index.json").read_text())
+    index |= {"text_encoder_3": ["transformers", "T5EncoderModel"], "tokenizer_3": ["transformers", "T5TokenizerFast"]}
+    (folder / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(LookupError, match="configs not available without downloading"):
+        SD3Backbone(name="m", pretrained=str(folder), use_t5=True, t5_tokens=77).sites(64)
+
+
 @pytest.mark.slow
 def test_stage_all_on_the_miniature_mmdit(compose_fit):
     """Stages 0, 1 and 2 (StableSeg++: weights learned over the MM-DiT's blocks) on a small part of the world."""

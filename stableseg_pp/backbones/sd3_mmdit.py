@@ -198,24 +198,26 @@ class SD3Backbone:
                 tokenizer_3=self.tokenizer_3 if self.text_encoder_3 is not None else None,
             )
         if self._meta is None:
-            from diffusers import AutoencoderKL, SD3Transformer2DModel
+            from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
             from transformers import AutoTokenizer
 
             source, _ = pipeline_folder_or_hub_id(self.pretrained, EXAMPLE_HUB_ID)
             try:
+                index = StableDiffusion3Pipeline.load_config(source, local_files_only=True)
                 config = SD3Transformer2DModel.load_config(source, subfolder="transformer", local_files_only=True)
                 vae_config = AutoencoderKL.load_config(source, subfolder="vae", local_files_only=True)
                 tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True)
-                tokenizer_3 = None
-                if self.use_t5:
-                    try:
-                        tokenizer_3 = AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3", local_files_only=True)
-                    except (OSError, ValueError):
-                        tokenizer_3 = None  # a model without T5 (its tokens are zeros)
+                # whether the model has T5 is the pipeline index's word (a cache filled with use_t5=false lacks
+                # T5's folders even for a model that has it: then its tokenizer is read when the model loads)
+                if self.use_t5 and list(index.get("text_encoder_3") or [None, None]) == [None, None]:
+                    raise self._no_t5_error()
+                tokenizer_3 = (
+                    AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3", local_files_only=True) if self.use_t5 else None
+                )
+            except ConfigError:
+                raise
             except (OSError, ValueError) as err:
                 raise LookupError(f"{source}: configs not available without downloading ({err})") from err
-            if self.use_t5 and tokenizer_3 is None:
-                raise self._no_t5_error()
             with torch.device("meta"):
                 transformer = SD3Transformer2DModel.from_config(config)
             self._meta = SimpleNamespace(
