@@ -68,6 +68,11 @@ def _integer(key: str, value, minimum: int) -> int:
     return value
 
 
+def absent_components(index: dict[str, Any]) -> set[str]:
+    """The components a pipeline's ``model_index.json`` lists as ``[null, null]`` (e.g. a model without T5)."""
+    return {k for k, v in index.items() if isinstance(v, list | tuple) and list(v) == [None, None]}
+
+
 class SD3Backbone:
     """Stable Diffusion 3 / 3.5 (and the miniature MM-DiT) behind the backbone interface.
 
@@ -168,7 +173,7 @@ class SD3Backbone:
                 warnings.filterwarnings("ignore", message=".*torch_dtype.*deprecated", category=FutureWarning)
                 index = StableDiffusion3Pipeline.load_config(source, local_files_only=is_local or offline)
                 # components the model does not have (e.g. the miniature's T5) are passed as None explicitly
-                absent = {k: None for k, v in index.items() if isinstance(v, list | tuple) and list(v) == [None, None]}
+                absent = dict.fromkeys(absent_components(index))
                 pipe = StableDiffusion3Pipeline.from_pretrained(
                     source, torch_dtype=self.dtype, local_files_only=is_local or offline, **(absent | skip_t5)
                 )
@@ -209,7 +214,7 @@ class SD3Backbone:
                 tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=True)
                 # whether the model has T5 is the pipeline index's word (a cache filled with use_t5=false lacks
                 # T5's folders even for a model that has it: then its tokenizer is read when the model loads)
-                if self.use_t5 and list(index.get("text_encoder_3") or [None, None]) == [None, None]:
+                if self.use_t5 and "text_encoder_3" in absent_components(index):
                     raise self._no_t5_error()
                 tokenizer_3 = (
                     AutoTokenizer.from_pretrained(source, subfolder="tokenizer_3", local_files_only=True) if self.use_t5 else None
