@@ -25,6 +25,7 @@ from stableseg_pp.data.pairs import IMAGENET_MEAN, IMAGENET_STD
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.errors import UserError, one_line, report_errors
+from stableseg_pp.stages.train_segmenter import final_checkpoint
 
 log = logging.getLogger("stableseg_pp.predict")
 HINT = "; replace it, or leave it out of the command"
@@ -52,7 +53,7 @@ def find_checkpoint(path: Path) -> Path:
     """A checkpoint file, or a DeepLabV3+ step folder's ``checkpoints/last.ckpt``."""
     if path.is_file():
         return path
-    ckpt = path / "checkpoints" / "last.ckpt"
+    ckpt = final_checkpoint(path)
     if path.is_dir() and ckpt.exists():
         return ckpt
     raise UserError(

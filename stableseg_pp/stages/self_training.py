@@ -4,7 +4,9 @@ stage 1: stage-0 masks -> DenseCRF -> DeepLabV3+.
 stage 2: + learn the attention-map weights from DeepLabV3+'s predictions ->
 regenerate the pseudo-masks with them (stage 0 given the learned site weights,
 a diffusion forward again, so SAR uses the new CA map) -> CRF -> retrain;
-``self_training.rounds`` DeepLabV3+ trainings in all (2 = the paper).
+``self_training.rounds`` DeepLabV3+ trainings in all (2 = the paper). With
+``self_training.warm_start`` (the paper: "retrain StableSeg+'s DeepLabV3+")
+each round's DeepLabV3+ starts from the previous round's weights.
 Every step is content-addressed, so finished steps are reused and a changed
 setting recomputes exactly what depends on it.
 """
@@ -57,7 +59,7 @@ def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
         weight_dirs.append(wdir)
         s0 = zero_shot.run(cfg, dataset, weights=SiteWeights.load(wdir), inputs=[wdir])
         crf = crf_refine.run(cfg, dataset, s0)
-        seg = train_segmenter.run(cfg, dataset, crf)
+        seg = train_segmenter.run(cfg, dataset, crf, init=seg if cfg.self_training.warm_start else None)
         rows += [
             (f"learned-weight masks (round {r})", s0),
             (f"learned-weight masks + CRF (round {r})", crf),

@@ -3,6 +3,8 @@
 Checkpoints go to ``<out>/checkpoints``; a killed training resumes from
 ``last.ckpt``. The predictions on the training images (masks and the
 confidence of the predicted class) are the next stage's pseudo ground truth.
+A training can start from the weights of an earlier one (``init``: StableSeg++
+retrains StableSeg+'s DeepLabV3+ on the regenerated masks).
 """
 
 from __future__ import annotations
@@ -53,8 +55,16 @@ def trainer_key(cfg: DictConfig) -> dict:
     }
 
 
-def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path) -> Path:
-    """Train on ``masks_dir/train``; returns the content-addressed output folder."""
+def final_checkpoint(folder: Path) -> Path:
+    """The trained weights of a finished DeepLabV3+ step folder (``checkpoints/last.ckpt``)."""
+    return folder / "checkpoints" / "last.ckpt"
+
+
+def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, init: Path | None = None) -> Path:
+    """Train on ``masks_dir/train``; returns the content-addressed output folder.
+
+    ``init``: a finished DeepLabV3+ step folder whose weights the training starts from (None: from scratch).
+    """
     seg = cfg.segmenter
     key = {
         "stage": NAME,
@@ -63,6 +73,8 @@ def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path) -> Path:
         "trainer": trainer_key(cfg),
         "seed": cfg.seed,
     }
+    if init is not None:
+        key["init"] = init.name
     for k in ("num_workers",):
         key["segmenter"]["train"].pop(k, None)
     key["segmenter"].pop("eval_batch_size", None)
@@ -70,13 +82,21 @@ def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path) -> Path:
         if finished:
             return out
         with tracking.active().step(out, [masks_dir], key) as record:
-            _compute(cfg, dataset, masks_dir, out, key, record)
+            _compute(cfg, dataset, masks_dir, out, key, record, init)
             masks = {"prediction": out / "val" / "masks", "pseudo_mask": masks_dir / "val" / "masks"}
             tracking.track_results(record, dataset, out, masks)
     return out
 
 
-def _compute(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, out: Path, key: dict, record: StepRecord) -> None:
+def _compute(
+    cfg: DictConfig,
+    dataset: DatasetDescription,
+    masks_dir: Path,
+    out: Path,
+    key: dict,
+    record: StepRecord,
+    init: Path | None = None,
+) -> None:
     seg = cfg.segmenter
     if cfg.trainer.get("sync_batchnorm") and not _on_gpu(cfg):
         raise ConfigError("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU version); set it to false")
@@ -130,6 +150,8 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, out:
     resume = resume_checkpoint(out)
     if resume:
         log.info("deeplab: resuming from %s", resume)
+    elif init is not None:
+        load_trained_weights(module, init)
     trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
     if trainer.interrupted or trainer.current_epoch < t.max_epochs:
         raise IncompleteStageError(
@@ -155,6 +177,17 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, out:
     evaluate_and_finish(
         out, key, lambda: {split: report_split("deeplab", dataset, split, ids, layouts[split]) for split, ids in splits}
     )
+
+
+def load_trained_weights(module: L.LightningModule, folder: Path) -> None:
+    """Start ``module`` from the weights a finished DeepLabV3+ step saved (same classes, same architecture)."""
+    ckpt = final_checkpoint(folder)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    trained = state.get("hyper_parameters", {}).get("class_names")
+    if trained is not None and list(trained) != list(module.class_names):
+        raise ConfigError(f"{ckpt}: trained on classes {list(trained)}, not this dataset's {list(module.class_names)}")
+    module.load_state_dict(state["state_dict"])
+    log.info("deeplab: starting from the weights of %s", folder.name)
 
 
 def resume_checkpoint(out: Path) -> Path | None:
