@@ -24,6 +24,23 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "fit") -> D
         return compose(config_name=config_name, overrides=list(overrides))
 
 
+def compose_checked(overrides: Sequence[str] = (), config_name: str = "fit") -> DictConfig:
+    """:func:`compose_config`, with a bad override (an unknown config group option, a key that does not exist, a
+    value that does not parse) as one :class:`~stableseg_pp.runtime.errors.ConfigError` line (Hydra's hint kept)."""
+    from hydra.errors import HydraException, MissingConfigException
+
+    from stableseg_pp.runtime.errors import ConfigError, one_line
+
+    try:
+        return compose_config(overrides, config_name)
+    except HydraException as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+        message = "; ".join(lines[:2]) if len(lines) <= 2 else one_line(err)  # Hydra's hint (e.g. "use +key=...")
+        if isinstance(err, MissingConfigException) and err.options:
+            message += f"; available: {', '.join(err.options)}"
+        raise ConfigError(message) from err
+
+
 def build(node: DictConfig, **kwargs: Any) -> Any:
     """``hydra.utils.instantiate`` that lets a user error of the built class through as itself.
 

@@ -24,10 +24,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from stableseg_pp import tracking
-from stableseg_pp.config import CONFIG_DIR, compose_config
-from stableseg_pp.data.description import describe_dataset
+from stableseg_pp.config import CONFIG_DIR, compose_checked
+from stableseg_pp.data.description import DatasetDescription, describe_dataset
 from stableseg_pp.runtime import distributed
-from stableseg_pp.runtime.errors import USAGE_EXIT, ConfigError, one_line, report_errors
+from stableseg_pp.runtime.errors import USAGE_EXIT, ConfigError, report_errors
 from stableseg_pp.stages import STAGES, check_stage_splits, resolve_stages
 from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
 
@@ -91,9 +91,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_zero_shot_settings(cfg)
 
 
-def run(cfg: DictConfig) -> dict[str, Path]:
-    """Run the configured stage(s); returns each stage's output folder. Every rank calls it."""
-    stages = resolve_stages(cfg.stage)
+def start_run(cfg: DictConfig) -> DatasetDescription:
+    """What every rank does before the first step: the checks, the process group, the seed, the dataset description."""
     check_settings(cfg)
     require_launcher(cfg)
     distributed.setup(cfg.trainer.accelerator)
@@ -101,6 +100,13 @@ def run(cfg: DictConfig) -> dict[str, Path]:
     with distributed.main_first():  # rank 0 writes the miniature world on first use; the others then read it
         dataset = describe_dataset(cfg.data, list(cfg.zero_shot.splits))
     check_backbone_settings(cfg, dataset)
+    return dataset
+
+
+def run(cfg: DictConfig) -> dict[str, Path]:
+    """Run the configured stage(s); returns each stage's output folder. Every rank calls it."""
+    stages = resolve_stages(cfg.stage)
+    dataset = start_run(cfg)
     outputs = {}
     with tracking.activate(build_tracker(cfg), OmegaConf.to_container(cfg, resolve=True)):
         for key in stages:
@@ -153,16 +159,10 @@ def check_overrides(args: list[str]) -> None:
     that does not exist, a value that does not parse) is one line with exit code 2 like every other user error."""
     if any(a.startswith("-") for a in args) or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return  # Hydra's own flags (--config-dir, --cfg, -m): Hydra composes and reports
-    from hydra.errors import HydraException, MissingConfigException
-
     try:
-        compose_config(args)
-    except HydraException as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
-        message = "; ".join(lines[:2]) if len(lines) <= 2 else one_line(err)  # Hydra's hint (e.g. "use +key=...")
-        if isinstance(err, MissingConfigException) and err.options:
-            message += f"; available: {', '.join(err.options)}"
-        print(f"stableseg_pp.fit: error: {message}", file=sys.stderr)
+        compose_checked(args)
+    except ConfigError as err:
+        print(f"stableseg_pp.fit: error: {err}", file=sys.stderr)
         sys.exit(USAGE_EXIT)
 
 

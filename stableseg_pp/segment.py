@@ -23,14 +23,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from stableseg_pp.artifacts import SiteWeights, write_picture_masks
-from stableseg_pp.config import build, compose_config
+from stableseg_pp.config import build, compose_checked
 from stableseg_pp.data.prompted_images import to_model_pixels
 from stableseg_pp.methods.stableseg import StableSeg, resize_scores
 from stableseg_pp.runtime.errors import UserError, report_errors
 
 log = logging.getLogger("stableseg_pp.segment")
 # zero_shot keys that concern datasets and stored outputs, not one picture
-NOT_FOR_SEGMENT = ("splits", "n_overlays", "stored_cross_scales", "site_weights")
+NOT_FOR_SEGMENT = ("splits", "n_overlays", "stored_cross_scales", "stored_cross_depths", "site_weights", "store_head_maps")
 
 
 # what to do about an unreadable picture, in this command's own terms
@@ -98,7 +98,7 @@ def segment(args: argparse.Namespace) -> list[Path]:
         overrides.append(f"diffusion.dtype={args.dtype}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: this machine has no GPU that PyTorch can use; use --device cpu")
-    cfg = compose_config(overrides)
+    cfg = compose_checked(overrides)
     seg = build_segmenter(cfg, args.device)
     generator = torch.Generator(args.device).manual_seed(int(cfg.seed))
 

@@ -100,7 +100,7 @@ def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directi
     ]
     store = AttentionStore()
     sites = tuple(f"transformer_blocks.{i}.attn" for i in range(3))
-    b.install_capture(CaptureRequest(class_maps=sites, text_logits=sites[:1]), store)
+    b.install_capture(CaptureRequest(class_maps=sites, text_logits=sites[:1], head_maps=sites[1:2]), store)
     store.reset(weights, (8, 8))
     with torch.no_grad():
         captured = tr(x, text, pooled, t).sample
@@ -118,17 +118,65 @@ def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directi
         cq = m.norm_added_q(heads(m.add_q_proj(ehs)))
         ck = m.norm_added_k(heads(m.add_k_proj(ehs)))
         qa, ka = torch.cat([q, cq], 2), torch.cat([k, ck], 2)
-        probs = (qa @ ka.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1).mean(1)  # (B, N + T, N + T)
+        per_head = (qa @ ka.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)  # (B, heads, N + T, N + T)
         n = hs.shape[1]
-        expected = probs[:, :n, n:] @ weights  # image-to-text, normalised over all keys
+        heads = per_head[:, :, :n, n:] @ weights[:, None]  # image-to-text, normalised over all keys
         if directions == "both":
-            expected = (expected + probs[:, n:, :n].transpose(1, 2) @ weights) / 2
+            heads = (heads + per_head[:, :, n:, :n].transpose(-1, -2) @ weights[:, None]) / 2
+        expected = heads.mean(1)
         got = store.cross[f"transformer_blocks.{i}.attn"]
         assert got.shape == (2, 3, 4, 4)
         torch.testing.assert_close(got.flatten(2).transpose(1, 2), expected.detach(), rtol=1e-4, atol=1e-6)
+        if i == 1:  # the block whose maps are also kept per head
+            got_heads = store.cross_heads[sites[1]]
+            assert got_heads.shape == (2, 4, 3, 4, 4)
+            torch.testing.assert_close(got_heads.flatten(3).transpose(-1, -2), heads.detach(), rtol=1e-4, atol=1e-6)
+        else:
+            assert sites[i] not in store.cross_heads
         if i == 0:
             logits = ((q @ ck.transpose(-1, -2)) / q.shape[-1] ** 0.5).mean(1) @ weights
             torch.testing.assert_close(store.text_logits[sites[0]].flatten(2).transpose(1, 2), logits.detach())
+
+
+def test_sar_on_joint_attention_equals_the_dense_image_attention(pipe):
+    """MM-DiT SAR (image Q/K of the joint attention, class vectors = the mean key of each class region of the CA
+    map) equals a dense computation: the explicit image x image logits of each head, averaged over each region's
+    key columns, softmaxed over the classes. Captured without ever forming that matrix."""
+    from stableseg_pp.methods.sar import sar_layer
+
+    b = backbone(pipe)
+    tr = b.transformer
+    torch.manual_seed(2)
+    x, text, pooled, t = torch.randn(2, 4, 8, 8), torch.randn(2, 10, 64), torch.randn(2, 48), torch.tensor([1.0, 300.0])
+    inputs: dict[str, tuple] = {}
+    hook = tr.get_submodule("transformer_blocks.1.attn").register_forward_pre_hook(
+        lambda m, a, kw: inputs.__setitem__("x", (m, kw["hidden_states"])), with_kwargs=True
+    )
+    store = AttentionStore()
+    b.install_capture(CaptureRequest(query_keys=("transformer_blocks.1.attn",)), store)
+    store.reset(None, (8, 8))
+    with torch.no_grad():
+        tr(x, text, pooled, t)
+    hook.remove()
+    b.remove_capture()
+    q, k = store.self_qk["transformer_blocks.1.attn"]
+    assert q.shape == (2, 4, 16, 8)  # image tokens only: (B, heads, N, d)
+    labels = torch.tensor([[0, 1, 1, 2] * 4, [2, 2, 0, 0] * 4]).view(2, 4, 4)  # a CA map on the 4x4 token grid
+    valid = torch.tensor([[True, True, True], [True, False, True]])
+    got = sar_layer(q, k, labels, valid)
+
+    m, hs = inputs["x"]
+    with torch.no_grad():
+        qd = m.norm_q(m.to_q(hs).view(2, 16, 4, 8).transpose(1, 2))
+        kd = m.norm_k(m.to_k(hs).view(2, 16, 4, 8).transpose(1, 2))
+        dense = qd @ kd.transpose(-1, -2) / 8**0.5  # (B, heads, N, N): the image x image logits
+    expected = torch.zeros(2, 3, 16)
+    for img in range(2):
+        flat = labels[img].flatten()
+        present = [c for c in range(3) if valid[img, c] and (flat == c).any()]
+        logits = torch.stack([dense[img][:, :, flat == c].mean(-1) for c in present], dim=-1)  # (heads, N, classes)
+        expected[img, present] = logits.softmax(-1).mean(0).T
+    torch.testing.assert_close(got.flatten(2), expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])

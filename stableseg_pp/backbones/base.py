@@ -29,12 +29,14 @@ class AttentionSite:
         kind: ``self`` (image -> image), ``cross`` (image -> text) or ``joint`` (image and text together).
         grid: (h, w) of its map at the configured input resolution.
         depth: its order in the forward pass (0 = first).
+        heads: its number of attention heads (per-head maps: :func:`head_map_id`).
     """
 
     id: str
     kind: str
     grid: tuple[int, int]
     depth: int
+    heads: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in SITE_KINDS:
@@ -54,6 +56,22 @@ class AttentionSite:
     def side(self) -> int:
         """The map's longer side (the "scale" of StableSeg's tables)."""
         return max(self.grid)
+
+
+HEAD_MARK = "/head"
+
+
+def head_map_id(site_id: str, head: int) -> str:
+    """The id of one head's class map of a site (stored maps and learned weights): ``<site id>/head<h>``."""
+    return f"{site_id}{HEAD_MARK}{head}"
+
+
+def parse_map_id(map_id: str) -> tuple[str, int | None]:
+    """``<site id>`` -> (site id, None) (the head-mean map); ``<site id>/head<h>`` -> (site id, h)."""
+    site, mark, head = map_id.rpartition(HEAD_MARK)
+    if mark and head.isdigit():
+        return site, int(head)
+    return map_id, None
 
 
 @dataclass
@@ -79,11 +97,14 @@ class CaptureRequest:
         class_maps: site ids whose per-class image-to-text maps are stored (head mean, HW x classes).
         query_keys: site ids whose image Query/Key features are kept (for SAR; never an HW x HW map).
         text_logits: site ids whose pre-softmax image-to-text logits per class are kept, with gradients (MAGNET).
+        head_maps: site ids (among ``class_maps``) whose class maps are also kept per head (per-head weights, the
+            layer analysis).
     """
 
     class_maps: tuple[str, ...] = ()
     query_keys: tuple[str, ...] = ()
     text_logits: tuple[str, ...] = ()
+    head_maps: tuple[str, ...] = ()
 
 
 @dataclass
@@ -93,6 +114,7 @@ class AttentionStore:
     token_weights: torch.Tensor | None = None  # (B, T, C): averages each class's tokens
     latent_hw: tuple[int, int] = (0, 0)
     cross: dict[str, torch.Tensor] = field(default_factory=dict)  # site id -> (B, C, h, w)
+    cross_heads: dict[str, torch.Tensor] = field(default_factory=dict)  # site id -> (B, heads, C, h, w)
     self_qk: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # (B, heads, N, d)
     text_logits: dict[str, torch.Tensor] = field(default_factory=dict)  # site id -> (B, C, h, w), with gradients
 
@@ -100,6 +122,7 @@ class AttentionStore:
         self.token_weights = token_weights
         self.latent_hw = latent_hw
         self.cross.clear()
+        self.cross_heads.clear()
         self.self_qk.clear()
         self.text_logits.clear()
 
@@ -108,6 +131,13 @@ class AttentionStore:
         h, w = self.latent_hw
         factor = (h * w / n_tokens) ** 0.5
         return round(h / factor), round(w / factor)
+
+    def class_maps(self) -> dict[str, torch.Tensor]:
+        """Map id -> (B, C, h, w): every site's head-mean map, and each kept head's map (:func:`head_map_id`)."""
+        maps = dict(self.cross)
+        for site, heads in self.cross_heads.items():
+            maps.update({head_map_id(site, i): heads[:, i] for i in range(heads.shape[1])})
+        return maps
 
 
 @runtime_checkable

@@ -113,14 +113,22 @@ class CrossAttentionMapProcessor(_CaptureProcessor):
     store: AttentionStore
     needs_context = True
 
+    def __init__(self, store: AttentionStore, name: str, per_head: bool = False):
+        super().__init__(store, name)
+        self.per_head = per_head  # also keep each head's class maps (store.cross_heads)
+
     def attend(self, attn, q, k, v, mask):
         probs = _probabilities(attn, q, k, mask)
         weights = self.store.token_weights
         if weights is not None:
+            weights = weights.to(probs.device, torch.float32)
             mean = probs.mean(dim=1)  # (B, N, T)
-            per_class = torch.bmm(mean.float(), weights.to(mean.device, torch.float32))  # (B, N, C)
+            per_class = torch.bmm(mean.float(), weights)  # (B, N, C)
             h, w = self.store.map_shape(mean.shape[1])
             self.store.cross[self.name] = per_class.transpose(1, 2).reshape(mean.shape[0], -1, h, w)
+            if self.per_head:
+                heads = torch.einsum("bhnt,btc->bhcn", probs.float(), weights)
+                self.store.cross_heads[self.name] = heads.reshape(*heads.shape[:3], h, w)
         return torch.matmul(probs, v)
 
 

@@ -89,6 +89,7 @@ class JointAttentionMapProcessor:
         text_logits: keep the pre-softmax image-to-text logits, head mean, weighted per class (B, C, h, w), with
             gradients, in ``store.text_logits``.
         directions: ``image_to_text`` (Seg4Diff) or ``both`` (the SD3 zero-shot paper).
+        per_head: with ``class_maps``, also keep each head's class maps (B, heads, C, h, w) in ``store.cross_heads``.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class JointAttentionMapProcessor:
         query_keys: bool = False,
         text_logits: bool = False,
         directions: str = "image_to_text",
+        per_head: bool = False,
     ):
         if directions not in DIRECTIONS:
             raise ValueError(f"directions={directions!r} is not one of {DIRECTIONS}")
@@ -108,6 +110,7 @@ class JointAttentionMapProcessor:
         self.query_keys = query_keys
         self.text_logits = text_logits
         self.directions = directions
+        self.per_head = per_head
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is None:
@@ -122,14 +125,19 @@ class JointAttentionMapProcessor:
             weights = weights.to(q.device)
             key_weights = F.pad(weights, (0, 0, n_image, 0))  # image keys weigh nothing
             out, per_class = attention_with_class_maps(q_all, k_all, v_all, key_weights, attn.scale)
-            maps = per_class[:, :, :n_image].float().mean(dim=1)  # (B, N, C): image-to-text, joint normalisation
+            heads = per_class[:, :, :n_image].float()  # (B, heads, N, C): image-to-text, joint normalisation
+            maps = heads.mean(dim=1)
             if self.directions == "both":
                 # text queries over the joint keys (T x (N + T) per head), their image columns, transposed
                 # logits in float32, as the fused kernel keeps them (bf16 would round them to 1/8 at 16)
                 probs = torch.matmul(cq.float() * attn.scale, k_all.float().transpose(-1, -2)).softmax(dim=-1)
-                to_image = probs[..., :n_image].mean(dim=1)  # (B, T, N)
-                maps = (maps + torch.bmm(to_image.transpose(1, 2), weights.float())) / 2
+                to_image = probs[..., :n_image]  # (B, heads, T, N)
+                maps = (maps + torch.bmm(to_image.mean(dim=1).transpose(1, 2), weights.float())) / 2
+                if self.per_head:
+                    heads = (heads + torch.matmul(to_image.transpose(-1, -2), weights.float()[:, None])) / 2
             store.cross[self.name] = maps.transpose(1, 2).reshape(maps.shape[0], -1, h, w)
+            if self.per_head:
+                store.cross_heads[self.name] = heads.transpose(2, 3).reshape(*heads.shape[:2], -1, h, w)
         else:
             out = F.scaled_dot_product_attention(q_all, k_all, v_all, dropout_p=0.0, is_causal=False)
         if self.query_keys:

@@ -56,9 +56,9 @@ def mmdit_sites(transformer, latent_hw: tuple[int, int]) -> list[AttentionSite]:
     grid = (latent_hw[0] // p, latent_hw[1] // p)
     sites = []
     for i, block in enumerate(transformer.transformer_blocks):
-        sites.append(AttentionSite(id=f"transformer_blocks.{i}.attn", kind="joint", grid=grid, depth=i))
+        sites.append(AttentionSite(f"transformer_blocks.{i}.attn", "joint", grid, i, block.attn.heads))
         if getattr(block, "attn2", None) is not None:
-            sites.append(AttentionSite(id=f"transformer_blocks.{i}.attn2", kind="self", grid=grid, depth=i))
+            sites.append(AttentionSite(f"transformer_blocks.{i}.attn2", "self", grid, i, block.attn2.heads))
     return sites
 
 
@@ -460,7 +460,7 @@ class SD3Backbone:
             joint = site.endswith(".attn")
             if joint and site in maps | qk | logits:
                 processors[name] = JointAttentionMapProcessor(
-                    store, site, site in maps, site in qk, site in logits, self.attention_maps
+                    store, site, site in maps, site in qk, site in logits, self.attention_maps, site in request.head_maps
                 )
             elif site in qk:
                 processors[name] = SelfAttentionQKProcessor(store, site)

@@ -53,11 +53,15 @@ def unet_sites(unet, latent_hw: tuple[int, int]) -> list[AttentionSite]:
             level = n_down - 1
         else:
             raise ValueError(f"unexpected attention layer {name!r}: not a U-Net down, mid or up block")
-        kind = "cross" if unet.get_submodule(path).is_cross_attention else "self"
+        module = unet.get_submodule(path)
+        kind = "cross" if module.is_cross_attention else "self"
         grid = (latent_hw[0] // 2**level, latent_hw[1] // 2**level)
-        entries.append(((stage_order[parts[0]], index), path, kind, grid))
+        entries.append(((stage_order[parts[0]], index), path, kind, grid, module.heads))
     entries.sort(key=lambda e: e[0])  # forward order: down blocks, mid block, up blocks
-    return [AttentionSite(id=path, kind=kind, grid=grid, depth=d) for d, (_, path, kind, grid) in enumerate(entries)]
+    return [
+        AttentionSite(id=path, kind=kind, grid=grid, depth=d, heads=heads)
+        for d, (_, path, kind, grid, heads) in enumerate(entries)
+    ]
 
 
 class SDUNetBackbone:
@@ -297,7 +301,7 @@ class SDUNetBackbone:
         processors = {}
         for site, name in names.items():
             if site in maps:
-                processors[name] = CrossAttentionMapProcessor(store, site)
+                processors[name] = CrossAttentionMapProcessor(store, site, per_head=site in request.head_maps)
             elif site in qk:
                 processors[name] = SelfAttentionQKProcessor(store, site)
             else:

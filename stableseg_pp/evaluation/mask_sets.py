@@ -16,6 +16,26 @@ from stableseg_pp.evaluation.miou import SegmentationMetrics
 log = logging.getLogger(__name__)
 
 
+def ground_truth(dataset: DatasetDescription, split: str, sid: str) -> np.ndarray | None:
+    """An image's ground truth as the protocol scores it (background ignored: background pixels set to 255);
+    None when it has none."""
+    if not dataset.layout.has_mask(split, sid):
+        return None
+    gt = dataset.layout.read_mask(split, sid, len(dataset.class_names))
+    if dataset.protocol(split)["background"] == "ignored":
+        gt = np.where(gt == dataset.background_index, IGNORE_INDEX, gt).astype(np.uint8)
+    return gt
+
+
+def protocol_result(dataset: DatasetDescription, split: str, result: dict, images: int) -> dict:
+    """A :class:`SegmentationMetrics` result under the split's protocol (``miou`` without background where the
+    protocol ignores it), with the protocol written into it."""
+    setting = dataset.protocol(split)
+    if setting["background"] == "ignored":
+        result["miou"] = result["miou_without_background"]
+    return {**result, "images": images, "labels": dataset.labels, "protocol": setting}
+
+
 def evaluate_masks(dataset: DatasetDescription, split: str, ids: list[str], masks: MaskSetLayout) -> dict | None:
     """Metrics of the masks in ``masks`` for ``ids`` that have ground truth; None when none has.
 
@@ -23,27 +43,17 @@ def evaluate_masks(dataset: DatasetDescription, split: str, ids: list[str], mask
     part of the result. Background ignored (e.g. VOC-20): ground-truth background
     pixels are left out and ``miou`` is the mean over the other classes.
     """
-    layout = dataset.layout
-    names = dataset.class_names
-    setting = dataset.protocol(split)
-    bg = dataset.background_index
-    metrics = SegmentationMetrics(names, background_index=bg, sync=False)  # rank 0 reads every mask itself
-    n = 0
+    metrics = SegmentationMetrics(dataset.class_names, background_index=dataset.background_index, sync=False)
+    n = 0  # rank 0 reads every mask itself
     for sid in ids:
-        if not masks.is_done(sid) or not layout.has_mask(split, sid):
+        if not masks.is_done(sid) or (gt := ground_truth(dataset, split, sid)) is None:
             continue
-        gt = layout.read_mask(split, sid, len(names))
-        if setting["background"] == "ignored":
-            gt = np.where(gt == bg, IGNORE_INDEX, gt).astype(np.uint8)
         pred = np.array(Image.open(masks.mask_path(sid)))
         metrics.update(torch.from_numpy(pred), torch.from_numpy(gt))
         n += 1
     if n == 0:
         return None
-    result = metrics.compute()
-    if setting["background"] == "ignored":
-        result["miou"] = result["miou_without_background"]
-    return {**result, "images": n, "labels": dataset.labels, "protocol": setting}
+    return protocol_result(dataset, split, metrics.compute(), n)
 
 
 def report_split(step: str, dataset: DatasetDescription, split: str, ids: list[str], masks: MaskSetLayout, **extra) -> dict:

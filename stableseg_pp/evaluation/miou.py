@@ -33,20 +33,26 @@ class SegmentationMetrics:
         self.confmat.update(pred, target)
 
     def compute(self) -> dict:
-        cm = self.confmat.compute().double()
-        tp = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - tp
-        iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
-        per_class = {n: (None if torch.isnan(v) else float(v)) for n, v in zip(self.class_names, iou, strict=False)}
-        keep = ~torch.isnan(iou)
-        fg = keep.clone()
-        if self.background_index is not None:
-            fg[self.background_index] = False
-        pixels = cm.sum()
-        return {
-            "miou": float(iou[keep].mean()) if keep.any() else float("nan"),
-            "miou_without_background": float(iou[fg].mean()) if fg.any() else float("nan"),
-            "pixel_accuracy": float(tp.sum() / pixels) if pixels > 0 else float("nan"),
-            "per_class_iou": per_class,
-            "pixels": int(pixels),
-        }
+        return scores_from_confusion(self.confmat.compute(), self.class_names, self.background_index)
+
+
+def scores_from_confusion(confusion: torch.Tensor, class_names: Sequence[str], background_index: int | None) -> dict:
+    """Per-class IoU, mIoU with and without background and pixel accuracy of a (target x prediction) confusion
+    matrix; classes in neither the ground truth nor the predictions are left out of the means."""
+    cm = torch.as_tensor(confusion).double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, float("nan")))
+    per_class = {n: (None if torch.isnan(v) else float(v)) for n, v in zip(class_names, iou, strict=False)}
+    keep = ~torch.isnan(iou)
+    fg = keep.clone()
+    if background_index is not None:
+        fg[background_index] = False
+    pixels = cm.sum()
+    return {
+        "miou": float(iou[keep].mean()) if keep.any() else float("nan"),
+        "miou_without_background": float(iou[fg].mean()) if fg.any() else float("nan"),
+        "pixel_accuracy": float(tp.sum() / pixels) if pixels > 0 else float("nan"),
+        "per_class_iou": per_class,
+        "pixels": int(pixels),
+    }

@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, DiffusionBackbone, select_sites
+from stableseg_pp.backbones.base import (
+    AttentionSite,
+    AttentionStore,
+    CaptureRequest,
+    DiffusionBackbone,
+    parse_map_id,
+    select_sites,
+)
 from stableseg_pp.backbones.prompts import PromptTooLongError
 from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize, with_background
 from stableseg_pp.methods.sar import sar_probabilities
@@ -28,7 +35,7 @@ class StableSegOutput:
     scores: torch.Tensor  # (B, 1 + C, R, R): final class scores, channel 0 = background
     valid: torch.Tensor  # (B, 1 + C) bool: channels that name a class of this image
     capm: torch.Tensor  # (B, 1 + C, R, R) normalised CAPM with background channel
-    cross_maps: dict[str, torch.Tensor]  # site id -> (B, C, h, w) raw class maps (for stage 2)
+    cross_maps: dict[str, torch.Tensor]  # map id (site, or site and head) -> (B, C, h, w) raw class maps (for stage 2)
 
     @property
     def labels(self) -> torch.Tensor:
@@ -45,12 +52,15 @@ class StableSeg(torch.nn.Module):
         cross_scales: map sides of the image-to-text sites averaged into CAPM ("all" = every one).
         self_scales: map sides of the image-to-image sites SAR uses.
         stored_cross_scales: map sides of the class maps returned for storage (stage 2 learns their weights).
+        stored_cross_depths: only the stored sites at these depths (MM-DiT blocks); None = every depth.
         mode: ``ca`` (CAPM), ``sa`` (SAR) or ``ca+sa`` (their sum).
         background: ``threshold`` (constant channel), ``word`` (a map for ``background_word``) or ``none``.
         cross_depths: only the image-to-text sites at these depths (MM-DiT blocks, e.g. [9] for Seg4Diff's grounding
             block of SD3 Medium); None = every depth. Combined with ``cross_scales``.
         self_depths: only the image-to-image sites at these depths; None = every depth.
-        site_weights: site id -> weight of its map in CAPM (learned by stage 2); default uniform over the selected sites.
+        site_weights: map id -> weight of its map in CAPM (learned by stage 2): a site id (its head-mean map) or a
+            site's head (:func:`~stableseg_pp.backbones.base.head_map_id`); default uniform over the selected sites.
+        store_head_maps: also return every stored site's per-head class maps (``cross_maps`` keyed by head map id).
         max_classes_per_prompt: at most this many class names in one prompt (None: as many as fit). Longer class
             lists (e.g. ``data.labels=all`` on ADE20K) are split over several prompts, one forward each.
     """
@@ -72,6 +82,8 @@ class StableSeg(torch.nn.Module):
         max_classes_per_prompt: int | None = None,
         cross_depths: Sequence[int] | None = None,
         self_depths: Sequence[int] | None = None,
+        store_head_maps: bool = False,
+        stored_cross_depths: Sequence[int] | None = None,
     ):
         super().__init__()
         if mode not in MODES:
@@ -93,7 +105,10 @@ class StableSeg(torch.nn.Module):
         self.aggregated_sites = select_sites(
             sites, "text", cross_scales, cross_depths, "zero_shot.cross_scales", "zero_shot.cross_depths"
         )
-        stored = select_sites(sites, "text", stored_cross_scales, setting="zero_shot.stored_cross_scales")
+        stored = select_sites(
+            sites, "text", stored_cross_scales, stored_cross_depths, "zero_shot.stored_cross_scales",
+            "zero_shot.stored_cross_depths",
+        )  # fmt: skip
         self.cross_sites: list[AttentionSite] = [s for s in sites if s in stored or s in self.aggregated_sites]
         self.self_sites = (
             select_sites(sites, "image", self_scales, self_depths, "zero_shot.self_scales", "zero_shot.self_depths")
@@ -101,14 +116,16 @@ class StableSeg(torch.nn.Module):
             else []
         )
         self.site_weights = dict(site_weights) if site_weights else {s.id: 1.0 for s in self.aggregated_sites}
-        unknown = set(self.site_weights) - {s.id for s in self.cross_sites}
-        if unknown:
-            raise ConfigError(f"site weights name sites that are not captured: {sorted(unknown)}")
+        head_sites = check_map_ids(self.site_weights, self.cross_sites)
+        if store_head_maps:
+            head_sites |= {s.id for s in self.cross_sites}
         self.max_classes_per_prompt = max_classes_per_prompt
         self._groups: dict[tuple[str, ...], list[list[int]]] = {}
         self.store = AttentionStore()
         self.capture = CaptureRequest(
-            class_maps=tuple(s.id for s in self.cross_sites), query_keys=tuple(s.id for s in self.self_sites)
+            class_maps=tuple(s.id for s in self.cross_sites),
+            query_keys=tuple(s.id for s in self.self_sites),
+            head_maps=tuple(s.id for s in self.cross_sites if s.id in head_sites),
         )
         backbone.install_capture(self.capture, self.store)
 
@@ -148,7 +165,7 @@ class StableSeg(torch.nn.Module):
         else:
             valid = self._forward_prompt_groups(latents, time, prompt_names, groups)
         size = (self.resolution, self.resolution)
-        cross = dict(self.store.cross)
+        cross = self.store.class_maps()
         class_maps = minmax_normalize(aggregate_maps(cross, self.site_weights, size))
         if self.background == "word":
             # the word is the last valid channel of each image: move it to channel 0
@@ -184,16 +201,21 @@ class StableSeg(torch.nn.Module):
         backbone.denoise(latents[index], time[index], text)
         k = max(len(n) for n in names)
         first = torch.tensor([image_of.index(i) for i in range(len(names))], device=latents.device)
-        for site, maps in list(store.cross.items()):  # (entries, K_group, h, w) -> (B, K, h, w)
-            out = maps.new_zeros((len(names), k, *maps.shape[-2:]))
+
+        def regroup(maps: torch.Tensor) -> torch.Tensor:  # (entries, ..., K_group, h, w) -> (B, ..., K, h, w)
+            out = maps.new_zeros((len(names), *maps.shape[1:-3], k, *maps.shape[-2:]))
             e = 0
             for i, image_groups in enumerate(groups):
                 c = 0
                 for group in image_groups:
-                    out[i, c : c + len(group)] = maps[e, : len(group)]
+                    out[i, ..., c : c + len(group), :, :] = maps[e, ..., : len(group), :, :]
                     c += len(group)
                     e += 1
-            store.cross[site] = out
+            return out
+
+        for per_site in (store.cross, store.cross_heads):
+            for site, maps in list(per_site.items()):
+                per_site[site] = regroup(maps)
         for site, (q, kk) in list(store.self_qk.items()):
             store.self_qk[site] = (q[first], kk[first])
         counts = torch.tensor([len(n) for n in names], device=latents.device)
@@ -207,6 +229,22 @@ class StableSeg(torch.nn.Module):
             out[i, 0] = class_maps[i, n - 1]
             out[i, 1:n] = class_maps[i, : n - 1]
         return out
+
+
+def check_map_ids(weights: Mapping[str, float], sites: Sequence[AttentionSite]) -> set[str]:
+    """Every weighted map must be captured: a site among ``sites`` (and a head it has). Returns the sites whose
+    heads are weighted one by one."""
+    by_id = {s.id: s for s in sites}
+    unknown, head_sites = [], set()
+    for map_id in weights:
+        site, head = parse_map_id(map_id)
+        if site not in by_id or (head is not None and head >= by_id[site].heads):
+            unknown.append(map_id)
+        elif head is not None:
+            head_sites.add(site)
+    if unknown:
+        raise ConfigError(f"site weights name sites that are not captured: {sorted(unknown)}")
+    return head_sites
 
 
 def split_into_prompts(

@@ -20,11 +20,13 @@ from PIL import Image
 
 from stableseg_pp import tracking
 from stableseg_pp.artifacts import ChannelClasses, MaskSetLayout, SiteWeights, load_stored_maps
+from stableseg_pp.backbones.base import parse_map_id
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.methods.map_weights import MapExample, fit_map_weights
 from stableseg_pp.runtime import distributed
-from stableseg_pp.runtime.atomic import atomic_save
+from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.run_dir import open_stage, write_record
+from stableseg_pp.stages.site_plots import plot_site_bars, plot_site_heads
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
@@ -32,18 +34,24 @@ NAME = "weights"
 
 
 def load_examples(
-    dataset: DatasetDescription, stage0: MaskSetLayout, targets: MaskSetLayout, ids: list[str]
+    dataset: DatasetDescription, stage0: MaskSetLayout, targets: MaskSetLayout, ids: list[str], per_head: bool = False
 ) -> tuple[list[MapExample], list[str], str | None]:
     """Stack each image's stored maps at the finest stored resolution; map the target to channels.
 
-    Returns the examples, the site ids (sorted) and the backbone family that stored them.
+    ``per_head``: the per-head maps (one weight per site and head) instead of the sites' head-mean maps.
+    Returns the examples, the map ids (sorted) and the backbone family that stored them.
     """
     examples, site_ids, family = [], None, None
     for sid in ids:
         stored = load_stored_maps(stage0.maps_path(sid))
         if not stored.class_ids or not targets.is_done(sid):
             continue
-        names = sorted(stored.site_maps)
+        names = sorted(n for n in stored.site_maps if (parse_map_id(n)[1] is not None) == per_head)
+        if not names:
+            raise ConfigError(
+                f"{stage0.maps_path(sid)} stores no {'per-head' if per_head else 'per-site'} class maps: stage 0 stores "
+                "per-head maps with zero_shot.store_head_maps=true (map_weights.per_head=true sets it for the whole run)"
+            )
         if site_ids is None:
             site_ids, family = names, stored.family
         elif names != site_ids or stored.family != family:
@@ -51,8 +59,8 @@ def load_examples(
                 f"{stage0.maps_path(sid)} stores sites {names} of a {stored.family!r} backbone, "
                 f"others store {site_ids} of a {family!r} one: the stage-0 folder mixes two backbones"
             )
-        side = max(m.shape[-1] for m in stored.site_maps.values())
-        size = (max(m.shape[-2] for m in stored.site_maps.values()), side)
+        side = max(stored.site_maps[n].shape[-1] for n in names)
+        size = (max(stored.site_maps[n].shape[-2] for n in names), side)
         maps = torch.stack(
             [
                 F.interpolate(torch.from_numpy(stored.site_maps[n].astype(np.float32))[None], size=size, mode="bilinear")[0]
@@ -68,20 +76,11 @@ def load_examples(
 
 
 def plot_weights(weights: dict[str, float], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(weights)
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names)), 3.2))
-    ax.bar(range(len(names)), [weights[n] for n in names], color="#4477aa")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("learned weight")
-    ax.set_title("attention-map weights (StableSeg++)")
-    fig.tight_layout()
-    atomic_save(path, lambda t: fig.savefig(t, format="png", dpi=120))
-    plt.close(fig)
+    """A bar per site, or (per-head weights) a site x head heat map."""
+    if any(parse_map_id(n)[1] is not None for n in weights):
+        plot_site_heads(weights, path, "learned weight", "attention-map weights per head (StableSeg++)", "{:.3f}")
+    else:
+        plot_site_bars(weights, path, "learned weight", "attention-map weights (StableSeg++)")
 
 
 def background_threshold(cfg: DictConfig, dataset: DatasetDescription) -> float | None:
@@ -118,7 +117,7 @@ def _learn(
 ) -> None:
     ids = dataset.split_ids("train")
     examples, names, family = load_examples(
-        dataset, MaskSetLayout(stage0_dir / "train"), MaskSetLayout(segmenter_dir / "train"), ids
+        dataset, MaskSetLayout(stage0_dir / "train"), MaskSetLayout(segmenter_dir / "train"), ids, cfg.map_weights.per_head
     )
     mw = cfg.map_weights
     threshold = background_threshold(cfg, dataset)

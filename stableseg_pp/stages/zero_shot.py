@@ -50,7 +50,7 @@ def check_zero_shot_settings(cfg: DictConfig) -> None:
         value = zs.get(key)
         if value != "all" and not (OmegaConf.is_list(value) and all(isinstance(v, int) and v > 0 for v in value)):
             raise ConfigError(f"zero_shot.{key}={value}: give 'all' or a list of map sides, e.g. [8, 16]")
-    for key in ("cross_depths", "self_depths"):
+    for key in ("cross_depths", "self_depths", "stored_cross_depths"):
         value = zs.get(key)
         if value is not None and not (OmegaConf.is_list(value) and value and all(isinstance(v, int) and v >= 0 for v in value)):
             raise ConfigError(f"zero_shot.{key}={value}: give null (every depth) or a list of block indices, e.g. [9]")
@@ -71,9 +71,12 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
         sites = backbone.sites(zs.resolution)
     except LookupError:
         return  # a hub id not in the local cache: checked when it is loaded
-    depths = {k: zs.get(k) for k in ("cross_depths", "self_depths")}
+    depths = {k: zs.get(k) for k in ("cross_depths", "self_depths", "stored_cross_depths")}
     select_sites(sites, "text", zs.cross_scales, depths["cross_depths"], "zero_shot.cross_scales", "zero_shot.cross_depths")
-    select_sites(sites, "text", zs.stored_cross_scales, setting="zero_shot.stored_cross_scales")
+    select_sites(
+        sites, "text", zs.stored_cross_scales, depths["stored_cross_depths"], "zero_shot.stored_cross_scales",
+        "zero_shot.stored_cross_depths",
+    )  # fmt: skip
     if zs.mode != "ca":
         select_sites(sites, "image", zs.self_scales, depths["self_depths"], "zero_shot.self_scales", "zero_shot.self_depths")
     if dataset.labels == "all":

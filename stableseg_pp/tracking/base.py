@@ -13,7 +13,13 @@ from lightning.pytorch.loggers import Logger
 from stableseg_pp.data.description import DatasetDescription
 
 # What each kind of step folder holds (the prefix of its name), used as W&B job and artifact types.
-STEP_KINDS = {"stage0": "pseudo-masks", "crf": "pseudo-masks", "deeplab": "segmenter", "weights": "map-weights"}
+STEP_KINDS = {
+    "stage0": "pseudo-masks",
+    "crf": "pseudo-masks",
+    "deeplab": "segmenter",
+    "weights": "map-weights",
+    "layers": "analysis",
+}
 
 
 def step_kind(folder: Path) -> str:
