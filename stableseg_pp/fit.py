@@ -28,7 +28,7 @@ from stableseg_pp.config import CONFIG_DIR, compose_checked
 from stableseg_pp.data.description import DatasetDescription, describe_dataset
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import USAGE_EXIT, ConfigError, report_errors
-from stableseg_pp.stages import STAGES, check_stage_splits, resolve_stages
+from stableseg_pp.stages import STAGES, check_stage_splits, magnet, resolve_stages
 from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_devices(cfg)
     check_writable(cfg)
     check_zero_shot_settings(cfg)
+    if "magnet" in resolve_stages(cfg.stage) or cfg.self_training.get("magnet"):
+        magnet.check_targets(cfg.magnet.targets)
 
 
 def start_run(cfg: DictConfig) -> DatasetDescription:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -205,6 +206,45 @@ class DiffusionBackbone(Protocol):
 
     def remove_capture(self) -> None:
         """The stock processors on every site."""
+        ...
+
+
+@dataclass
+class TrainingSample:
+    """What a training step of the denoiser needs from its family's objective (one draw of time and noise).
+
+    Args:
+        noisy: (B, ...) the latents at the drawn times, as the denoiser takes them.
+        time: (B,) the drawn times, as the denoiser takes them.
+        target: what the denoiser should predict there (flow matching: ``noise - latents``).
+        weighting: per-sample loss weights broadcastable to ``target`` (e.g. ``compute_loss_weighting_for_sd3``).
+    """
+
+    noisy: torch.Tensor
+    time: torch.Tensor
+    target: torch.Tensor
+    weighting: torch.Tensor
+
+
+@runtime_checkable
+class TrainableBackbone(DiffusionBackbone, Protocol):
+    """A backbone whose denoiser can be fine-tuned with LoRA (MAGNET): its training objective and adapter format."""
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The module the sites live in: site ids are its submodule paths (LoRA targets are found there)."""
+        ...
+
+    def training_sample(self, latents: torch.Tensor, generator: torch.Generator | None = None, **objective) -> TrainingSample:
+        """Draw times and noise for ``latents`` as the family's training objective does (``objective``: its settings)."""
+        ...
+
+    def encode_captions(self, prompts: Sequence[str]) -> TextConditioning:
+        """Plain prompts encoded as the pipeline encodes them for generation (no class maps)."""
+        ...
+
+    def save_lora(self, folder: str | Path, lora_state: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+        """Write the denoiser's LoRA weights in the diffusers format its pipeline's ``load_lora_weights`` reads."""
         ...
 
 

@@ -1,5 +1,5 @@
 """What every backbone family shares when it finds and names its weights: aliases of the shipped
-miniature models, local folders vs hub ids, content fingerprints, dtypes."""
+miniature models, local folders vs hub ids, content fingerprints, dtypes, LoRA adapters."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 #: the models shipped in the package, by the name a config gives as ``diffusion.pretrained``
 ALIASES = {"miniature": ASSETS / "miniature_sd", "miniature_mmdit": ASSETS / "miniature_mmdit"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: the file name diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads from a folder
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def resolve_model_path(pretrained: str) -> str:
@@ -64,3 +66,37 @@ def offline_hint(pretrained: str, reason: str) -> str:
         "elsewhere and pass its local folder (diffusion.pretrained=/path), or pre-fill the Hugging Face cache (HF_HOME) "
         "on a machine with network access"
     )
+
+
+def lora_weights_file(lora: str) -> Path:
+    """The weights of ``diffusion.lora``: a ``.safetensors`` file, a folder holding ``pytorch_lora_weights.safetensors``
+    (diffusers' ``save_lora_weights``), or a MAGNET step folder (its ``adapter/``); a clear error otherwise."""
+    path = Path(lora).expanduser()
+    candidates = [path] if path.is_file() else [path / LORA_FILE, path / "adapter" / LORA_FILE]
+    for candidate in candidates:
+        if candidate.is_file() and candidate.suffix == ".safetensors":
+            return candidate
+    raise ConfigError(
+        f"diffusion.lora={lora}: no LoRA weights there; give a .safetensors file, a folder holding {LORA_FILE} "
+        "(diffusers' save_lora_weights) or a finished magnet-<hash> step folder"
+    )
+
+
+def lora_identity(lora: str | None) -> dict[str, dict[str, str]]:
+    """The adapter's part of a backbone's identity: its file name and content fingerprint (empty without one)."""
+    if not lora:
+        return {}
+    file = lora_weights_file(lora)
+    return {"lora": {"file": file.name, "fingerprint": file_fingerprint(file)}}
+
+
+def apply_lora(pipe, lora: str) -> None:
+    """Load a diffusers-format LoRA with the pipeline's own ``load_lora_weights``, fuse it into the weights and drop
+    the adapter layers (the attention processors then see plain projections, at the speed of the base model)."""
+    file = lora_weights_file(lora)
+    try:
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise ConfigError(f"diffusion.lora={lora}: not a LoRA of this model ({str(err).splitlines()[0]})") from err
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()

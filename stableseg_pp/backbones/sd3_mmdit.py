@@ -30,17 +30,34 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning, vae_latents
+from stableseg_pp.backbones.base import (
+    AttentionSite,
+    AttentionStore,
+    CaptureRequest,
+    TextConditioning,
+    TrainingSample,
+    vae_latents,
+)
 from stableseg_pp.backbones.capture import SelfAttentionQKProcessor
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed
 from stableseg_pp.backbones.joint_capture import DIRECTIONS, JointAttentionMapProcessor
-from stableseg_pp.backbones.loading import model_identity, offline_hint, parse_dtype, pipeline_folder_or_hub_id
+from stableseg_pp.backbones.loading import (
+    LORA_FILE,
+    apply_lora,
+    lora_identity,
+    lora_weights_file,
+    model_identity,
+    offline_hint,
+    parse_dtype,
+    pipeline_folder_or_hub_id,
+)
 from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt, map_class_tokens
 from stableseg_pp.runtime.errors import ConfigError, one_line
 
@@ -87,6 +104,8 @@ class SD3Backbone:
             ``image_to_text`` (Seg4Diff).
         timestep: what the transformer is told for a clean latent (0..1000 scale; 1 = almost clean).
         add_noise: flow-matching noise at step ``noise_step`` of ``num_inference_steps`` instead (Seg4Diff: 8 of 28).
+        lora: a diffusers-format LoRA of the transformer (e.g. a MAGNET step folder), loaded with the pipeline's
+            ``load_lora_weights`` and fused; its fingerprint is part of :meth:`identity`.
     """
 
     family = "sd3_mmdit"
@@ -104,6 +123,7 @@ class SD3Backbone:
         add_noise: bool = False,
         num_inference_steps: int = 28,
         noise_step: int = 8,
+        lora: str | None = None,
     ):
         if conditioning not in CONDITIONINGS:
             raise ConfigError(f"diffusion.conditioning={conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
@@ -129,6 +149,9 @@ class SD3Backbone:
         self.add_noise = bool(add_noise)
         self.num_inference_steps = int(num_inference_steps)
         self.noise_step = int(noise_step)
+        self.lora = str(lora) if lora else None
+        if self.lora:
+            lora_weights_file(self.lora)  # a clear error before any weights load
         self.vae = self.transformer = self.scheduler = None
         self.text_encoders: list = []  # CLIP-L, CLIP-G
         self.tokenizers: list = []
@@ -136,6 +159,7 @@ class SD3Backbone:
         self._installed: tuple[CaptureRequest, AttentionStore, dict[str, object]] | None = None
         self._meta: SimpleNamespace | None = None
         self._schedule: tuple | None = None  # ((scheduler id, steps), the noising schedule)
+        self._train_schedule: tuple | None = None  # (key, the schedule as trained)
 
     @property
     def stochastic(self) -> bool:
@@ -181,6 +205,8 @@ class SD3Backbone:
             raise ConfigError(offline_hint(self.pretrained, one_line(err))) from err
         if self.use_t5 and pipe.text_encoder_3 is None:
             raise self._no_t5_error()
+        if self.lora:
+            apply_lora(pipe, self.lora)
         self._set_components(pipe)
         for module in self.modules().values():
             module.eval().requires_grad_(False)
@@ -231,7 +257,8 @@ class SD3Backbone:
         return self._meta
 
     def identity(self) -> dict[str, Any]:
-        return {"family": self.family, "dtype": str(self.dtype).removeprefix("torch."), **model_identity(self.pretrained)}
+        dtype = str(self.dtype).removeprefix("torch.")
+        return {"family": self.family, "dtype": dtype, **model_identity(self.pretrained), **lora_identity(self.lora)}
 
     def modules(self) -> dict[str, torch.nn.Module]:
         self._require_loaded()
@@ -430,6 +457,60 @@ class SD3Backbone:
         t = schedule.timesteps[self.noise_step - 1].to(latents.device).expand(b)
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         return schedule.scale_noise(latents, t, noise), t
+
+    # -- training (MAGNET) -----------------------------------------------------------------------------------------
+
+    @property
+    def denoiser(self) -> torch.nn.Module | None:
+        """The transformer (None before :meth:`load`)."""
+        return self.transformer
+
+    def training_schedule(self):
+        """A copy of the model's scheduler as it was trained (``num_train_timesteps`` steps, the model's shift)."""
+        key = ("train", id(self.scheduler))
+        if self._train_schedule is None or self._train_schedule[0] != key:
+            self._train_schedule = (key, type(self.scheduler).from_config(self.scheduler.config))
+        return self._train_schedule[1]
+
+    def training_sample(
+        self,
+        latents: torch.Tensor,
+        generator: torch.Generator | None = None,
+        weighting_scheme: str = "logit_normal",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+    ) -> TrainingSample:
+        """Flow matching as diffusers' ``train_dreambooth_lora_sd3.py`` draws it: times from
+        ``compute_density_for_timestep_sampling``, ``x_t = (1 - s) x0 + s eps``, target ``eps - x0``, weights from
+        ``compute_loss_weighting_for_sd3``. With a (CPU) ``generator`` the draw does not depend on the device."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+
+        schedule = self.training_schedule()
+        b, n = latents.shape[0], schedule.config.num_train_timesteps
+        u = compute_density_for_timestep_sampling(weighting_scheme, b, logit_mean, logit_std, mode_scale, generator=generator)
+        index = (u * n).long().clamp(max=n - 1)
+        time = schedule.timesteps[index].to(latents.device)
+        sigmas = schedule.sigmas[index].to(latents.device, torch.float32).view(-1, *[1] * (latents.ndim - 1))
+        device = generator.device if generator is not None else latents.device
+        noise = torch.randn(latents.shape, generator=generator, device=device, dtype=latents.dtype).to(latents.device)
+        noisy = (1.0 - sigmas) * latents + sigmas * noise
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
+        return TrainingSample(noisy=noisy.to(latents.dtype), time=time, target=noise - latents, weighting=weighting)
+
+    def encode_captions(self, prompts: Sequence[str]) -> TextConditioning:
+        embeddings, pooled = self.encode_prompts(list(prompts))
+        b, length = embeddings.shape[:2]
+        no_classes = embeddings.new_zeros(b, length, 0)
+        return TextConditioning((embeddings, pooled), no_classes, torch.zeros(b, 0, dtype=torch.bool, device=embeddings.device))
+
+    def save_lora(self, folder: str | Path, lora_state: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
+        from diffusers import StableDiffusion3Pipeline
+
+        StableDiffusion3Pipeline.save_lora_weights(
+            str(folder), transformer_lora_layers=lora_state, transformer_lora_adapter_metadata=metadata
+        )
+        return Path(folder) / LORA_FILE
 
     def denoise(self, latents: torch.Tensor, time: torch.Tensor, text: TextConditioning) -> torch.Tensor:
         tr = self.transformer

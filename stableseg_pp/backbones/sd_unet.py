@@ -21,7 +21,15 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning, vae_latents
 from stableseg_pp.backbones.capture import CrossAttentionMapProcessor, SelfAttentionQKProcessor
-from stableseg_pp.backbones.loading import ALIASES, model_identity, parse_dtype, resolve_model_path
+from stableseg_pp.backbones.loading import (
+    ALIASES,
+    apply_lora,
+    lora_identity,
+    lora_weights_file,
+    model_identity,
+    parse_dtype,
+    resolve_model_path,
+)
 from stableseg_pp.backbones.prompts import map_class_tokens
 from stableseg_pp.runtime.errors import ConfigError, one_line
 
@@ -75,6 +83,8 @@ class SDUNetBackbone:
         add_noise: noise the clean latent to ``timestep`` with the scheduler (seeded by the caller).
         single_file_config: for a single-file checkpoint (``pretrained=model.safetensors``): a diffusers folder or
             hub id of the same architecture whose component configs it takes (None: the hub's default for the file).
+        lora: a diffusers-format LoRA of the U-Net, loaded with the pipeline's ``load_lora_weights`` and fused; its
+            fingerprint is part of :meth:`identity`.
     """
 
     family = "sd_unet"
@@ -87,8 +97,12 @@ class SDUNetBackbone:
         timestep: int = 1,
         add_noise: bool = False,
         single_file_config: str | None = None,
+        lora: str | None = None,
     ):
         self.name = name
+        self.lora = str(lora) if lora else None
+        if self.lora:
+            lora_weights_file(self.lora)  # a clear error before any weights load
         self.pretrained = str(pretrained)
         self.dtype = parse_dtype(dtype)
         self.timestep = int(timestep)
@@ -197,6 +211,8 @@ class SDUNetBackbone:
                 "download the model elsewhere and pass its local folder or single file (diffusion.pretrained=/path), "
                 "or pre-fill the Hugging Face cache (HF_HOME) on a machine with network access"
             ) from err
+        if self.lora:
+            apply_lora(pipe, self.lora)
         self._set_components(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)
         for module in self.modules().values():
             module.eval().requires_grad_(False)
@@ -225,7 +241,8 @@ class SDUNetBackbone:
         return self._meta
 
     def identity(self) -> dict[str, Any]:
-        return {"family": self.family, "dtype": str(self.dtype).removeprefix("torch."), **model_identity(self.pretrained)}
+        dtype = str(self.dtype).removeprefix("torch.")
+        return {"family": self.family, "dtype": dtype, **model_identity(self.pretrained), **lora_identity(self.lora)}
 
     def modules(self) -> dict[str, torch.nn.Module]:
         self._require_loaded()

@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.runtime.errors import ConfigError
-from stableseg_pp.stages import self_training, zero_shot
+from stableseg_pp.stages import magnet, self_training, zero_shot
 
 # Every stage: ``run(cfg, dataset) -> output folder``.
 StageFn = Callable[[DictConfig, DatasetDescription], Path]
@@ -18,12 +18,13 @@ STAGES: dict[str, StageFn] = {
     "0": zero_shot.run,  # StableSeg zero-shot pseudo-masks
     "1": self_training.run_stage1,  # StableSeg+: CRF + DeepLabV3+
     "2": self_training.run_stage2,  # StableSeg++: learned map weights, regenerate, retrain
+    "magnet": magnet.run_stage,  # MAGNET: LoRA on an MM-DiT from its own refined pseudo-masks
 }
 # ``all`` runs the whole pipeline; stage 2 reuses (or runs) stages 0 and 1 through content-addressed outputs.
 PIPELINE: tuple[str, ...] = ("2",)
 # The steps each stage runs in order (a SLURM chain queues one job per entry), and the zero_shot splits it needs.
-CHAINS: dict[str, tuple[str, ...]] = {"0": ("0",), "1": ("0", "1"), "2": ("0", "1", "2")}
-NEEDED_SPLITS: dict[str, tuple[str, ...]] = {"0": (), "1": ("train",), "2": ("train",)}
+CHAINS: dict[str, tuple[str, ...]] = {"0": ("0",), "1": ("0", "1"), "2": ("0", "1", "2"), "magnet": ("0", "magnet")}
+NEEDED_SPLITS: dict[str, tuple[str, ...]] = {"0": (), "1": ("train",), "2": ("train",), "magnet": ("train",)}
 
 
 def resolve_stages(stage: object) -> list[str]:
@@ -42,7 +43,7 @@ def stage_chain(stage: object) -> list[str]:
 
 
 def check_stage_splits(stage: object, splits: list[str]) -> None:
-    """Stages 1 and 2 train DeepLabV3+ on the pseudo-masks of the train split: stage 0 must make them."""
+    """Stages 1, 2 and magnet train on the pseudo-masks of the train split: stage 0 must make them."""
     for key in resolve_stages(stage):
         missing = [s for s in NEEDED_SPLITS[key] if s not in splits]
         if missing:

@@ -24,14 +24,14 @@ from stableseg_pp.artifacts import SiteWeights
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_write_text, write_json
-from stableseg_pp.stages import crf_refine, map_weights, train_segmenter, zero_shot
+from stableseg_pp.stages import crf_refine, magnet, map_weights, train_segmenter, zero_shot
 
 log = logging.getLogger(__name__)
 
 
 def _val_miou(folder: Path) -> float | None:
     m = json.loads((folder / "metrics.json").read_text()).get("val")
-    return None if m is None else m["miou"]
+    return None if m is None else m.get("miou")
 
 
 def stableseg_plus(cfg: DictConfig, dataset: DatasetDescription) -> dict[str, Path]:
@@ -52,14 +52,21 @@ def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
         ("init + CRF", first["crf"]),
         ("+ (DeepLabV3+, round 1)", first["deeplab"]),
     ]
+    steps = dict(first)
     seg, s0 = first["deeplab"], first["stage0"]
     weight_dirs = []
     for r in range(2, int(cfg.self_training.rounds) + 1):
         wdir = map_weights.run(cfg, dataset, s0, seg)
         weight_dirs.append(wdir)
-        s0 = zero_shot.run(cfg, dataset, weights=SiteWeights.load(wdir), inputs=[wdir])
+        adapter = None
+        if cfg.self_training.magnet:  # MAGNET on the latest masks (magnet.targets) before regenerating them
+            adapter = magnet.run(cfg, dataset, magnet.targets_of(cfg, steps))
+            rows.append((f"MAGNET adapter (round {r})", adapter))
+        s0 = zero_shot.run(cfg, dataset, weights=SiteWeights.load(wdir), inputs=[wdir, *([adapter] if adapter else [])],
+                           adapter=adapter)  # fmt: skip
         crf = crf_refine.run(cfg, dataset, s0)
         seg = train_segmenter.run(cfg, dataset, crf, init=seg if cfg.self_training.warm_start else None)
+        steps = {"stage0": s0, "crf": crf, "deeplab": seg}
         rows += [
             (f"learned-weight masks (round {r})", s0),
             (f"learned-weight masks + CRF (round {r})", crf),

@@ -87,9 +87,10 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
         split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
 
 
-def build_backbone(cfg: DictConfig) -> DiffusionBackbone:
-    """The configured backbone (``diffusion._target_``), not loaded yet."""
-    return build(cfg.diffusion, _convert_="all")
+def build_backbone(cfg: DictConfig, adapter: Path | None = None) -> DiffusionBackbone:
+    """The configured backbone (``diffusion._target_``), not loaded yet; ``adapter``: a LoRA (e.g. a MAGNET step
+    folder) that replaces ``diffusion.lora``."""
+    return build(cfg.diffusion, _convert_="all", **({"lora": str(adapter)} if adapter is not None else {}))
 
 
 def stableseg_settings(cfg: DictConfig, dataset: DatasetDescription) -> dict:
@@ -108,29 +109,41 @@ def configured_site_weights(cfg: DictConfig) -> SiteWeights | None:
     return SiteWeights.load(path) if path else None
 
 
+def diffusion_key(cfg: DictConfig, backbone: DiffusionBackbone) -> dict:
+    """What the backbone contributes to a content key: its settings and the identity of its weights (and adapter)."""
+    diffusion = OmegaConf.to_container(cfg.diffusion, resolve=True)
+    for k in ("_target_", "name", "pretrained", "dtype", "lora"):  # the identity says what the weights are
+        diffusion.pop(k, None)
+    return {**diffusion, **backbone.identity()}
+
+
 def stage_key(cfg: DictConfig, dataset: DatasetDescription, backbone: DiffusionBackbone, weights: SiteWeights | None) -> dict:
     """Everything stage 0's outputs depend on."""
-    diffusion = OmegaConf.to_container(cfg.diffusion, resolve=True)
-    for k in ("_target_", "name", "pretrained", "dtype"):  # the identity says what the weights are
-        diffusion.pop(k, None)
     return {
         "stage": NAME,
         "data": dataset.key(),
-        "diffusion": {**diffusion, **backbone.identity()},
+        "diffusion": diffusion_key(cfg, backbone),
         "zero_shot": {**stableseg_settings(cfg, dataset), "splits": list(cfg.zero_shot.splits)},
         "site_weights": None if weights is None else {"family": weights.family, "sites": dict(weights.weights)},
         "seed": cfg.seed if backbone.stochastic else None,  # only noise makes stage 0 random
     }
 
 
-def run(cfg: DictConfig, dataset: DatasetDescription, weights: SiteWeights | None = None, inputs: Sequence[Path] = ()) -> Path:
+def run(
+    cfg: DictConfig,
+    dataset: DatasetDescription,
+    weights: SiteWeights | None = None,
+    inputs: Sequence[Path] = (),
+    adapter: Path | None = None,
+) -> Path:
     """Stage 0 on every configured split.
 
     ``weights``: learned site weights (stage 2 passes its own; default ``zero_shot.site_weights`` or uniform);
-    ``inputs``: the folders they came from (for lineage).
+    ``inputs``: the folders they came from (for lineage); ``adapter``: a LoRA of the denoiser (a MAGNET step
+    folder; default ``diffusion.lora``).
     """
     weights = weights or configured_site_weights(cfg)
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(cfg, adapter)
     key = stage_key(cfg, dataset, backbone, weights)
     with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
         if finished:
