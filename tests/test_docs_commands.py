@@ -127,6 +127,10 @@ def test_documented_command(where, command, tmp_path_factory, monkeypatch):
     entry = importlib.import_module(module if module != "stableseg_pp.bench" else "stableseg_pp.bench.__main__")
     with pytest.raises(Parsed) as parsed:
         entry.main(args)
+    if module == "stableseg_pp.analyze":
+        from stableseg_pp.analyze import analysis_config
+
+        check_zero_shot_settings(analysis_config([*parsed.value.args[0].overrides, f"paths.root_dir={root}"]))
     if module == "stableseg_pp.segment":
         from stableseg_pp.segment import split_overrides
 

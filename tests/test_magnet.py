@@ -137,6 +137,28 @@ def test_lora_steps_change_only_the_adapters_and_load_back_through_the_pipeline(
     assert fused.identity()["lora"]["fingerprint"]
 
 
+def test_cached_text_encodings_equal_encoding_the_batch():
+    module = _module(text_cache=2)
+    names = [["circle", "square"], ["star"], ["circle", "square"]]
+    for captions in (False, True):
+        cached = module._encode(names, captions)
+        again = module._encode(list(reversed(names)), captions)  # from the cache, in another order
+        with torch.no_grad():
+            if captions:
+                direct = module.backbone.encode_captions(["a photo of a circle and square", "a photo of a star"] * 2)
+                rows = [0, 1, 0]
+            else:
+                direct = module.backbone.encode_text(names, "a photo of a {}", " and ")
+                rows = [0, 1, 2]
+        for got, want in zip(cached.embeddings, direct.embeddings, strict=True):
+            torch.testing.assert_close(got, want[rows], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again.embeddings[0], cached.embeddings[0].flip(0), rtol=0, atol=0)
+        if not captions:
+            torch.testing.assert_close(cached.token_weights, direct.token_weights)
+            assert cached.valid.tolist() == direct.valid.tolist()
+    assert len(module._texts) <= 2  # bounded
+
+
 def test_a_backbone_without_a_training_objective_is_a_clear_error(random_backbone):
     from stableseg_pp.models.magnet import MagnetModule
     from stableseg_pp.runtime.errors import ConfigError

@@ -8,6 +8,7 @@ checkpoint of SD3 Medium holds a few MB, not the 2 B frozen weights.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -15,8 +16,9 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_map
 
-from stableseg_pp.backbones.base import AttentionStore, CaptureRequest, TrainableBackbone
+from stableseg_pp.backbones.base import AttentionStore, CaptureRequest, TextConditioning, TrainableBackbone
 from stableseg_pp.backbones.prompts import build_prompt
 from stableseg_pp.data.palette import IGNORE_INDEX
 from stableseg_pp.methods.magnet_losses import PAIRINGS, mask_loss
@@ -52,6 +54,8 @@ class MagnetModule(L.LightningModule):
         lr / weight_decay: AdamW.
         gradient_checkpointing: recompute activations in the backward pass (less memory, more time).
         eval_seed: seeds the noise and times of the held-out flow-matching loss (the same draw every evaluation).
+        text_cache: how many class lists' encodings to keep (the text encoders are frozen: as diffusers' SD3 LoRA
+            script precomputes prompt embeddings, each class list is encoded once; 0 = keep only the batch's).
     """
 
     def __init__(
@@ -76,6 +80,7 @@ class MagnetModule(L.LightningModule):
         weight_decay: float = 1e-2,
         gradient_checkpointing: bool = False,
         eval_seed: int = 0,
+        text_cache: int = 512,
     ):
         super().__init__()
         if not isinstance(backbone, TrainableBackbone):
@@ -97,6 +102,8 @@ class MagnetModule(L.LightningModule):
         self.lr, self.weight_decay = lr, weight_decay
         self.gradient_checkpointing = gradient_checkpointing
         self.eval_seed = eval_seed
+        self.text_cache = int(text_cache)
+        self._texts: OrderedDict[tuple[bool, tuple[str, ...]], TextConditioning] = OrderedDict()
         self.store = AttentionStore()
         self.parts: torch.nn.ModuleDict | None = None
         self.strict_loading = False  # checkpoints hold the adapters only
@@ -147,17 +154,44 @@ class MagnetModule(L.LightningModule):
 
     # -- steps ------------------------------------------------------------------------------------------------------
 
+    def _encode(self, names: Sequence[Sequence[str]], captions: bool) -> TextConditioning:
+        """The batch's text conditioning: class prompts as stage 0 encodes them, or (``captions``) the class names
+        joined as the pipeline encodes a prompt for generation. Each class list is encoded once (cached)."""
+        backbone = self.backbone
+        keys = [(captions, tuple(n)) for n in names]
+        missing = list(dict.fromkeys(k for k in keys if k not in self._texts))
+        if missing:
+            lists = [list(k[1]) for k in missing]
+            with torch.no_grad():
+                if captions:
+                    text = backbone.encode_captions([build_prompt(n, self.prompt_template, self.joiner) for n in lists])
+                else:
+                    text = backbone.encode_text(lists, self.prompt_template, self.joiner)
+            for i, key in enumerate(missing):
+                k = len(key[1]) if not captions else 0
+                self._texts[key] = TextConditioning(
+                    tree_map(lambda t, i=i: t[i : i + 1], text.embeddings), text.token_weights[i : i + 1, :, :k],
+                    text.valid[i : i + 1, :k],
+                )  # fmt: skip
+        for key in keys:
+            self._texts.move_to_end(key)
+        parts = [self._texts[k] for k in keys]
+        while len(self._texts) > max(self.text_cache, len(set(keys))):
+            self._texts.popitem(last=False)
+        width = max(p.token_weights.shape[-1] for p in parts)
+        return TextConditioning(
+            tree_map(lambda *rows: torch.cat(rows), *[p.embeddings for p in parts]),
+            torch.cat([F.pad(p.token_weights, (0, width - p.token_weights.shape[-1])) for p in parts]),
+            torch.cat([F.pad(p.valid, (0, width - p.valid.shape[-1])) for p in parts]),
+        )
+
     def _flow_matching(self, batch: dict, generator: torch.Generator | None, captions: bool):
         backbone = self.backbone
-        names = batch["names"]
         with torch.no_grad():
             latents = backbone.encode_images(batch["pixels"])
-            if captions:  # the prompts the model generates from (the class names joined)
-                text = backbone.encode_captions([build_prompt(n, self.prompt_template, self.joiner) for n in names])
-            else:
-                text = backbone.encode_text(names, self.prompt_template, self.joiner)
+        text = self._encode(batch["names"], captions)
         sample = backbone.training_sample(latents, generator, **self.objective)
-        self.store.reset(text.token_weights if not captions else None, tuple(latents.shape[-2:]))
+        self.store.reset(None if captions else text.token_weights, tuple(latents.shape[-2:]))
         pred = backbone.denoise(sample.noisy, sample.time, text)
         per_sample = (sample.weighting.float() * (pred.float() - sample.target.float()) ** 2).flatten(1).mean(1)
         return per_sample.mean()

@@ -140,6 +140,7 @@ def build_module(cfg: DictConfig, backbone) -> MagnetModule:
         weight_decay=mg.train.weight_decay,
         gradient_checkpointing=mg.train.gradient_checkpointing,
         eval_seed=cfg.seed,
+        text_cache=mg.train.text_cache,
     )
 
 
@@ -166,7 +167,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, targets: Path | None) -> P
         "trainer": trainer_key(cfg),
         "seed": cfg.seed,
     }
-    for k in ("num_workers", "val_images"):
+    for k in ("num_workers", "text_cache"):
         key["magnet"]["train"].pop(k, None)
     with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
         if finished:
