@@ -18,7 +18,9 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from stableseg_pp.data.files import BadInputError, load_rgb
 from stableseg_pp.data.palette import IGNORE_INDEX, colorize, save_palette_png
 from stableseg_pp.runtime.atomic import atomic_save, atomic_write_bytes, atomic_write_text, write_json
 from stableseg_pp.runtime.errors import ConfigError, UserError, one_line
+from stableseg_pp.runtime.transfer import HostBatch
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +41,8 @@ __all__ = [
     "MaskSetLayout",
     "SegmenterMaskWriter",
     "SiteWeights",
+    "Stage0Batch",
+    "Stage0Image",
     "Stage0Record",
     "Stage0Writer",
     "StoredMaps",
@@ -152,6 +157,49 @@ class Stage0Record:
 
 
 @dataclass
+class Stage0Image:
+    """What a stage-0 record needs besides the arrays: the image's id, classes, and (for the overlay) pixels."""
+
+    id: str
+    channels: ChannelClasses
+    image: np.ndarray
+    ground_truth: np.ndarray | None
+
+
+@dataclass
+class Stage0Batch:
+    """Stage 0's results for one batch, packed: every array in one host buffer (:class:`HostBatch`, copied from the
+    device in one transfer that may still be in flight), turned into :class:`Stage0Record` objects by the writer.
+
+    ``host`` holds ``mask/<i>`` ((H, W) uint8 class ids), ``map/<site>`` ((B, K, h, w) float16, one row per image with
+    classes) and ``scores`` ((B, 1 + K, h, w) float16); ``rows[i]`` is image i's row in them (None: no class).
+    """
+
+    images: list[Stage0Image]
+    rows: list[int | None]
+    family: str
+    host: HostBatch | None
+
+    def records(self) -> list[Stage0Record]:
+        arrays = self.host.arrays() if self.host is not None else {}
+        maps = {k[len("map/") :]: v for k, v in arrays.items() if k.startswith("map/")}
+        records = []
+        for i, (image, row) in enumerate(zip(self.images, self.rows, strict=True)):
+            if row is None:  # nothing to look for: all background
+                mask = np.full(image.image.shape[:2], image.channels.empty_label, dtype=np.uint8)
+                records.append(
+                    Stage0Record(image.id, mask, image.channels, self.family, {}, None, image.image, image.ground_truth)
+                )
+                continue
+            n = len(image.channels.class_ids)
+            site_maps = {k: v[row, :n] for k, v in maps.items()}
+            scores = arrays["scores"][row, : n + 1]
+            records.append(Stage0Record(image.id, arrays[f"mask/{i}"], image.channels, self.family, site_maps, scores,
+                                        image.image, image.ground_truth))  # fmt: skip
+        return records
+
+
+@dataclass
 class StoredMaps:
     """What :class:`Stage0Writer` stored for one image."""
 
@@ -259,11 +307,17 @@ def overlay_png(
 
 
 class Stage0Writer(BasePredictionWriter):
-    """Writes each image's stored maps (float16 npz), then its palette PNG mask, atomically.
+    """Writes each image's stored maps (float16 npz), then its palette PNG mask, atomically, off the main thread.
 
-    ``layouts[i]`` is where the predictions of dataloader ``i`` go. At the end each
-    rank appends the ids it wrote to ``<split>/ranks/rank<r>.txt``: a record of
-    how the images were sharded (and a check that none was done twice).
+    ``layouts[i]`` is where the predictions of dataloader ``i`` go. A bounded pool of
+    ``threads`` writer threads encodes and writes the batches (zlib and PNG encoding
+    release the GIL), so the next batch's forward overlaps the previous batch's
+    writes; at most ``threads + 2`` batches wait, after which the predict loop
+    waits for the writers (memory stays bounded). A writer error stops the run
+    with that error once the writes in flight have finished (never a silent loss);
+    ``threads=0`` writes on the main thread. At the end each rank appends the ids
+    it wrote to ``<split>/ranks/rank<r>.txt``: a record of how the images were
+    sharded (and a check that none was done twice).
     """
 
     def __init__(
@@ -272,6 +326,7 @@ class Stage0Writer(BasePredictionWriter):
         overlay_ids: Iterable[str] = (),
         palette: list[int] | None = None,
         background_index: int | None = 0,
+        threads: int = 4,
     ):
         super().__init__(write_interval="batch")
         self.layouts = list(layouts)
@@ -279,6 +334,10 @@ class Stage0Writer(BasePredictionWriter):
         self.palette = palette
         self.background_index = background_index
         self.written_ids: list[list[str]] = [[] for _ in self.layouts]
+        self.threads = int(threads)
+        self._pool: ThreadPoolExecutor | None = None
+        self._slots = threading.BoundedSemaphore(self.threads + 2) if self.threads else None
+        self._pending: list[Future] = []
 
     @property
     def written(self) -> int:
@@ -293,14 +352,53 @@ class Stage0Writer(BasePredictionWriter):
             atomic_save(layout.overlay_path(record.id), lambda t, im=img: im.save(t, format="PNG"))
         atomic_save(layout.mask_path(record.id), lambda t: save_palette_png(record.mask, t, self.palette))
 
-    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        for record in prediction:
+    def _write_batch(self, prediction: Stage0Batch | Sequence[Stage0Record], dataloader_idx: int) -> None:
+        records = prediction.records() if isinstance(prediction, Stage0Batch) else prediction
+        for record in records:
             self.write_record(record, self.layouts[dataloader_idx])
             self.written_ids[dataloader_idx].append(record.id)
 
+    def _raise_first_error(self, wait: bool) -> None:
+        """Forget finished writes; re-raise the first error among them (``wait``: after every write has finished)."""
+        if wait:
+            for future in self._pending:
+                future.exception()  # waits
+        done = [f for f in self._pending if f.done()]
+        self._pending = [f for f in self._pending if not f.done()]
+        for future in done:
+            if future.exception() is not None:
+                self._drain()
+                raise future.exception()
+
+    def _drain(self) -> None:
+        """Let the writes in flight finish (each is atomic); stop the pool."""
+        for future in self._pending:
+            future.exception()
+        self._pending = []
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
+        if not self.threads:
+            self._write_batch(prediction, dataloader_idx)
+            return
+        self._raise_first_error(wait=False)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="stage0-writer")
+        self._slots.acquire()  # bounded: waits while threads + 2 batches are queued
+        future = self._pool.submit(self._write_batch, prediction, dataloader_idx)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._pending.append(future)
+
     def on_predict_end(self, trainer, pl_module) -> None:
+        self._raise_first_error(wait=True)
+        self._drain()
         for layout, ids in zip(self.layouts, self.written_ids, strict=True):
             layout.record_ranks(trainer.global_rank, ids)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._drain()  # the run stops: the writes in flight still finish (atomically), nothing new starts
 
 
 class SegmenterMaskWriter(BasePredictionWriter):

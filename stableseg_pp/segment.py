@@ -30,7 +30,15 @@ from stableseg_pp.runtime.errors import UserError, report_errors
 
 log = logging.getLogger("stableseg_pp.segment")
 # zero_shot keys that concern datasets and stored outputs, not one picture
-NOT_FOR_SEGMENT = ("splits", "n_overlays", "stored_cross_scales", "stored_cross_depths", "site_weights", "store_head_maps")
+NOT_FOR_SEGMENT = (
+    "splits",
+    "n_overlays",
+    "stored_cross_scales",
+    "stored_cross_depths",
+    "site_weights",
+    "store_head_maps",
+    "writer_threads",
+)
 
 
 # what to do about an unreadable picture, in this command's own terms

@@ -44,7 +44,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--classes", type=int, default=7)
     p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--precision", default=None, help="both sides (default: 32-true on CPU, bf16-mixed on a GPU that has it)")
     args = p.parse_args(argv)
+    if args.precision is None:
+        gpu_bf16 = args.accelerator == "gpu" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        args.precision = "bf16-mixed" if gpu_bf16 else ("16-mixed" if args.accelerator == "gpu" else "32-true")
+    autocast_dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(args.precision)
     device = "cuda" if args.accelerator == "gpu" else "cpu"
     names = [f"c{i}" for i in range(args.classes)]
     total = args.steps + args.warmup
@@ -57,16 +62,19 @@ def main(argv: list[str] | None = None) -> dict:
         module = DeepLabV3PlusModule(names, encoder_name=args.encoder).to(device).train()
         opt = torch.optim.SGD(module.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / total) ** 0.9)
+        scaler = torch.amp.GradScaler(device, enabled=args.precision == "16-mixed")  # as Lightning's 16-mixed
         for i, (xb, yb) in enumerate(loader):
             if i == args.warmup:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
             xb, yb = xb.to(device), yb.to(device)
-            loss = F.cross_entropy(module(xb), yb, ignore_index=255)
+            with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                loss = F.cross_entropy(module(xb), yb, ignore_index=255)
             opt.zero_grad()
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             sched.step()
         if device == "cuda":
             torch.cuda.synchronize()
@@ -80,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
             accelerator=args.accelerator,
             devices=1,
             max_steps=total,
+            precision=args.precision,
             logger=False,
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -95,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict:
         plain_times.append(plain_loop())
         lightning_times.append(lightning_loop())
     plain, lightning = statistics.median(plain_times), statistics.median(lightning_times)
-    print(f"DeepLabV3+ ({args.encoder}), batch {args.batch} x {args.size}x{args.size}, {args.accelerator}:")
+    print(f"DeepLabV3+ ({args.encoder}), batch {args.batch} x {args.size}x{args.size}, {args.accelerator}, "
+          f"precision {args.precision} on both sides:")  # fmt: skip
     print(f"  plain PyTorch loop: {1000 * plain:8.1f} ms/step (median of {args.rounds} rounds of {args.steps} steps)")
     print(f"  LightningModule:    {1000 * lightning:8.1f} ms/step")
     print(f"  ratio Lightning / plain: {lightning / plain:.3f}x")

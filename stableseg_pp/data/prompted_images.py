@@ -30,6 +30,10 @@ class Sample:
     mask: np.ndarray | None  # (H, W) uint8 class ids, 255 = ignore
     class_ids: list[int]  # classes to prompt for
 
+    def pin_memory(self) -> Sample:
+        """The DataLoader's ``pin_memory=True`` pins the pixels (page-locked: a non-blocking copy to the GPU)."""
+        return Sample(self.id, self.pixels.pin_memory(), self.image, self.mask, self.class_ids)
+
 
 def to_model_pixels(image: np.ndarray, resolution: int) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, R, R) float in [-1, 1], bicubic resize."""

@@ -10,19 +10,19 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stableseg_pp.artifacts import ChannelClasses, Stage0Record
+from stableseg_pp.artifacts import ChannelClasses, Stage0Batch, Stage0Image
 from stableseg_pp.backbones.base import DiffusionBackbone
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import Sample
 from stableseg_pp.methods.stableseg import StableSeg, resize_scores
+from stableseg_pp.runtime.transfer import HostBatch
 
 
 class ZeroShotSegmenter(L.LightningModule):
-    """StableSeg on any diffusion backbone; ``predict_step`` returns one :class:`Stage0Record` per image.
+    """StableSeg on any diffusion backbone; ``predict_step`` returns a batch's results packed (:class:`Stage0Batch`).
 
     Args:
         backbone: the backbone, built from its config (loaded here, on each rank).
@@ -59,35 +59,40 @@ class ZeroShotSegmenter(L.LightningModule):
     def resolution(self) -> int:
         return int(self.stableseg_kwargs.get("resolution", 512))
 
-    def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> list[Stage0Record]:
-        if not batch:
-            return []
+    def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> Stage0Batch:
+        """StableSeg on the batch, then its post-processing batched on the device: the scores resized to each image's
+        size (one resize per distinct size), argmax and channel -> class ids (a lookup table per image), the pooled
+        scores and the stored maps; everything reaches the host in one transfer (:class:`HostBatch`). The writer
+        turns the result into files on its own threads."""
+        images = [Stage0Image(s.id, ChannelClasses(tuple(s.class_ids), self.background_index), s.image, s.mask) for s in batch]
+        with_classes = [i for i, s in enumerate(batch) if s.class_ids]
+        rows: list[int | None] = [None] * len(batch)
+        if not with_classes:
+            return Stage0Batch(images, rows, self.backbone.family, None)
         self.configure_model()
         seg = self.segmenter
-        family = self.backbone.family
-        with_classes = [s for s in batch if s.class_ids]
-        results = []
-        if with_classes:
-            pixels = torch.stack([s.pixels for s in with_classes]).to(self.device)
-            names = [[self.dataset.prompt_name(c) for c in s.class_ids] for s in with_classes]
-            out = seg(pixels, names)
-            valid = out.valid
-            for i, s in enumerate(with_classes):
-                h, w = s.image.shape[:2]
-                channels = ChannelClasses(tuple(s.class_ids), self.background_index)
-                scores = resize_scores(out.scores[i : i + 1].float(), (h, w))[0]
-                scores = scores.masked_fill(~valid[i, :, None, None], float("-inf"))
-                mask = channels.to_classes(scores.argmax(0).cpu().numpy())
-                n = len(s.class_ids)
-                maps = {k: v[i, :n].to(torch.float16).cpu().numpy() for k, v in out.cross_maps.items()}
-                # channels that cannot win (no background class) are stored as -1e4: softmax 0 in the CRF
-                kept = out.scores[i : i + 1, : n + 1].float().masked_fill(~valid[i : i + 1, : n + 1, None, None], -1e4)
-                low = F.adaptive_avg_pool2d(kept, seg.latent_grid)[0]
-                low = low.to(torch.float16).cpu().numpy()
-                results.append(Stage0Record(s.id, mask, channels, family, maps, low, s.image, s.mask))
-        for s in batch:
-            if not s.class_ids:  # nothing to look for: all background
-                channels = ChannelClasses((), self.background_index)
-                mask = np.full(s.image.shape[:2], channels.empty_label, dtype=np.uint8)
-                results.append(Stage0Record(s.id, mask, channels, family, {}, None, s.image, s.mask))
-        return results
+        pixels = torch.stack([batch[i].pixels for i in with_classes]).to(self.device, non_blocking=True)
+        out = seg(pixels, [[self.dataset.prompt_name(c) for c in batch[i].class_ids] for i in with_classes])
+        valid = out.valid
+        tensors: dict[str, torch.Tensor] = {}
+        by_size: dict[tuple[int, int], list[int]] = {}
+        for row, i in enumerate(with_classes):
+            rows[i] = row
+            by_size.setdefault(tuple(batch[i].image.shape[:2]), []).append(row)
+        for size, group in by_size.items():
+            index = torch.tensor(group, device=out.scores.device)
+            scores = resize_scores(out.scores[index].float(), size)
+            labels = scores.masked_fill(~valid[index][:, :, None, None], float("-inf")).argmax(dim=1)
+            table = torch.full((len(group), valid.shape[1]), 255, dtype=torch.uint8)
+            for j, row in enumerate(group):
+                lut = images[with_classes[row]].channels.channel_to_class()
+                table[j, : len(lut)] = torch.from_numpy(lut)
+            masks = table.to(labels.device).gather(1, labels.flatten(1)).view_as(labels)
+            for j, row in enumerate(group):
+                tensors[f"mask/{with_classes[row]}"] = masks[j]
+        for site, maps in out.cross_maps.items():
+            tensors[f"map/{site}"] = maps.to(torch.float16)
+        # channels that cannot win (no background class) are stored as -1e4: softmax 0 in the CRF
+        kept = out.scores.float().masked_fill(~valid[:, :, None, None], -1e4)
+        tensors["scores"] = F.adaptive_avg_pool2d(kept, seg.latent_grid).to(torch.float16)
+        return Stage0Batch(images, rows, self.backbone.family, HostBatch(tensors))

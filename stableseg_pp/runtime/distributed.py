@@ -80,6 +80,15 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
+def local_world_size() -> int:
+    """How many ranks of this job share this machine (torchrun's ``LOCAL_WORLD_SIZE``, SLURM's tasks per node)."""
+    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
+        value = os.environ.get(name, "").split("(")[0]  # SLURM may write "2(x3)"
+        if value.isdigit() and int(value) > 0:
+            return int(value)
+    return 1
+
+
 def is_main() -> bool:
     return rank() == 0
 

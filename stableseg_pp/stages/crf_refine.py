@@ -22,7 +22,7 @@ from stableseg_pp.artifacts import ChannelClasses, MaskSetLayout, load_stored_ma
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.evaluation.mask_sets import report_split
-from stableseg_pp.methods.dense_crf import CRFParams, refine_many
+from stableseg_pp.methods.dense_crf import CRFParams, CRFPool, default_workers
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
@@ -69,24 +69,35 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     return out
 
 
+def crf_workers(cfg: DictConfig) -> int:
+    """``crf.workers``, or (null) the CPUs this process may use, shared by the ranks on this machine."""
+    workers = cfg.crf.get("workers")
+    return int(workers) if workers else default_workers(distributed.local_world_size())
+
+
 def _compute(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, out: Path, key: dict) -> None:
     params = crf_params(cfg.crf)
-    splits = {}
+    splits, todo = {}, {}
     for split in cfg.zero_shot.splits:
         source = MaskSetLayout(stage0_dir / split)
         target = MaskSetLayout(out / split)
         ids = [sid for sid in dataset.split_ids(split) if source.is_done(sid)]
         splits[split] = (ids, target)
         # each rank refines its share with the CPU workers given to it (SLURM: --cpus-per-task)
-        todo = distributed.shard([sid for sid in ids if not target.is_done(sid)])
-        log.info("crf [%s]: %d masks, %d to refine here with %d workers", split, len(ids), len(todo), cfg.crf.workers)
-        stream = _jobs(dataset, split, todo, source, cfg.crf.score_temperature)
-        jobs = (((sid, channels), image, probs) for sid, image, probs, channels in stream)
-        refined = refine_many(jobs, params, cfg.crf.workers)
-        bar = tqdm(refined, total=len(todo), desc=f"CRF {split}", unit="img", disable=not distributed.is_main())
-        for (sid, channels), labels in bar:
-            mask = channels.to_classes(labels)
-            atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t, dataset.palette))
+        todo[split] = distributed.shard([sid for sid in ids if not target.is_done(sid)])
+    workers = min(crf_workers(cfg), max(1, sum(len(t) for t in todo.values())))
+    with CRFPool(workers) as pool:  # one pool for every split of the step
+        if pool.start_seconds:
+            log.info("crf: %d worker processes started in %.2f s", workers, pool.start_seconds)
+        for split, (ids, target) in splits.items():
+            log.info("crf [%s]: %d masks, %d to refine here with %d workers", split, len(ids), len(todo[split]), workers)
+            stream = _jobs(dataset, split, todo[split], MaskSetLayout(stage0_dir / split), cfg.crf.score_temperature)
+            jobs = (((sid, channels), image, probs) for sid, image, probs, channels in stream)
+            bar = tqdm(pool.refine(jobs, params), total=len(todo[split]), desc=f"CRF {split}", unit="img",
+                       disable=not distributed.is_main())  # fmt: skip
+            for (sid, channels), labels in bar:
+                mask = channels.to_classes(labels)
+                atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t, dataset.palette))
     evaluate_and_finish(
         out,
         key,

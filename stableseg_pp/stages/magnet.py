@@ -38,7 +38,7 @@ from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
 from stableseg_pp.stages import crf_refine, train_segmenter, zero_shot
-from stableseg_pp.stages.train_segmenter import resume_checkpoint, trainer_key
+from stableseg_pp.stages.train_segmenter import resume_checkpoint, trainer_key, training_precision
 
 log = logging.getLogger(__name__)
 NAME = "magnet"
@@ -249,13 +249,7 @@ def _train(cfg, dataset: DatasetDescription, module: MagnetModule, targets: Path
 
 
 def _precision(cfg: DictConfig) -> str:
-    """bf16 mixed precision on GPUs that support it (else fp16), 32-bit on CPU; ``magnet.train.precision`` overrides."""
-    wanted = cfg.magnet.train.precision
-    if wanted:
-        return str(wanted)
-    if not train_segmenter._on_gpu(cfg):
-        return "32-true"
-    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
+    return training_precision(cfg, cfg.magnet.train.precision)
 
 
 def save_adapter(module: MagnetModule, out: Path) -> Path:

@@ -30,25 +30,32 @@ from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
+from stableseg_pp.stages.zero_shot import on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
 NAME = "deeplab"
 
 
-def _on_gpu(cfg: DictConfig) -> bool:
-    return cfg.trainer.accelerator in ("gpu", "cuda") or (cfg.trainer.accelerator == "auto" and torch.cuda.is_available())
+def training_precision(cfg: DictConfig, wanted: str | None) -> str:
+    """A training's Lightning precision: ``wanted`` on GPU (null: bf16 mixed precision where the GPU supports it, else
+    fp16 mixed); 32-bit on CPU."""
+    if not on_gpu(cfg):
+        return "32-true"
+    if wanted:
+        return str(wanted)
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "16-mixed"
 
 
 def _precision(cfg: DictConfig) -> str:
-    return str(cfg.segmenter.train.precision) if _on_gpu(cfg) else "32-true"
+    return training_precision(cfg, cfg.segmenter.train.get("precision"))
 
 
 def trainer_key(cfg: DictConfig) -> dict:
     """The trainer settings that change the trained model: the hardware kind and its precision, and the
     number of ranks (the effective batch is ``batch_size`` x ranks; sync batch norm pools their statistics)."""
     return {
-        "accelerator": "gpu" if _on_gpu(cfg) else "cpu",
+        "accelerator": "gpu" if on_gpu(cfg) else "cpu",
         "precision": _precision(cfg),
         "world_size": distributed.configured_world_size(cfg.trainer),
         "sync_batchnorm": bool(cfg.trainer.get("sync_batchnorm", False)),
@@ -98,7 +105,7 @@ def _compute(
     init: Path | None = None,
 ) -> None:
     seg = cfg.segmenter
-    if cfg.trainer.get("sync_batchnorm") and not _on_gpu(cfg):
+    if cfg.trainer.get("sync_batchnorm") and not on_gpu(cfg):
         raise ConfigError("trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm has no CPU version); set it to false")
     names = dataset.class_names
     layout = dataset.layout

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -34,7 +35,7 @@ from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
 log = logging.getLogger(__name__)
 NAME = "stage0"
 # zero_shot settings that say what to compute where, not what each image's result is
-NOT_IN_KEY = ("n_overlays", "site_weights")
+NOT_IN_KEY = ("n_overlays", "site_weights", "writer_threads")
 
 
 def check_zero_shot_settings(cfg: DictConfig) -> None:
@@ -85,6 +86,12 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
             names.append(zs.background_word)
         # the class list is split over as many prompts as it takes; each name must fit one on its own
         split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
+
+
+def on_gpu(cfg: DictConfig) -> bool:
+    """Whether the trainer runs on GPUs (``gpu``/``cuda``, or ``auto`` on a machine that has one)."""
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def build_backbone(cfg: DictConfig, adapter: Path | None = None) -> DiffusionBackbone:
@@ -188,13 +195,17 @@ def _compute(
                     num_workers=cfg.data.num_workers,
                     collate_fn=collate_samples,
                     shuffle=False,
+                    pin_memory=on_gpu(cfg),  # pinned pixels: their copy to the GPU does not block
+                    persistent_workers=False,
                 )
             )
             loader_layouts.append(layout)
     distributed.barrier()  # every rank has listed the same images to do before any is written
     seconds = 0.0
     if loaders:
-        writer = Stage0Writer(loader_layouts, overlay_ids, dataset.palette, dataset.background_index)
+        writer = Stage0Writer(
+            loader_layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.zero_shot.get("writer_threads", 4)
+        )
         trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
         # Lightning shards the images across ranks (an unrepeated distributed sampler in predict)
         start = time.perf_counter()
