@@ -91,7 +91,7 @@ def _check_fit(args: list[str], root: Path) -> None:
         return  # a real dataset (VOC, ...) is not on this machine: its layout is tested on fixtures
     if Path(cfg.diffusion.pretrained).is_absolute() and not Path(cfg.diffusion.pretrained).exists():
         return  # a placeholder for the user's own model folder
-    if cfg.diffusion.get("lora") and "<hash>" in str(cfg.diffusion.lora):
+    if cfg.diffusion.get("lora") and not Path(str(cfg.diffusion.lora)).exists():
         return  # a placeholder for a step folder of the user's run
     check_backbone_settings(cfg, dataset)  # scales and prompt against the backbone (skipped for a hub id not cached)
 
