@@ -28,7 +28,7 @@ from stableseg_pp.config import CONFIG_DIR, compose_checked
 from stableseg_pp.data.description import DatasetDescription, describe_dataset
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import USAGE_EXIT, ConfigError, report_errors
-from stableseg_pp.stages import STAGES, check_stage_splits, magnet, resolve_stages
+from stableseg_pp.stages import STAGES, check_segmenter, check_stage_splits, magnet, refinement, resolve_stages
 from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
 
 log = logging.getLogger(__name__)
@@ -86,6 +86,8 @@ def check_writable(cfg: DictConfig) -> None:
 def check_settings(cfg: DictConfig) -> None:
     """Everything that can be checked before a rank starts or a model loads (a clear one-line error otherwise)."""
     check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
+    check_segmenter(cfg.stage, cfg.zero_shot.get("segmenter", "stableseg"))
+    refinement.check_refine(cfg.get("refine", "crf"))
     check_devices(cfg)
     check_writable(cfg)
     check_zero_shot_settings(cfg)

@@ -11,6 +11,15 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from stableseg_pp.data.description import build_layout, describe_dataset
+from stableseg_pp.data.labels import (
+    COCO_STUFF27_CLASSES,
+    COCO_STUFF27_HIERARCHY,
+    COCO_STUFF27_IDS,
+    COCO_STUFF27_TRAIN_IDS,
+    COCO_STUFF_FINE_NAMES,
+    COCO_STUFF_UNUSED_IDS,
+    LabelMap,
+)
 from stableseg_pp.data.layouts import DatasetLayoutError
 from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample
 from stableseg_pp.data.palette import save_palette_png
@@ -140,6 +149,64 @@ def test_coco_stuff_and_coco_object_from_the_same_files(tmp_path, compose_fit):
     assert classes_in(build_layout(obj.data), "val", "000000000139", 81) == [0, 1, 80, 255]
 
 
+def _coco_stuff27_fixture(root: Path) -> None:
+    """Two pictures, each with its mmsegmentation train-id mask and its raw stuffthingmaps mask (the same classes)."""
+    for k, sid in enumerate(("000000000139", "000000000285")):
+        image(root / f"images/val2017/{sid}.jpg", seed=k)
+    ann = root / "annotations/val2017"
+    # person, tv, wall-brick, wood, unlabeled; raw also holds street sign (fine 11, never annotated in COCO)
+    mask(ann / "000000000139_labelTrainIds.png", [0, 62, 159, 170, 255], mode="L")
+    mask(ann / "000000000139.png", [0, 71, 170, 181, 255, 11], mode="L")
+    # banana, fruit, chair, table, fog: the thing and stuff halves of "food" and "furniture"; fog is water
+    mask(ann / "000000000285_labelTrainIds.png", [46, 110, 56, 153, 108], mode="L")
+    mask(ann / "000000000285.png", [51, 121, 61, 164, 119], mode="L")
+
+
+def test_coco_stuff27_from_train_ids_and_from_raw_stuffthingmaps(tmp_path, compose_fit):
+    _coco_stuff27_fixture(tmp_path / "data" / "coco_stuff164k")
+    train_ids = compose_fit("data=coco_stuff27")
+    raw = compose_fit("data=coco_stuff27", "data.layout.mask_suffix=.png", "data.layout.label_map.lut=coco_stuff27")
+    for cfg in (train_ids, raw):
+        assert list(cfg.data.class_names) == list(COCO_STUFF27_CLASSES) and cfg.data.background_index is None
+        layout = build_layout(cfg.data)
+        assert split_ids(cfg.data, "val") == ["000000000139", "000000000285"]
+        # person 9, electronic 0, wall 18, solid 24; unlabeled and the unused fine id -> ignore
+        assert classes_in(layout, "val", "000000000139", 27) == [0, 9, 18, 24, 255]
+        # food 2, food-stuff 14, furniture 3, furniture-stuff 15, water 26
+        assert classes_in(layout, "val", "000000000285", 27) == [2, 3, 14, 15, 26]
+        sample = build_dataset(cfg.data, "val", 64, ["000000000139"])[0]
+        assert sample.class_ids == [0, 9, 18, 24]  # no background class: every coarse class is prompted for
+    assert build_layout(train_ids.data).mask_path("val", "000000000139").name == "000000000139_labelTrainIds.png"
+    assert build_layout(raw.data).mask_path("val", "000000000139").name == "000000000139.png"
+    names = list(train_ids.data.class_names)
+    prompts = [train_ids.data.prompt_names.get(n, n) for n in names]
+    assert len(set(prompts)) == 27 and names[14:16] == ["food-stuff", "furniture-stuff"]
+
+
+def test_coco_stuff27_table_covers_every_class(compose_fit):
+    train = LabelMap(lut="coco_stuff27_train_ids").table()
+    fine = LabelMap(lut="coco_stuff27").table()
+    assert len(COCO_STUFF27_CLASSES) == 27 and len(COCO_STUFF_FINE_NAMES) == 182
+    assert sorted(COCO_STUFF27_TRAIN_IDS) == list(range(171)) and set(COCO_STUFF27_TRAIN_IDS.values()) == set(range(27))
+    assert all(0 <= train[t] < 27 for t in range(171)) and (train[171:] == 255).all()
+    # every fine class has exactly one super-category; the 11 never-annotated COCO thing ids are ignored
+    listed = [f for fines in COCO_STUFF27_HIERARCHY.values() for f in fines]
+    assert sorted(listed) == sorted(COCO_STUFF_FINE_NAMES)
+    assert sorted(COCO_STUFF_UNUSED_IDS) == [11, 25, 28, 29, 44, 65, 67, 68, 70, 82, 90]
+    assert all(fine[i] == 255 for i in COCO_STUFF_UNUSED_IDS) and (fine[182:] == 255).all()
+    assert sorted(COCO_STUFF27_IDS) == sorted(set(range(182)) - COCO_STUFF_UNUSED_IDS)
+    # the two sources agree: train id t is the coco_stuff class named class_names[t], whose raw fine id is its
+    # position in COCO-Stuff's labels.txt
+    stuff_names = list(compose_fit("data=coco_stuff").data.class_names)
+    for t, name in enumerate(stuff_names):
+        assert train[t] == fine[COCO_STUFF_FINE_NAMES.index(name)], name
+    # spot checks against STEGO's fine_to_coarse (src/data.py; 0-indexed fine id -> coarse id)
+    stego = {0: 9, 2: 11, 15: 7, 33: 10, 43: 5, 51: 2, 61: 3, 71: 0, 77: 1, 83: 4, 26: 6, 9: 8, 91: 17, 100: 13,
+             101: 12, 119: 26, 120: 14, 129: 15, 131: 16, 156: 23, 168: 22, 170: 18, 179: 19, 94: 20, 110: 21,
+             181: 24, 112: 25}  # fmt: skip
+    assert {f: int(fine[f]) for f in stego} == stego
+
+
 def test_uecfoodpix_red_channel_and_class_list(tmp_path, compose_fit):
     root = tmp_path / "data" / "UECFOODPIXCOMPLETE" / "data"
     for split in ("train", "test"):
@@ -165,9 +232,10 @@ def test_foodseg103_class_list_and_masks(tmp_path, compose_fit):
     assert classes_in(build_layout(cfg.data), "train", "00000048", 104) == [0, 24, 103]
 
 
-@pytest.mark.parametrize(
-    "name", ["voc", "context59", "ade20k", "cityscapes", "coco_stuff", "coco_object", "uecfoodpix", "foodseg103"]
-)
+DATASETS = ["voc", "context59", "ade20k", "cityscapes", "coco_stuff", "coco_object", "coco_stuff27", "uecfoodpix", "foodseg103"]
+
+
+@pytest.mark.parametrize("name", DATASETS)
 def test_missing_or_wrong_layout_says_what_was_expected(tmp_path, compose_fit, name):
     cfg = compose_fit(f"data={name}")
     with pytest.raises(DatasetLayoutError, match=r"(?s)does not exist.*expected:.*docs/datasets/"):
@@ -180,7 +248,7 @@ def test_missing_or_wrong_layout_says_what_was_expected(tmp_path, compose_fit, n
 
 def test_every_layout_points_to_its_docs_page(compose_fit):
     repo = Path(__file__).resolve().parent.parent
-    for name in ("voc", "context59", "ade20k", "cityscapes", "coco_stuff", "coco_object", "uecfoodpix", "foodseg103"):
+    for name in DATASETS:
         layout = instantiate(compose_fit(f"data={name}").data.layout, root="/nowhere", _convert_="all")
         assert (repo / layout.doc).exists(), f"{name}: {layout.doc} is missing"
 

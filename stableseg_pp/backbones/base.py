@@ -12,11 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
 from stableseg_pp.runtime.errors import ConfigError
+
+if TYPE_CHECKING:
+    from stableseg_pp.backbones.modulation import ModulationState
 
 SITE_KINDS = ("self", "cross", "joint")
 
@@ -88,6 +91,15 @@ class TextConditioning:
     embeddings: Any
     token_weights: torch.Tensor
     valid: torch.Tensor
+
+    def expand(self, batch: int) -> TextConditioning:
+        """A one-prompt conditioning repeated for ``batch`` images (embeddings: a tensor or a tuple of tensors)."""
+
+        def rep(t: torch.Tensor) -> torch.Tensor:
+            return t.expand(batch, *t.shape[1:])
+
+        emb = tuple(rep(e) for e in self.embeddings) if isinstance(self.embeddings, tuple) else rep(self.embeddings)
+        return TextConditioning(emb, rep(self.token_weights), rep(self.valid))
 
 
 @dataclass(frozen=True)
@@ -245,6 +257,42 @@ class TrainableBackbone(DiffusionBackbone, Protocol):
 
     def save_lora(self, folder: str | Path, lora_state: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
         """Write the denoiser's LoRA weights in the diffusers format its pipeline's ``load_lora_weights`` reads."""
+        ...
+
+
+@runtime_checkable
+class GenerativeBackbone(DiffusionBackbone, Protocol):
+    """A backbone that also runs its sampler (EmerDiff): noise a clean latent to a chosen time, denoise it step by
+    step with attention injection and a modulated layer, decode the result."""
+
+    def encode_captions(self, prompts: Sequence[str]) -> TextConditioning:
+        """Plain prompts encoded as the pipeline encodes them for generation (no class maps)."""
+        ...
+
+    def sampling_times(self, start: int, steps: int) -> list[int]:
+        """The times the sampler visits from ``start`` (in the training schedule's units) to the end, when its whole
+        schedule has ``steps`` steps; the first is the latest time not after ``start``."""
+        ...
+
+    def noise_to(self, latents: torch.Tensor, time: int, noise: torch.Tensor) -> torch.Tensor:
+        """Clean latents noised to ``time`` with ``noise`` (as the training objective does)."""
+        ...
+
+    def sampler_step(self, prediction: torch.Tensor, time: int, latents: torch.Tensor) -> torch.Tensor:
+        """One deterministic sampler step from ``time`` (the denoiser's ``prediction`` there) to the next time."""
+        ...
+
+    def time_input(self, time: int, batch: int, device: torch.device) -> torch.Tensor:
+        """``time`` as :meth:`denoise` takes it for a batch."""
+        ...
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents as the denoiser takes them -> (B, 3, R, R) pixels in [-1, 1]."""
+        ...
+
+    def install_modulation(self, state: ModulationState, site: str) -> None:
+        """EmerDiff's processors on every attention layer (injection from ``state.reference``), ``site`` modulated by
+        ``state.offset``; :meth:`remove_capture` puts the stock processors back."""
         ...
 
 

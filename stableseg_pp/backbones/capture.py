@@ -54,12 +54,17 @@ def _project(attn: Attention, hidden_states, encoder_hidden_states, attention_ma
     return query, key, value, attention_mask, residual, input_shape
 
 
-def _finish(attn: Attention, out: torch.Tensor, query: torch.Tensor, residual, input_shape) -> torch.Tensor:
-    """Output projection, reshape and residual, as ``AttnProcessor2_0`` does."""
+def _finish(
+    attn: Attention, out: torch.Tensor, query: torch.Tensor, residual, input_shape, offset: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Output projection, reshape and residual, as ``AttnProcessor2_0`` does; ``offset`` (B, N) is added to every
+    channel of the projected output (EmerDiff's modulation)."""
     b, heads, n, d = out.shape
     out = out.transpose(1, 2).reshape(b, n, heads * d).to(query.dtype)
     out = attn.to_out[0](out)
     out = attn.to_out[1](out)
+    if offset is not None:
+        out = out + offset.to(out.dtype)[:, :, None]
     if len(input_shape) == 4:
         out = out.transpose(-1, -2).reshape(*input_shape)
     if attn.residual_connection:

@@ -30,6 +30,7 @@ from stableseg_pp.backbones.loading import (
     parse_dtype,
     resolve_model_path,
 )
+from stableseg_pp.backbones.modulation import ModulatedAttentionProcessor, ModulationState
 from stableseg_pp.backbones.prompts import map_class_tokens
 from stableseg_pp.runtime.errors import ConfigError, one_line
 
@@ -302,6 +303,61 @@ class SDUNetBackbone:
     def denoise(self, latents: torch.Tensor, time: torch.Tensor, text: TextConditioning) -> torch.Tensor:
         unet = self.unet
         return unet(latents.to(unet.dtype), time, encoder_hidden_states=text.embeddings.to(unet.dtype)).sample
+
+    # -- sampling (EmerDiff) ---------------------------------------------------------------------------------------
+
+    def encode_captions(self, prompts: Sequence[str]) -> TextConditioning:
+        self._require_loaded()
+        tok = self.tokenizer
+        ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids  # fmt: skip
+        emb = self.text_encoder(ids.to(self.text_encoder.device))[0]
+        b, length = emb.shape[:2]
+        return TextConditioning(emb, emb.new_zeros(b, length, 0), torch.zeros(b, 0, dtype=torch.bool, device=emb.device))
+
+    def _sampler(self):
+        """A deterministic DDIM sampler (eta 0) on the pipeline's noise schedule: modulated runs differ only by
+        their modulation."""
+        if getattr(self, "_ddim", None) is None:
+            from diffusers import DDIMScheduler
+
+            self._ddim = DDIMScheduler.from_config(self.scheduler.config)
+        return self._ddim
+
+    def sampling_times(self, start: int, steps: int) -> list[int]:
+        sampler = self._sampler()
+        sampler.set_timesteps(int(steps))
+        times = [int(t) for t in sampler.timesteps if int(t) <= int(start)]
+        if not times:
+            raise ConfigError(f"emerdiff.timestep={start}: no step of a {steps}-step schedule is at or before it")
+        return times
+
+    def noise_to(self, latents: torch.Tensor, time: int, noise: torch.Tensor) -> torch.Tensor:
+        t = torch.full((latents.shape[0],), int(time), device=latents.device, dtype=torch.long)
+        return self.scheduler.add_noise(latents, noise.to(latents), t)
+
+    def sampler_step(self, prediction: torch.Tensor, time: int, latents: torch.Tensor) -> torch.Tensor:
+        return self._sampler().step(prediction.to(latents.dtype), int(time), latents, eta=0.0).prev_sample
+
+    def time_input(self, time: int, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.full((batch,), int(time), device=device, dtype=torch.long)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        return pixels.float().clamp(-1, 1)
+
+    def install_modulation(self, state: ModulationState, site: str) -> None:
+        self._require_loaded()
+        names = {n.removesuffix(PROCESSOR_SUFFIX): n for n in self.unet.attn_processors}
+        if site not in names:
+            raise ValueError(f"modulation site {site!r}: this U-Net has no such attention layer")
+        self._installed = None
+        self.unet.set_attn_processor(
+            {name: ModulatedAttentionProcessor(state, path, modulated=path == site) for path, name in names.items()}
+        )
 
     # -- capture ------------------------------------------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from stableseg_pp.bench import baselines, capture, capture_mmdit, crf, hopping, magnet, ranks, segmenter, stage0
+from stableseg_pp.bench import baselines, capture, capture_mmdit, crf, hopping, magnet, ranks, refine, segmenter, stage0
 from stableseg_pp.runtime.errors import USAGE_EXIT, report_errors
 
 COMMANDS = {
@@ -17,6 +17,7 @@ COMMANDS = {
     "capture_mmdit": capture_mmdit.main,
     "magnet": magnet.main,
     "stage0": stage0.main,
+    "refine": refine.main,
 }
 
 

@@ -8,6 +8,7 @@ facts from ``cfg.data``.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,10 @@ log = logging.getLogger(__name__)
 # settings of ``cfg.data`` that change how fast images are read, or what happens at a bad file, not what any
 # step computes for the images it computes: a run stopped at a bad image resumes its folder with on_bad_input=skip
 EXECUTION_KEYS = ("batch_size", "num_workers", "on_bad_input")
+# settings of ``cfg.data`` that only change how written masks are scored (``metrics.json``), not any mask: a step
+# folder keeps its hash when they change (a finished folder keeps its metrics; ``force=true`` recomputes it)
+EVALUATION_KEYS = ("boundary_tolerance", "protocol")
+PROTOCOLS = ("supervised", "unsupervised")
 
 
 def build_layout(data: DictConfig) -> DatasetLayout:
@@ -54,6 +59,9 @@ class DatasetDescription:
         require_masks / on_bad_input / convert_to_rgb: how images and masks are read.
         limit: first N images of each split (None: all).
         settings: the resolved ``cfg.data`` (class names filled in), for content keys.
+        boundary_tolerance: pixels a boundary may be off and still match (boundary F-score).
+        evaluation_protocol: ``supervised`` (masks hold class ids) or ``unsupervised`` (masks hold segment ids,
+            matched to classes with the Hungarian algorithm over the split).
     """
 
     name: str
@@ -69,6 +77,8 @@ class DatasetDescription:
     convert_to_rgb: bool
     limit: int | None
     settings: dict[str, Any]
+    boundary_tolerance: float = 2
+    evaluation_protocol: str = "supervised"
     _ids: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     @property
@@ -100,8 +110,8 @@ class DatasetDescription:
         return {str(m): n for m, n in sorted(modes.items(), key=lambda kv: str(kv[0])) if m not in ("RGB", None)}
 
     def key(self) -> dict[str, Any]:
-        """What the dataset contributes to a step's content key (execution settings left out)."""
-        key = {k: v for k, v in self.settings.items() if k not in EXECUTION_KEYS}
+        """What the dataset contributes to a step's content key (execution and evaluation settings left out)."""
+        key = {k: v for k, v in self.settings.items() if k not in EXECUTION_KEYS + EVALUATION_KEYS}
         key["root"] = str(Path(key["root"]).resolve())
         return key
 
@@ -109,7 +119,7 @@ class DatasetDescription:
         """The evaluation setting, written into every metrics file: numbers are comparable only when it matches."""
         bg = self.background_index
         label_map = (self.settings.get("layout") or {}).get("label_map")
-        return {
+        setting = {
             "dataset": self.name,
             "split": self.layout.dataset_split(split),
             "classes": len(self.class_names),
@@ -117,6 +127,9 @@ class DatasetDescription:
             "labels": self.labels,
             "label_map": label_map or None,
         }
+        if self.evaluation_protocol == "unsupervised":
+            setting["segments"] = "hungarian"  # masks hold segment ids, matched to classes over the split
+        return setting
 
     def prompted_images(self, split: str, ids: Sequence[str], resolution: int) -> PromptedImages:
         """The images of ``ids`` resized for a diffusion model, with the classes to prompt for."""
@@ -134,8 +147,24 @@ class DatasetDescription:
         )
 
 
+def check_evaluation_settings(data: DictConfig) -> tuple[float, str]:
+    """``data.boundary_tolerance`` (a non-negative number of pixels) and ``data.protocol`` (supervised |
+    unsupervised), checked; their defaults when not set."""
+    tolerance = data.get("boundary_tolerance", 2)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not 0 <= tolerance < math.inf:
+        raise ConfigError(f"data.boundary_tolerance={tolerance}: use a finite non-negative number of pixels (e.g. 2)")
+    protocol = data.get("protocol", "supervised")
+    if protocol not in PROTOCOLS:
+        raise ConfigError(
+            f"data.protocol={protocol}: use supervised (masks hold class ids) or unsupervised "
+            "(masks hold segment ids, Hungarian-matched to classes)"
+        )
+    return tolerance, str(protocol)
+
+
 def describe_dataset(data: DictConfig, splits: Sequence[str] = ("train", "val")) -> DatasetDescription:
     """Check the dataset folder for ``splits`` (writing the miniature world on first use) and describe it."""
+    boundary_tolerance, evaluation_protocol = check_evaluation_settings(data)
     root = Path(data.root)
     gen = data.get("generate")
     if gen:
@@ -168,4 +197,6 @@ def describe_dataset(data: DictConfig, splits: Sequence[str] = ("train", "val"))
         convert_to_rgb=bool(settings.get("convert_to_rgb", False)),
         limit=int(limit) if limit else None,
         settings=settings,
+        boundary_tolerance=boundary_tolerance,
+        evaluation_protocol=evaluation_protocol,
     )

@@ -9,13 +9,23 @@ from omegaconf import DictConfig
 
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.runtime.errors import ConfigError
-from stableseg_pp.stages import magnet, self_training, zero_shot
+from stableseg_pp.stages import emerdiff_segments, magnet, self_training, zero_shot
 
 # Every stage: ``run(cfg, dataset) -> output folder``.
 StageFn = Callable[[DictConfig, DatasetDescription], Path]
 
+SEGMENTERS = ("stableseg", "emerdiff")
+
+
+def run_stage0(cfg: DictConfig, dataset: DatasetDescription) -> Path:
+    """Stage 0 with ``zero_shot.segmenter``: StableSeg's class masks, or EmerDiff's class-agnostic segments."""
+    if cfg.zero_shot.get("segmenter", "stableseg") == "emerdiff":
+        return emerdiff_segments.run(cfg, dataset)
+    return zero_shot.run(cfg, dataset)
+
+
 STAGES: dict[str, StageFn] = {
-    "0": zero_shot.run,  # StableSeg zero-shot pseudo-masks
+    "0": run_stage0,  # StableSeg zero-shot pseudo-masks (or EmerDiff's unsupervised segments)
     "1": self_training.run_stage1,  # StableSeg+: CRF + DeepLabV3+
     "2": self_training.run_stage2,  # StableSeg++: learned map weights, regenerate, retrain
     "magnet": magnet.run_stage,  # MAGNET: LoRA on an MM-DiT from its own refined pseudo-masks
@@ -40,6 +50,17 @@ def resolve_stages(stage: object) -> list[str]:
 def stage_chain(stage: object) -> list[str]:
     """The stages a run of ``stage`` goes through, in order (``all`` -> 0, 1, 2)."""
     return list(CHAINS[resolve_stages(stage)[-1]])
+
+
+def check_segmenter(stage: object, segmenter: object) -> None:
+    """``zero_shot.segmenter``: one of :data:`SEGMENTERS`; the class-agnostic one only for stage 0."""
+    if str(segmenter) not in SEGMENTERS:
+        raise ConfigError(f"zero_shot.segmenter={segmenter}: use one of {', '.join(SEGMENTERS)}")
+    if str(segmenter) != "stableseg" and resolve_stages(stage) != ["0"]:
+        raise ConfigError(
+            f"zero_shot.segmenter={segmenter} writes class-agnostic segments, which stage={stage} cannot train on: "
+            "run it with stage=0, or use zero_shot.segmenter=stableseg (refine=emerdiff refines StableSeg's masks)"
+        )
 
 
 def check_stage_splits(stage: object, splits: list[str]) -> None:

@@ -9,6 +9,7 @@ images are skipped on resume) plus ``metrics.json`` against the ground truth.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,7 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, out
         # each rank refines its share with the CPU workers given to it (SLURM: --cpus-per-task)
         todo[split] = distributed.shard([sid for sid in ids if not target.is_done(sid)])
     workers = min(crf_workers(cfg), max(1, sum(len(t) for t in todo.values())))
+    start = time.perf_counter()
     with CRFPool(workers) as pool:  # one pool for every split of the step
         if pool.start_seconds:
             log.info("crf: %d worker processes started in %.2f s", workers, pool.start_seconds)
@@ -98,8 +100,11 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, out
             for (sid, channels), labels in bar:
                 mask = channels.to_classes(labels)
                 atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t, dataset.palette))
+    seconds = time.perf_counter() - start  # this rank's refinement, the pool's start included
     evaluate_and_finish(
         out,
         key,
         lambda: {split: report_split("crf", dataset, split, ids, target) for split, (ids, target) in splits.items()},
+        predict_seconds=round(seconds, 2),
+        images_predicted=sum(len(t) for t in todo.values()),
     )

@@ -37,7 +37,7 @@ from stableseg_pp.models.magnet import MagnetModule
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
-from stableseg_pp.stages import crf_refine, train_segmenter, zero_shot
+from stableseg_pp.stages import refinement, train_segmenter, zero_shot
 from stableseg_pp.stages.train_segmenter import resume_checkpoint, trainer_key, training_precision
 
 log = logging.getLogger(__name__)
@@ -267,13 +267,13 @@ def save_adapter(module: MagnetModule, out: Path) -> Path:
 
 
 def targets_of(cfg: DictConfig, steps: dict[str, Path]) -> Path | None:
-    """The folder ``magnet.targets`` names among the run's latest steps (``stage0``, ``crf``, ``deeplab``), or a
+    """The folder ``magnet.targets`` names among the run's latest steps (``stage0``, ``refined``, ``deeplab``), or a
     folder given by path; None for the ground truth."""
     choice = str(cfg.magnet.targets)
     if choice == "ground_truth":
         return None
     if choice in STEP_TARGETS:
-        return steps[{"refined": "crf", "stage0": "stage0", "segmenter": "deeplab"}[choice]]
+        return steps[{"refined": "refined", "stage0": "stage0", "segmenter": "deeplab"}[choice]]
     folder = Path(choice).expanduser()
     if not (folder / "train" / "masks").is_dir():
         raise ConfigError(
@@ -283,13 +283,13 @@ def targets_of(cfg: DictConfig, steps: dict[str, Path]) -> Path | None:
 
 
 def run_stage(cfg: DictConfig, dataset: DatasetDescription) -> Path:
-    """``stage=magnet``: stage 0, the CRF (and DeepLabV3+ for ``targets=segmenter``), then MAGNET."""
+    """``stage=magnet``: stage 0, its refinement (and DeepLabV3+ for ``targets=segmenter``), then MAGNET."""
     steps: dict[str, Path] = {}
     if cfg.magnet.targets in STEP_TARGETS:
         steps["stage0"] = zero_shot.run(cfg, dataset)
-        steps["crf"] = crf_refine.run(cfg, dataset, steps["stage0"])
+        steps["refined"] = refinement.run(cfg, dataset, steps["stage0"])
         if cfg.magnet.targets == "segmenter":
-            steps["deeplab"] = train_segmenter.run(cfg, dataset, steps["crf"])
+            steps["deeplab"] = train_segmenter.run(cfg, dataset, steps["refined"])
     return run(cfg, dataset, targets_of(cfg, steps))
 
 

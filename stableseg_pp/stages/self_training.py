@@ -1,6 +1,6 @@
 """StableSeg+ (stage 1) and StableSeg++ (stage 2): self-training on pseudo-masks (docs/method.md).
 
-stage 1: stage-0 masks -> DenseCRF -> DeepLabV3+.
+stage 1: stage-0 masks -> refinement (``refine``: DenseCRF by default, EmerDiff, both or none) -> DeepLabV3+.
 stage 2: + learn the attention-map weights from DeepLabV3+'s predictions ->
 regenerate the pseudo-masks with them (stage 0 given the learned site weights,
 a diffusion forward again, so SAR uses the new CA map) -> CRF -> retrain;
@@ -24,7 +24,7 @@ from stableseg_pp.artifacts import SiteWeights
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_write_text, write_json
-from stableseg_pp.stages import crf_refine, magnet, map_weights, train_segmenter, zero_shot
+from stableseg_pp.stages import magnet, map_weights, refinement, train_segmenter, zero_shot
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def _val_miou(folder: Path) -> float | None:
 
 def stableseg_plus(cfg: DictConfig, dataset: DatasetDescription) -> dict[str, Path]:
     s0 = zero_shot.run(cfg, dataset)
-    crf = crf_refine.run(cfg, dataset, s0)
-    seg = train_segmenter.run(cfg, dataset, crf)
-    return {"stage0": s0, "crf": crf, "deeplab": seg}
+    refined = refinement.run(cfg, dataset, s0)
+    seg = train_segmenter.run(cfg, dataset, refined)
+    return {"stage0": s0, "refined": refined, "deeplab": seg}
 
 
 def run_stage1(cfg: DictConfig, dataset: DatasetDescription) -> Path:
@@ -47,9 +47,10 @@ def run_stage1(cfg: DictConfig, dataset: DatasetDescription) -> Path:
 
 def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
     first = stableseg_plus(cfg, dataset)
+    refined_as = refinement.label(cfg)
     rows = [
         ("init (stage-0 masks)", first["stage0"]),
-        ("init + CRF", first["crf"]),
+        *([(f"init + {refined_as}", first["refined"])] if refined_as else []),
         ("+ (DeepLabV3+, round 1)", first["deeplab"]),
     ]
     steps = dict(first)
@@ -64,12 +65,12 @@ def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
             rows.append((f"MAGNET adapter (round {r})", adapter))
         s0 = zero_shot.run(cfg, dataset, weights=SiteWeights.load(wdir), inputs=[wdir, *([adapter] if adapter else [])],
                            adapter=adapter)  # fmt: skip
-        crf = crf_refine.run(cfg, dataset, s0)
-        seg = train_segmenter.run(cfg, dataset, crf, init=seg if cfg.self_training.warm_start else None)
-        steps = {"stage0": s0, "crf": crf, "deeplab": seg}
+        refined = refinement.run(cfg, dataset, s0)
+        seg = train_segmenter.run(cfg, dataset, refined, init=seg if cfg.self_training.warm_start else None)
+        steps = {"stage0": s0, "refined": refined, "deeplab": seg}
         rows += [
             (f"learned-weight masks (round {r})", s0),
-            (f"learned-weight masks + CRF (round {r})", crf),
+            *([(f"learned-weight masks + {refined_as} (round {r})", refined)] if refined_as else []),
             (f"++ (DeepLabV3+, round {r})", seg),
         ]
     run_dir = Path(cfg.paths.run_dir)

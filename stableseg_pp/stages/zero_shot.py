@@ -35,7 +35,7 @@ from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
 log = logging.getLogger(__name__)
 NAME = "stage0"
 # zero_shot settings that say what to compute where, not what each image's result is
-NOT_IN_KEY = ("n_overlays", "site_weights", "writer_threads")
+NOT_IN_KEY = ("n_overlays", "site_weights", "writer_threads", "segmenter")
 
 
 def check_zero_shot_settings(cfg: DictConfig) -> None:

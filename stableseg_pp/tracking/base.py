@@ -16,6 +16,8 @@ from stableseg_pp.data.description import DatasetDescription
 STEP_KINDS = {
     "stage0": "pseudo-masks",
     "crf": "pseudo-masks",
+    "emerdiff": "pseudo-masks",
+    "segments": "segments",
     "deeplab": "segmenter",
     "weights": "map-weights",
     "layers": "analysis",

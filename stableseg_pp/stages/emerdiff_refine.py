@@ -1,0 +1,142 @@
+"""EmerDiff refinement of a stage-0 pseudo-mask set (``refine=emerdiff``; docs/emerdiff.md).
+
+Per image: the classes StableSeg gives at the modulated layer's grid are the
+low-resolution segments; EmerDiff's modulated denoising assigns every pixel to
+one of them. Writes, like stage 0, a palette PNG mask per image and the
+per-channel scores (each segment's smoothed pixel change, for a DenseCRF after
+it: ``refine=emerdiff+crf``), atomically, the mask last; finished images are
+skipped on resume; ``metrics.json`` against the ground truth.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from stableseg_pp import tracking
+from stableseg_pp.artifacts import MaskSetLayout, Stage0Writer, load_stored_maps
+from stableseg_pp.data.description import DatasetDescription
+from stableseg_pp.evaluation.mask_sets import report_split
+from stableseg_pp.models.emerdiff_module import EmerDiffItem, EmerDiffSegmenter, collate_items
+from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.errors import ConfigError
+from stableseg_pp.runtime.progress import ImagesPerSecondBar
+from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
+from stableseg_pp.stages.zero_shot import build_backbone, diffusion_key, on_gpu
+
+log = logging.getLogger(__name__)
+NAME = "emerdiff"
+# emerdiff settings of the modulated denoising itself (EmerDiff's arguments)
+METHOD_KEYS = ("site", "timestep", "sampler_steps", "strength", "sigma", "runs_per_forward", "prompt")
+# settings that say how fast, not what: left out of content keys
+NOT_IN_KEY = ("runs_per_forward",)
+
+
+def emerdiff_settings(cfg: DictConfig) -> dict:
+    """EmerDiff's arguments from ``cfg.emerdiff``; a clear error when the backbone preset names no site."""
+    settings = {k: v for k, v in OmegaConf.to_container(cfg.emerdiff, resolve=True).items() if k in METHOD_KEYS}
+    if not settings.get("site"):
+        raise ConfigError(
+            f"emerdiff.site is not set for diffusion={cfg.diffusion.name}: give the id of the image-to-text attention "
+            "site to modulate (the U-Net presets set the first cross-attention of the 16x16 up block)"
+        )
+    for key in ("sampler_steps", "runs_per_forward"):
+        if not isinstance(settings[key], int) or settings[key] < (2 if key == "runs_per_forward" else 1):
+            raise ConfigError(f"emerdiff.{key}={settings[key]}: give a positive whole number (runs_per_forward >= 2)")
+    if not 0 < int(settings["timestep"]) < 1000:
+        raise ConfigError(f"emerdiff.timestep={settings['timestep']}: give t_m in the training schedule, e.g. 281")
+    return settings
+
+
+def method_key(cfg: DictConfig, backbone) -> dict:
+    """What EmerDiff's outputs depend on: its settings, the backbone and the seed of its noise."""
+    settings = {k: v for k, v in emerdiff_settings(cfg).items() if k not in NOT_IN_KEY}
+    return {"emerdiff": settings, "diffusion": diffusion_key(cfg, backbone), "resolution": cfg.zero_shot.resolution,
+            "seed": cfg.seed}  # fmt: skip
+
+
+class StoredScoreImages(Dataset):
+    """The images of ``ids`` with the stage-0 scores and channel classes stored for them (read in the workers)."""
+
+    def __init__(self, dataset: DatasetDescription, split: str, ids: list[str], source: MaskSetLayout, resolution: int):
+        self.images = dataset.prompted_images(split, ids, resolution)
+        self.source = source
+        self.background_index = dataset.background_index
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> EmerDiffItem | None:
+        sample = self.images[index]
+        if sample is None:
+            return None
+        stored = load_stored_maps(self.source.maps_path(sample.id))
+        scores = None if stored.scores is None else np.asarray(stored.scores)
+        return EmerDiffItem(sample, tuple(stored.class_ids), self.background_index, scores)
+
+
+def predict(cfg: DictConfig, module, loaders: list[DataLoader], writer) -> float:
+    """Lightning's predict loop over ``loaders`` with ``writer``; returns the seconds it took (model load included)."""
+    trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
+    start = time.perf_counter()
+    trainer.predict(module, dataloaders=loaders, return_predictions=False)
+    distributed.barrier()
+    return time.perf_counter() - start
+
+
+def loader(cfg: DictConfig, images: Dataset) -> DataLoader:
+    return DataLoader(images, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate_items,
+                      shuffle=False, pin_memory=on_gpu(cfg))  # fmt: skip
+
+
+def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
+    """Refine every split of ``stage0_dir`` with EmerDiff; returns the content-addressed output folder."""
+    backbone = build_backbone(cfg)
+    key = {"stage": NAME, "input": stage0_dir.name, **method_key(cfg, backbone)}
+    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
+        if finished:
+            return out
+        with tracking.active().step(out, [stage0_dir], key) as record:
+            _compute(cfg, dataset, backbone, stage0_dir, out, key)
+            masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+            tracking.track_results(record, dataset, out, masks)
+    return out
+
+
+def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, stage0_dir: Path, out: Path, key: dict) -> None:
+    module = EmerDiffSegmenter(backbone, emerdiff_settings(cfg), cfg.zero_shot.resolution, seed=cfg.seed)
+    splits: dict[str, tuple[list[str], MaskSetLayout]] = {}
+    loaders, layouts, overlay_ids = [], [], set()
+    for split in cfg.zero_shot.splits:
+        source, target = MaskSetLayout(stage0_dir / split), MaskSetLayout(out / split)
+        ids = [sid for sid in dataset.split_ids(split) if source.is_done(sid)]
+        splits[split] = (ids, target)
+        todo = [sid for sid in ids if not target.is_done(sid)]
+        log.info("emerdiff [%s]: %d masks, %d to refine", split, len(ids), len(todo))
+        overlay_ids.update(ids[: cfg.zero_shot.n_overlays])
+        if todo:
+            loaders.append(loader(cfg, StoredScoreImages(dataset, split, todo, source, cfg.zero_shot.resolution)))
+            layouts.append(target)
+    distributed.barrier()
+    seconds, images = 0.0, sum(len(dl.dataset) for dl in loaders)
+    forwards_per_image = None
+    if loaders:
+        writer = Stage0Writer(layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.zero_shot.writer_threads)
+        seconds = predict(cfg, module, loaders, writer)
+        if module.emerdiff is not None and images:
+            forwards_per_image = round(module.emerdiff.forwards / max(1, writer.written), 1)
+        log.info("emerdiff: %d images in %.1f s (%s denoiser rows per image)", writer.written, seconds, forwards_per_image)
+    evaluate_and_finish(
+        out,
+        key,
+        lambda: {split: report_split("emerdiff", dataset, split, ids, target) for split, (ids, target) in splits.items()},
+        predict_seconds=round(seconds, 2),
+        images_predicted=images,
+        denoiser_rows_per_image=forwards_per_image,
+    )
