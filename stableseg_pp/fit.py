@@ -29,6 +29,7 @@ from stableseg_pp.data.description import DatasetDescription, describe_dataset
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import USAGE_EXIT, ConfigError, report_errors
 from stableseg_pp.stages import STAGES, check_segmenter, check_stage_splits, magnet, refinement, resolve_stages
+from stableseg_pp.stages.emerdiff_refine import check_emerdiff_settings
 from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,7 @@ def check_settings(cfg: DictConfig) -> None:
     check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
     check_segmenter(cfg.stage, cfg.zero_shot.get("segmenter", "stableseg"))
     refinement.check_refine(cfg.get("refine", "crf"))
+    check_emerdiff_settings(cfg, refines=resolve_stages(cfg.stage) != ["0"])
     check_devices(cfg)
     check_writable(cfg)
     check_zero_shot_settings(cfg)

@@ -14,7 +14,8 @@ import pytest
 from stableseg_pp.config import compose_config
 from stableseg_pp.data.description import describe_dataset
 from stableseg_pp.data.layouts import DatasetLayoutError
-from stableseg_pp.stages import check_stage_splits, stage_chain
+from stableseg_pp.stages import check_segmenter, check_stage_splits, refinement, resolve_stages, stage_chain
+from stableseg_pp.stages.emerdiff_refine import check_emerdiff_settings
 from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -84,6 +85,9 @@ def _check_fit(args: list[str], root: Path) -> None:
     cfg = compose_config([*overrides, f"paths.root_dir={root}"])
     check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
     check_zero_shot_settings(cfg)
+    check_segmenter(cfg.stage, cfg.zero_shot.segmenter)
+    refinement.check_refine(cfg.refine)
+    check_emerdiff_settings(cfg, refines=resolve_stages(cfg.stage) != ["0"])  # its site against the backbone
     assert stage_chain(cfg.stage)
     try:
         dataset = describe_dataset(cfg.data, list(cfg.zero_shot.splits))

@@ -26,8 +26,8 @@ SMALL = ["data.limit=3", "data.batch_size=2", "data.generate.n_train=6", "data.g
 
 
 def _layers(backbone) -> dict[str, Attention]:
-    unet = backbone.unet
-    return {n.removesuffix(".processor"): unet.get_submodule(n.removesuffix(".processor")) for n in unet.attn_processors}
+    """Every attention layer, in the order the forward runs them."""
+    return {site.id: backbone.unet.get_submodule(site.id) for site in backbone.sites(64)}
 
 
 def _record(backbone):
@@ -224,3 +224,14 @@ def test_emerdiff_settings_errors(compose_fit):
         emerdiff_refine.emerdiff_settings(compose_fit("diffusion=sd3_medium"))
     with pytest.raises(ConfigError, match="emerdiff.timestep=0"):
         emerdiff_refine.emerdiff_settings(compose_fit("emerdiff.timestep=0"))
+    with pytest.raises(ConfigError, match="emerdiff.strength=0"):
+        emerdiff_refine.emerdiff_settings(compose_fit("emerdiff.strength=0"))
+    # before any weights load: the site against the backbone's structure, a family that cannot sample
+    with pytest.raises(ConfigError, match="emerdiff.site=down_blocks.0.attentions.0.transformer_blocks.0.attn1: not an"):
+        emerdiff_refine.check_emerdiff_settings(
+            compose_fit("refine=emerdiff", "emerdiff.site=down_blocks.0.attentions.0.transformer_blocks.0.attn1"), True
+        )
+    mmdit = compose_fit("zero_shot.segmenter=emerdiff", "diffusion=miniature_mmdit", "emerdiff.site=transformer_blocks.2.attn")
+    with pytest.raises(ConfigError, match="does not implement GenerativeBackbone"):
+        emerdiff_refine.check_emerdiff_settings(mmdit, False)
+    emerdiff_refine.check_emerdiff_settings(compose_fit("refine=emerdiff", "emerdiff.site=nowhere"), False)  # not used

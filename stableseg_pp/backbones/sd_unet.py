@@ -112,6 +112,7 @@ class SDUNetBackbone:
         self.vae = self.unet = self.text_encoder = self.tokenizer = self.scheduler = None
         self._installed: tuple[CaptureRequest, AttentionStore, dict[str, object]] | None = None
         self._meta: tuple[Any, Any, Any] | None = None  # the structure read from the configs, before loading
+        self._ddim = None  # EmerDiff's sampler
 
     @property
     def stochastic(self) -> bool:
@@ -306,6 +307,7 @@ class SDUNetBackbone:
 
     # -- sampling (EmerDiff) ---------------------------------------------------------------------------------------
 
+    @torch.no_grad()
     def encode_captions(self, prompts: Sequence[str]) -> TextConditioning:
         self._require_loaded()
         tok = self.tokenizer
@@ -318,10 +320,10 @@ class SDUNetBackbone:
     def _sampler(self):
         """A deterministic DDIM sampler (eta 0) on the pipeline's noise schedule: modulated runs differ only by
         their modulation."""
-        if getattr(self, "_ddim", None) is None:
+        if self._ddim is None:
             from diffusers import DDIMScheduler
 
-            self._ddim = DDIMScheduler.from_config(self.scheduler.config)
+            self._ddim = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False)
         return self._ddim
 
     def sampling_times(self, start: int, steps: int) -> list[int]:

@@ -28,6 +28,7 @@ from torchvision.transforms.functional import gaussian_blur
 
 from stableseg_pp.backbones.base import AttentionStore, CaptureRequest, GenerativeBackbone, TextConditioning
 from stableseg_pp.backbones.modulation import ModulationState
+from stableseg_pp.runtime.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,7 @@ class EmerDiff:
         ``noise`` (B, ...) the noise that takes each latent to t_m (the same for all of an image's runs).
         """
         present = [sorted(int(s) for s in torch.unique(seg).tolist()) for seg in segments]
+        self.times = self.backbone.sampling_times(self.timestep, self.sampler_steps)  # (re)sets the sampler's schedule
         images: dict[tuple[int, int, float], torch.Tensor] = {}
         state = ModulationState()
         self.backbone.install_modulation(state, self.site)
@@ -199,7 +201,7 @@ def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50)
     from scipy.cluster.vq import kmeans2
 
     if len(features) < k:
-        raise ValueError(f"emerdiff.clusters={k}: only {len(features)} feature vectors to cluster")
+        raise ConfigError(f"emerdiff.clusters={k}: only {len(features)} feature vectors to cluster; use fewer clusters")
     centroids, _ = kmeans2(features.astype(np.float64), k, iter=int(iterations), minit="++", seed=int(seed))
     norms = np.linalg.norm(centroids, axis=1, keepdims=True)
     return (centroids / np.maximum(norms, 1e-8)).astype(np.float32)

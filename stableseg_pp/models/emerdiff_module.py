@@ -63,6 +63,15 @@ def site_grid(backbone: GenerativeBackbone, site: str, resolution: int) -> tuple
     return sites[site].grid
 
 
+def require_generative(backbone) -> None:
+    """EmerDiff runs the backbone's sampler: a clear error for a family that does not offer it."""
+    if not isinstance(backbone, GenerativeBackbone):
+        raise ConfigError(
+            f"EmerDiff needs a backbone that can sample: diffusion={backbone.name} (family {backbone.family}) does not "
+            "implement GenerativeBackbone yet (docs/emerdiff.md, 'An MM-DiT version'); use a U-Net preset"
+        )
+
+
 class EmerDiffSegmenter(L.LightningModule):
     """EmerDiff on a backbone that can sample; ``predict_step`` returns :class:`Stage0Record` objects for the writer.
 
@@ -73,6 +82,7 @@ class EmerDiffSegmenter(L.LightningModule):
         seed: with each image's id, seeds the noise that takes its latent to t_m (results do not depend on batching
             or ranks).
         centroids: (K, D) k-means centroids: unsupervised mode (the batch holds plain samples); None: refinement.
+        score_side: side of the per-channel scores returned with a refined mask (None: ``resolution``).
     """
 
     def __init__(
@@ -82,13 +92,11 @@ class EmerDiffSegmenter(L.LightningModule):
         resolution: int,
         seed: int = 0,
         centroids: np.ndarray | None = None,
+        score_side: int | None = None,
     ):
         super().__init__()
-        if not isinstance(backbone, GenerativeBackbone):
-            raise ConfigError(
-                f"EmerDiff needs a backbone that can sample (diffusion={backbone.name}, family {backbone.family} "
-                "does not implement it yet; see docs/emerdiff.md)"
-            )
+        require_generative(backbone)
+        self.score_side = int(score_side or resolution)
         self.backbone = backbone
         self.settings = dict(emerdiff)
         self.resolution = int(resolution)
@@ -169,7 +177,7 @@ class EmerDiffSegmenter(L.LightningModule):
     def _channel_scores(self, change: dict[int, torch.Tensor], segments: torch.Tensor, stage0: np.ndarray) -> np.ndarray:
         """(1 + C, R, R) float16 scores for a later CRF: each segment's smoothed change divided by the image's
         largest; channels that could win in stage 0 but hold no segment get 0, the others stay unable to win."""
-        r = self.resolution
+        r = self.score_side
         out = np.where(stage0.reshape(len(stage0), -1).max(1) > NO_CLASS / 2, 0.0, NO_CLASS)[:, None, None]
         out = np.broadcast_to(out, (len(stage0), r, r)).astype(np.float32).copy()
         if not change:
@@ -186,6 +194,8 @@ class EmerDiffSegmenter(L.LightningModule):
     def _segment_unsupervised(self, batch: list[Sample]) -> tuple[list[Stage0Record], list[Stage0Record]]:
         """k-means segments of each image -> (EmerDiff's pixel-level segment maps, the same segments upsampled)."""
         seg = self.emerdiff
+        if not batch:  # every image of the batch skipped for bad input
+            return [], []
         pixels = torch.stack([s.pixels for s in batch]).to(self.device, non_blocking=True)
         features = query_features(self.backbone, seg.site, pixels, seg.text(1))
         ids = nearest_centroid(features, self.centroids).view(len(batch), *seg.grid)

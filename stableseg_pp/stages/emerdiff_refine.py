@@ -23,7 +23,7 @@ from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, Stage0Writer, load_stored_maps
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.evaluation.mask_sets import report_split
-from stableseg_pp.models.emerdiff_module import EmerDiffItem, EmerDiffSegmenter, collate_items
+from stableseg_pp.models.emerdiff_module import EmerDiffItem, EmerDiffSegmenter, collate_items, require_generative, site_grid
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import ImagesPerSecondBar
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 NAME = "emerdiff"
 # emerdiff settings of the modulated denoising itself (EmerDiff's arguments)
 METHOD_KEYS = ("site", "timestep", "sampler_steps", "strength", "sigma", "runs_per_forward", "prompt")
+STORAGE_KEYS = ("score_side",)  # what the refinement stores beside its masks
 # settings that say how fast, not what: left out of content keys
 NOT_IN_KEY = ("runs_per_forward",)
 
@@ -49,16 +50,52 @@ def emerdiff_settings(cfg: DictConfig) -> dict:
     for key in ("sampler_steps", "runs_per_forward"):
         if not isinstance(settings[key], int) or settings[key] < (2 if key == "runs_per_forward" else 1):
             raise ConfigError(f"emerdiff.{key}={settings[key]}: give a positive whole number (runs_per_forward >= 2)")
-    if not 0 < int(settings["timestep"]) < 1000:
+    if not isinstance(settings["timestep"], int) or not 0 < settings["timestep"] < 1000:
         raise ConfigError(f"emerdiff.timestep={settings['timestep']}: give t_m in the training schedule, e.g. 281")
+    if not isinstance(settings["strength"], int | float) or settings["strength"] <= 0:
+        raise ConfigError(f"emerdiff.strength={settings['strength']}: give lambda > 0 (the paper: 10)")
+    if not isinstance(settings["sigma"], int | float) or settings["sigma"] < 0:
+        raise ConfigError(f"emerdiff.sigma={settings['sigma']}: give the smoothing in pixels, >= 0 (0: none)")
+    if not isinstance(settings["prompt"], str):
+        raise ConfigError(f'emerdiff.prompt={settings["prompt"]}: give a text ("" for the unconditional embedding)')
     return settings
+
+
+def score_side(cfg: DictConfig) -> int:
+    """Side of the per-channel scores stored with each refined mask (for a CRF after it): ``emerdiff.score_side``,
+    at most the decoded image's."""
+    side = cfg.emerdiff.get("score_side")
+    if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
+        raise ConfigError(f"emerdiff.score_side={side}: give a side in pixels (null: zero_shot.resolution)")
+    return min(side or cfg.zero_shot.resolution, cfg.zero_shot.resolution)
+
+
+def check_emerdiff_settings(cfg: DictConfig, refines: bool) -> None:
+    """When the run uses EmerDiff (``refines``: it runs the refinement step, with ``refine`` naming EmerDiff; or
+    ``zero_shot.segmenter=emerdiff``): its settings, and its site against the backbone's structure, before any
+    weights load or rank starts (a clear one-line error, not a failure hours later)."""
+    uses = (refines and "emerdiff" in str(cfg.get("refine", "crf"))) or cfg.zero_shot.get("segmenter") == "emerdiff"
+    if not uses:
+        return
+    settings = emerdiff_settings(cfg)
+    score_side(cfg)
+    backbone = build_backbone(cfg)
+    require_generative(backbone)
+    try:
+        site_grid(backbone, settings["site"], cfg.zero_shot.resolution)
+    except LookupError:
+        return  # a hub id not in the local cache: checked when it is loaded
 
 
 def method_key(cfg: DictConfig, backbone) -> dict:
     """What EmerDiff's outputs depend on: its settings, the backbone and the seed of its noise."""
     settings = {k: v for k, v in emerdiff_settings(cfg).items() if k not in NOT_IN_KEY}
-    return {"emerdiff": settings, "diffusion": diffusion_key(cfg, backbone), "resolution": cfg.zero_shot.resolution,
-            "seed": cfg.seed}  # fmt: skip
+    return {
+        "emerdiff": {**settings, "score_side": score_side(cfg)},
+        "diffusion": diffusion_key(cfg, backbone),
+        "resolution": cfg.zero_shot.resolution,
+        "seed": cfg.seed,
+    }
 
 
 class StoredScoreImages(Dataset):
@@ -110,7 +147,8 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
 
 
 def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, stage0_dir: Path, out: Path, key: dict) -> None:
-    module = EmerDiffSegmenter(backbone, emerdiff_settings(cfg), cfg.zero_shot.resolution, seed=cfg.seed)
+    module = EmerDiffSegmenter(backbone, emerdiff_settings(cfg), cfg.zero_shot.resolution, seed=cfg.seed,
+                               score_side=score_side(cfg))  # fmt: skip
     splits: dict[str, tuple[list[str], MaskSetLayout]] = {}
     loaders, layouts, overlay_ids = [], [], set()
     for split in cfg.zero_shot.splits:

@@ -28,7 +28,7 @@ from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.methods.emerdiff import fit_centroids, query_features
-from stableseg_pp.models.emerdiff_module import EmerDiffSegmenter, site_grid
+from stableseg_pp.models.emerdiff_module import EmerDiffSegmenter
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.errors import ConfigError
@@ -57,8 +57,9 @@ class SegmentsWriter(Stage0Writer):
 
 
 def clusters(cfg: DictConfig, dataset: DatasetDescription) -> int:
-    k = cfg.emerdiff.get("clusters") or len(dataset.class_names)
-    if not isinstance(k, int) or not 2 <= k <= 255:
+    k = cfg.emerdiff.get("clusters")
+    k = len(dataset.class_names) if k is None else k
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 255:
         raise ConfigError(f"emerdiff.clusters={k}: give a number of segments from 2 to 255 (null: the class count)")
     return k
 
@@ -101,7 +102,6 @@ def _fit(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, k: i
     backbone.load()
     for module in backbone.modules().values():
         module.to(device)
-    site_grid(backbone, settings["site"], cfg.zero_shot.resolution)  # a clear error for a wrong site
     text = backbone.encode_captions([settings.get("prompt", "")])
     images = DataLoader(dataset.prompted_images(split, ids, cfg.zero_shot.resolution), batch_size=cfg.data.batch_size,
                         num_workers=cfg.data.num_workers, collate_fn=collate_samples)  # fmt: skip
@@ -118,9 +118,8 @@ def _fit(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, k: i
 
 def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, key: dict) -> None:
     k = key["clusters"]
-    if not (out / CENTROIDS).exists():
-        distributed.on_main(lambda: _fit(cfg, dataset, backbone, out, k))
-    distributed.barrier()
+    # rank 0 alone decides and fits (every rank passes the same one barrier), then all read the file
+    distributed.on_main(lambda: (out / CENTROIDS).exists() or _fit(cfg, dataset, backbone, out, k))
     centroids = np.load(out / CENTROIDS)
     module = EmerDiffSegmenter(backbone, emerdiff_settings(cfg), cfg.zero_shot.resolution, cfg.seed, centroids)
     splits: dict[str, tuple[list[str], MaskSetLayout, MaskSetLayout]] = {}
