@@ -38,6 +38,7 @@ NOT_FOR_SEGMENT = (
     "site_weights",
     "store_head_maps",
     "writer_threads",
+    "segmenter",
 )
 
 
