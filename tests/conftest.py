@@ -7,12 +7,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+from collections.abc import Iterator  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+from stableseg_pp import artifacts  # noqa: E402
 from stableseg_pp.backbones.sd_unet import MINIATURE_MODEL, SDUNetBackbone  # noqa: E402
 from stableseg_pp.config import CONFIG_DIR  # noqa: E402
 from stableseg_pp.miniature_sd.architecture import (  # noqa: E402
@@ -60,3 +63,24 @@ def compose_fit(tmp_path):
 def file_stamps(folder: Path) -> dict[str, int]:
     """Relative path -> modification time of every file below ``folder``."""
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+@contextmanager
+def killed_after_records(monkeypatch, n: int) -> Iterator[list[str]]:
+    """Within the block, stage-0-style writers die (``RuntimeError("killed")``) on the record after the first ``n``,
+    as a killed run would; the block must end with that error. Yields the ids of the records written."""
+    original = artifacts.Stage0Writer.write_record
+    written: list[str] = []
+
+    def dying(self, record, layout):
+        if len(written) == n:
+            raise RuntimeError("killed")
+        written.append(record.id)
+        original(self, record, layout)
+
+    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", dying)
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            yield written
+    finally:
+        monkeypatch.setattr(artifacts.Stage0Writer, "write_record", original)

@@ -19,6 +19,7 @@ from stableseg_pp.fit import run
 from stableseg_pp.methods.emerdiff import assign_pixels, plan_runs, segment_offsets
 from stableseg_pp.runtime.run_dir import COMPLETE
 from stableseg_pp.stages import emerdiff_refine, zero_shot
+from tests.conftest import killed_after_records
 
 SITE = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"  # 8x8 in the miniature architecture at 64 px
 FAST = ["emerdiff.sampler_steps=10", "emerdiff.timestep=201", "emerdiff.runs_per_forward=5"]  # t_m 201: 3 steps
@@ -166,19 +167,8 @@ def test_refine_emerdiff_writes_masks_and_scores_and_resumes_after_a_kill(compos
     cfg = compose_fit("stage=1", "refine=emerdiff", *SMALL, *FAST)
     dataset = describe_dataset(cfg.data, list(cfg.zero_shot.splits))
     s0 = zero_shot.run(cfg, dataset)
-    original = artifacts.Stage0Writer.write_record
-    calls: list[str] = []
-
-    def dying(self, record, layout):
-        if len(calls) == 2:
-            raise RuntimeError("killed")
-        calls.append(record.id)
-        original(self, record, layout)
-
-    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", dying)
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_after_records(monkeypatch, 2) as calls:
         emerdiff_refine.run(cfg, dataset, s0)
-    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", original)
     out = next(Path(cfg.paths.run_dir).glob("emerdiff-*"))
     assert not (out / COMPLETE).exists() and not list(out.rglob("*.tmp*"))
     done = {p.stem: p.stat().st_mtime_ns for p in out.rglob("masks/*.png")}

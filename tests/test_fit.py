@@ -14,6 +14,7 @@ from stableseg_pp.fit import run
 from stableseg_pp.runtime.run_dir import COMPLETE
 from stableseg_pp.stages import resolve_stages
 from tests.conftest import file_stamps as _files
+from tests.conftest import killed_after_records
 
 SMALL = [
     "stage=0",
@@ -62,19 +63,9 @@ def test_changed_setting_gets_its_own_folder(compose_fit, miniature_model):
 
 def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, monkeypatch):
     cfg = compose_fit(*SMALL)
-    original = artifacts.Stage0Writer.write_record
-    calls: list[str] = []
-
-    def dying(self, p, layout):
-        if len(calls) == 3:
-            raise RuntimeError("killed")
-        calls.append(p.id)
-        original(self, p, layout)
-
-    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", dying)
-    with pytest.raises(RuntimeError, match="killed"):
+    with killed_after_records(monkeypatch, 3) as calls:
         run(cfg)
-    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", original)
+    original = artifacts.Stage0Writer.write_record
     out = Path(cfg.paths.run_dir).glob("stage0-*").__next__()
     assert not (out / COMPLETE).exists()
     done = _files(out / "train" / "masks")

@@ -53,7 +53,10 @@ class DeepLabV3PlusModule(L.LightningModule):
                 f"HF_HOME): python -c \"import segmentation_models_pytorch as smp; smp.DeepLabV3Plus('{encoder_name}', "
                 f"encoder_weights='{encoder_weights}')\", or set segmenter.model.encoder_weights=null (random weights)"
             ) from err
-        self.val_miou = MulticlassJaccardIndex(num_classes=len(self.class_names), ignore_index=IGNORE_INDEX)
+        # validate_args=False: its check (two torch.unique per batch, each a host sync on a GPU) repeats what the
+        # loaders already did: ground-truth masks are checked for ids outside 0..N-1 / 255 when read (BadInputError).
+        self.val_miou = MulticlassJaccardIndex(num_classes=len(self.class_names), ignore_index=IGNORE_INDEX,
+                                               validate_args=False)  # fmt: skip
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits at the input size; inputs of any size are padded to the encoder's stride and cropped back."""
@@ -68,7 +71,9 @@ class DeepLabV3PlusModule(L.LightningModule):
         images, masks = batch
         logits = self(images)
         loss = F.cross_entropy(logits, masks.long(), ignore_index=IGNORE_INDEX)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=images.shape[0])
+        # Per step for the loggers only: a progress-bar value would be read from the device after every step.
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=images.shape[0])
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
         return loss
 
     def validation_step(self, batch, batch_idx):

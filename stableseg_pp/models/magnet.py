@@ -231,7 +231,9 @@ class MagnetModule(L.LightningModule):
         self.log("train/flow_matching", fm, on_step=True, on_epoch=True, batch_size=size)
         self.log("train/mask_focal", focal, on_step=True, on_epoch=True, batch_size=size)
         self.log("train/mask_dice", dice, on_step=True, on_epoch=True, batch_size=size)
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size)
+        # Per step for the loggers only: a progress-bar value would be read from the device after every step.
+        self.log("train/loss_step", loss, on_step=True, on_epoch=False, batch_size=size)
+        self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

@@ -36,6 +36,7 @@ from stableseg_pp.data.prompted_images import PromptedImages
 from stableseg_pp.models.magnet import MagnetModule
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError
+from stableseg_pp.runtime.progress import training_loop_settings
 from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
 from stableseg_pp.stages import refinement, train_segmenter, zero_shot
 from stableseg_pp.stages.train_segmenter import resume_checkpoint, trainer_key, training_precision
@@ -199,21 +200,21 @@ def _train(cfg, dataset: DatasetDescription, module: MagnetModule, targets: Path
         val_loader = _loader(cfg, dataset, "val", val_ids, None, shuffle=False)  # held out: its ground truth
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last="link", save_top_k=1,
                                  every_n_train_steps=mg.train.checkpoint_every)  # fmt: skip
+    loop = training_loop_settings(mg.train.log_every, "magnet.train.log_every")
     trainer = instantiate(
         cfg.trainer,
         max_steps=mg.train.max_steps,
         precision=_precision(cfg),
         accumulate_grad_batches=mg.train.accumulate_grad_batches,
         gradient_clip_val=mg.train.gradient_clip,
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, *loop.pop("callbacks")],
         logger=[CSVLogger(out, name="logs"), *record.lightning_loggers()],
-        log_every_n_steps=mg.train.log_every,
         check_val_every_n_epoch=None,
         val_check_interval=mg.train.val_every if val_loader is not None else None,
         limit_val_batches=1.0 if val_loader is not None else 0,
         num_sanity_val_steps=0,
         default_root_dir=out,
-        enable_progress_bar=True,
+        **loop,
     )
     resume = resume_checkpoint(out)
     if resume:

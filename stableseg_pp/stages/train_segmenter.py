@@ -29,6 +29,7 @@ from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transf
 from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError
+from stableseg_pp.runtime.progress import training_loop_settings
 from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
 from stableseg_pp.stages.zero_shot import on_gpu
 from stableseg_pp.tracking.base import StepRecord
@@ -82,7 +83,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, init: Pat
     }
     if init is not None:
         key["init"] = init.name
-    for k in ("num_workers",):
+    for k in ("num_workers", "log_every"):
         key["segmenter"]["train"].pop(k, None)
     key["segmenter"].pop("eval_batch_size", None)
     with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
@@ -134,25 +135,27 @@ def _compute(
         dataset.convert_to_rgb,
         read_mask=partial(layout.read_mask_file, n_classes=len(names)),
     )
-    train_loader = DataLoader(
-        train_ds, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers, drop_last=len(train_ds) > t.batch_size
-    )
-    val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
+    # Pinned pages on a GPU: Lightning's copy to the device is then asynchronous, not a wait for the previous step.
+    # Persistent workers: started once, not once per epoch for each loader.
+    loading = {"num_workers": t.num_workers, "pin_memory": on_gpu(cfg), "persistent_workers": t.num_workers > 0}
+    train_loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, drop_last=len(train_ds) > t.batch_size,
+                              **loading)  # fmt: skip
+    val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, **loading)
     # Seed here, not only at start-up: the result must not depend on which stages ran before in this process.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build(seg.model, class_names=names, _convert_="all")
     ckpt_dir = out / "checkpoints"
     # monitor=None: keep the newest epoch (choosing by val mIoU would use labels); last.ckpt links to it
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", save_top_k=1, every_n_epochs=1)
+    loop = training_loop_settings(t.log_every, "segmenter.train.log_every")
     trainer = instantiate(
         cfg.trainer,
         max_epochs=t.max_epochs,
         precision=_precision(cfg),
-        callbacks=[checkpoint],
+        callbacks=[checkpoint, *loop.pop("callbacks")],
         logger=[CSVLogger(out, name="logs"), *record.lightning_loggers()],
-        enable_progress_bar=True,
-        log_every_n_steps=5,
         default_root_dir=out,
+        **loop,
     )
     resume = resume_checkpoint(out)
     if resume:
