@@ -28,6 +28,7 @@ from stableseg_pp.config import CONFIG_DIR, compose_checked
 from stableseg_pp.data.description import DatasetDescription, describe_dataset
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import USAGE_EXIT, ConfigError, report_errors
+from stableseg_pp.runtime.progress import check_log_every
 from stableseg_pp.stages import STAGES, check_segmenter, check_stage_splits, magnet, refinement, resolve_stages
 from stableseg_pp.stages.emerdiff_refine import check_emerdiff_settings
 from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
@@ -93,6 +94,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_devices(cfg)
     check_writable(cfg)
     check_zero_shot_settings(cfg)
+    check_log_every(cfg.segmenter.train.log_every, "segmenter.train.log_every")
+    check_log_every(cfg.magnet.train.log_every, "magnet.train.log_every")
     if "magnet" in resolve_stages(cfg.stage) or cfg.self_training.get("magnet"):
         magnet.check_targets(cfg.magnet.targets)
 

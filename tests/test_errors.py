@@ -44,6 +44,7 @@ def _error_lines(stderr: str) -> list[str]:
         (["diffusion.pretrained=/nope"], "diffusion.pretrained='/nope': no such folder"),
         (["diffusion.pretrained=someorg/somemodel"], "pre-fill the Hugging Face cache"),
         (["trainer.accelerator=gpu", "trainer.devices=2"], "trainer.accelerator=gpu, but this machine has no GPU"),
+        (["segmenter.train.log_every=0"], "segmenter.train.log_every=0: the steps between logged values"),
         (["paths.data_dir=/nonexistent", "data.generate=null"], "dataset folder /nonexistent/miniature does not exist"),
         (
             [

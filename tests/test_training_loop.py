@@ -23,10 +23,9 @@ def _fit(tmp_path, log_every: int, steps: int) -> tuple[L.Trainer, HostSyncCount
     loader = DataLoader(TensorDataset(x.repeat(steps, 1, 1, 1), y.repeat(steps, 1, 1)), batch_size=2)
     module = DeepLabV3PlusModule(["a", "b", "c"], encoder_name="resnet18", decoder_channels=32)
     counter = HostSyncCounter()
-    loop = training_loop_settings(log_every, "segmenter.train.log_every")
+    loop = training_loop_settings(log_every, "segmenter.train.log_every", callbacks=[_StepWindow(0, steps - 1, counter)])
     trainer = L.Trainer(accelerator="cpu", max_steps=steps, logger=CSVLogger(tmp_path, name="logs"),
-                        enable_checkpointing=False, enable_model_summary=False,
-                        callbacks=[_StepWindow(0, steps - 1, counter), *loop.pop("callbacks")], **loop)  # fmt: skip
+                        enable_checkpointing=False, enable_model_summary=False, **loop)  # fmt: skip
     with counter:
         trainer.fit(module, loader)
     return trainer, counter

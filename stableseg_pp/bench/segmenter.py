@@ -50,7 +50,7 @@ class HostSyncCounter(TorchDispatchMode):
                 self.counts["scalar reads"] += 1
             elif name in _DATA_SIZED or (name == "aten.index.Tensor" and _boolean_index(args)):
                 self.counts["data-sized outputs"] += 1
-            elif name in ("aten._to_copy.default", "aten.copy_.default") and _device_to_host(args, kwargs, out):
+            elif name in ("aten._to_copy.default", "aten.copy_.default") and _device_to_host(args, out):
                 self.counts["device -> host copies"] += 1
         return out
 
@@ -59,7 +59,7 @@ def _boolean_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()))
 
 
-def _device_to_host(args, kwargs, out) -> bool:
+def _device_to_host(args, out) -> bool:
     source = args[1] if len(args) > 1 and isinstance(args[1], torch.Tensor) else args[0]
     target = args[0] if len(args) > 1 else out
     return source.device.type != "cpu" and isinstance(target, torch.Tensor) and target.device.type == "cpu"
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.manual_seed(0)
         module = DeepLabV3PlusModule(names, encoder_name=args.encoder)
         window = _StepWindow(args.warmup, total - 1, counter)
-        loop = training_loop_settings(args.log_every, "--log-every")
+        loop = training_loop_settings(args.log_every, "--log-every", callbacks=[window])
         trainer = L.Trainer(
             accelerator=args.accelerator,
             devices=1,
@@ -157,7 +157,6 @@ def main(argv: list[str] | None = None) -> dict:
             logger=CSVLogger(logs, name="logs"),
             enable_checkpointing=False,
             enable_model_summary=False,
-            callbacks=[window, *loop.pop("callbacks")],
             **loop,
         )
         trainer.fit(module, loader)

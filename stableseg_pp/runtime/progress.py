@@ -50,10 +50,16 @@ class TrainingBar(TQDMProgressBar):
         return items
 
 
-def training_loop_settings(log_every: int, setting: str) -> dict:
-    """Trainer arguments for a training loop that reads its logged values (a host sync each) every ``log_every`` steps:
-    the loggers' ``log_every_n_steps`` and a :class:`TrainingBar` refreshed at the same rate (pass ``callbacks`` on
-    with yours). ``setting``: the config key of ``log_every``, for the error."""
+def check_log_every(log_every: int, setting: str) -> None:
+    """``setting`` (its config key, for the error) must be a whole number of steps, at least 1."""
     if not isinstance(log_every, int) or isinstance(log_every, bool) or log_every < 1:
         raise ConfigError(f"{setting}={log_every}: the steps between logged values must be a whole number, at least 1")
-    return {"log_every_n_steps": log_every, "callbacks": [TrainingBar(refresh_rate=log_every)], "enable_progress_bar": True}
+
+
+def training_loop_settings(log_every: int, setting: str, callbacks: list | tuple = ()) -> dict:
+    """Trainer arguments for a training loop that reads its logged values (a host sync each) every ``log_every`` steps:
+    the loggers' ``log_every_n_steps`` and a :class:`TrainingBar` refreshed at the same rate, after ``callbacks``.
+    ``setting``: the config key of ``log_every``, for the error."""
+    check_log_every(log_every, setting)
+    return {"log_every_n_steps": log_every, "callbacks": [*callbacks, TrainingBar(refresh_rate=log_every)],
+            "enable_progress_bar": True}  # fmt: skip

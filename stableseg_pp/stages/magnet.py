@@ -200,14 +200,13 @@ def _train(cfg, dataset: DatasetDescription, module: MagnetModule, targets: Path
         val_loader = _loader(cfg, dataset, "val", val_ids, None, shuffle=False)  # held out: its ground truth
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last="link", save_top_k=1,
                                  every_n_train_steps=mg.train.checkpoint_every)  # fmt: skip
-    loop = training_loop_settings(mg.train.log_every, "magnet.train.log_every")
+    loop = training_loop_settings(mg.train.log_every, "magnet.train.log_every", callbacks=[checkpoint])
     trainer = instantiate(
         cfg.trainer,
         max_steps=mg.train.max_steps,
         precision=_precision(cfg),
         accumulate_grad_batches=mg.train.accumulate_grad_batches,
         gradient_clip_val=mg.train.gradient_clip,
-        callbacks=[checkpoint, *loop.pop("callbacks")],
         logger=[CSVLogger(out, name="logs"), *record.lightning_loggers()],
         check_val_every_n_epoch=None,
         val_check_interval=mg.train.val_every if val_loader is not None else None,

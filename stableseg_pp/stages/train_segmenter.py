@@ -147,12 +147,11 @@ def _compute(
     ckpt_dir = out / "checkpoints"
     # monitor=None: keep the newest epoch (choosing by val mIoU would use labels); last.ckpt links to it
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", save_top_k=1, every_n_epochs=1)
-    loop = training_loop_settings(t.log_every, "segmenter.train.log_every")
+    loop = training_loop_settings(t.log_every, "segmenter.train.log_every", callbacks=[checkpoint])
     trainer = instantiate(
         cfg.trainer,
         max_epochs=t.max_epochs,
         precision=_precision(cfg),
-        callbacks=[checkpoint, *loop.pop("callbacks")],
         logger=[CSVLogger(out, name="logs"), *record.lightning_loggers()],
         default_root_dir=out,
         **loop,
