@@ -18,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ChannelClasses",
     "MaskSetLayout",
+    "Pictures",
     "SegmenterMaskWriter",
     "SiteWeights",
     "Stage0Batch",
@@ -46,6 +48,9 @@ __all__ = [
     "Stage0Record",
     "Stage0Writer",
     "StoredMaps",
+    "check_legend",
+    "check_output_folder",
+    "check_pictures",
     "load_stored_maps",
     "overlay_png",
     "unique_stems",
@@ -250,28 +255,94 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
     return unique
 
 
+LEGEND = "classes.json"
+
+
+def check_output_folder(out: Path, option: str = "--out") -> None:
+    """The folder of a picture command's masks, before any model loads: not a file, and writable (it is created
+    when the first mask is written)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{option} {out} is a file, not a folder: give a folder for the masks (a new one, or one this "
+                        "command wrote before)")  # fmt: skip
+    existing = next(p for p in (out.resolve(), *out.resolve().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {out}: cannot write there ({existing} is not a writable folder); give another folder")
+
+
+def check_legend(out: Path, legend: Mapping[int, str], option: str = "--out") -> None:
+    """A folder holds the masks of one class list: its ``classes.json`` must say what this run's masks mean."""
+    path = out / LEGEND
+    if not path.exists():
+        return
+    try:
+        before = json.loads(path.read_text())
+    except (OSError, ValueError):
+        before = None
+    if before != {str(k): v for k, v in legend.items()}:
+        raise UserError(
+            f"{option} {out} holds masks of other classes ({path}: {before}, this run: {dict(legend)}); give another "
+            "folder, or remove that one to start again"
+        )
+
+
+@dataclass
+class Pictures:
+    """The inputs of a picture command, each read once before any model loads.
+
+    Args:
+        usable: (path, output stem) of every input that reads as a picture.
+        problems: one line per input that cannot be used.
+        total: how many inputs were given.
+    """
+
+    usable: list[tuple[Path, str]]
+    problems: list[str]
+    total: int
+
+
+def check_pictures(images: Sequence[Path], strict: bool, hint: str, strict_hint: str) -> Pictures:
+    """Read every input (missing files, folders, truncated or non-image files found now, not after the model has
+    loaded); none usable is a ``UserError`` before anything is written."""
+    usable, problems = [], []
+    for path, stem in zip(images, unique_stems(images), strict=True):
+        try:
+            load_rgb(path, convert=not strict, exif_transpose=True, hint=hint, strict_hint=strict_hint)
+        except BadInputError as err:
+            problems.append(one_line(err))
+            continue
+        usable.append((path, stem))
+    if not usable:
+        raise UserError(f"none of the {len(images)} inputs can be used, nothing was written: {' | '.join(problems)}")
+    return Pictures(usable, problems, len(images))
+
+
 def write_picture_masks(
-    images: Sequence[Path],
+    pictures: Pictures,
     out: Path,
     legend: Mapping[int, str],
     predict: Callable[[np.ndarray], np.ndarray],
     strict: bool = False,
     hint: str = "",
+    strict_hint: str = "",
 ) -> list[Path]:
-    """Masks of single pictures (``segment``, ``predict``): ``<name>_mask.png`` + ``<name>_overlay.png`` per picture,
-    the legend ``classes.json`` first (a mask is never without it), distinct names for same-named files, EXIF
-    orientation applied. Every readable picture is done; the unreadable ones end it with one ``UserError``."""
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "classes.json", json.dumps({str(k): v for k, v in legend.items()}, indent=2))
-    written, unreadable = [], []
-    for path, stem in zip(images, unique_stems(images), strict=True):
+    """Masks of single pictures (``segment``, ``predict``): ``<name>_mask.png`` + ``<name>_overlay.png`` per picture
+    and the legend ``classes.json``, written just before the first mask (a mask is never without it, and a run that
+    writes no mask writes no legend); EXIF orientation applied. Every usable picture is done; the unusable ones
+    (:func:`check_pictures`) end it with one ``UserError``."""
+    check_legend(out, legend)
+    written, unreadable = [], list(pictures.problems)
+    for err in unreadable:
+        log.error("%s", err)
+    for path, stem in pictures.usable:
         try:
-            image = load_rgb(path, convert=not strict, exif_transpose=True, hint=hint)
-        except BadInputError as err:
+            image = load_rgb(path, convert=not strict, exif_transpose=True, hint=hint, strict_hint=strict_hint)
+        except BadInputError as err:  # changed since it was checked
             log.error("%s", one_line(err))
             unreadable.append(one_line(err))
             continue
         mask = predict(image)
+        if not written:
+            atomic_write_text(out / LEGEND, json.dumps({str(k): v for k, v in legend.items()}, indent=2))
         written.append(atomic_save(out / f"{stem}_mask.png", lambda t, m=mask: save_palette_png(m, t)))
         overlay = overlay_png(image, mask, None)
         atomic_save(out / f"{stem}_overlay.png", lambda t, im=overlay: im.save(t, format="PNG"))
@@ -279,7 +350,7 @@ def write_picture_masks(
         log.info("%s -> %s: %s", path, written[-1].name, ", ".join(f"{n} {v:.1%}" for n, v in areas.items()))
     if unreadable:
         raise UserError(
-            f"{len(unreadable)} of {len(images)} images could not be used; the other {len(written)} were done "
+            f"{len(unreadable)} of {pictures.total} images could not be used; the other {len(written)} were done "
             f"into {out}: {' | '.join(unreadable)}"
         )
     return written

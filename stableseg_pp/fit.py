@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -75,14 +76,20 @@ def check_devices(cfg: DictConfig) -> None:
 
 
 def check_writable(cfg: DictConfig) -> None:
-    """The run folder (or the nearest folder that exists above it) must be writable before any work starts."""
+    """The run folder must be writable before any work starts: it is created (Hydra would create it next) and a
+    file is written into it and removed, so read-only mounts, immutable folders and root squash all show here."""
     folder = Path(cfg.paths.run_dir).resolve()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(
-            f"cannot write the run folder {folder}: {existing} is not writable; set paths.root_dir (or STABLESEG_HOME) "
-            "to a folder you can write"
-        )
+    advice = "set paths.root_dir (or STABLESEG_HOME) to a folder you can write"
+    if not existing.is_dir():
+        raise ConfigError(f"cannot write the run folder {folder}: {existing} is a file, not a folder; {advice}")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"cannot write the run folder {folder}: {reason} ({err.filename or existing}); {advice}") from err
 
 
 def check_settings(cfg: DictConfig) -> None:
@@ -163,13 +170,32 @@ def main(cfg: DictConfig) -> None:
     report_errors(lambda: run_command(cfg), debug, "HYDRA_FULL_ERROR=1", "stableseg_pp.fit")
 
 
+def overrides_with_config_dir(args: list[str]) -> list[str] | None:
+    """The overrides of a command line, ``--config-dir DIR`` (``-cd``) as the search path entry it adds; None when
+    the line has another of Hydra's flags."""
+    overrides, rest = [], list(args)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("--config-dir", "-cd") and rest:
+            overrides.append(f"hydra.searchpath=[file://{Path(rest.pop(0)).resolve()}]")
+        elif arg.startswith("--config-dir="):
+            overrides.append(f"hydra.searchpath=[file://{Path(arg.split('=', 1)[1]).resolve()}]")
+        elif arg.startswith("-"):
+            return None
+        else:
+            overrides.append(arg)
+    return overrides
+
+
 def check_overrides(args: list[str]) -> None:
     """Compose the config once before Hydra does, so that a bad override (an unknown config group option, a key
-    that does not exist, a value that does not parse) is one line with exit code 2 like every other user error."""
-    if any(a.startswith("-") for a in args) or os.environ.get("HYDRA_FULL_ERROR") == "1":
-        return  # Hydra's own flags (--config-dir, --cfg, -m): Hydra composes and reports
+    that does not exist, a value that does not parse) is one line with exit code 2 like every other user error,
+    and check that the run folder can be written (Hydra creates its log folder in it before the run starts)."""
+    overrides = overrides_with_config_dir(args)
+    if overrides is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return  # Hydra's other flags (--cfg, -m, --help): Hydra composes and reports
     try:
-        compose_checked(args)
+        check_writable(compose_checked(overrides))
     except ConfigError as err:
         print(f"stableseg_pp.fit: error: {err}", file=sys.stderr)
         sys.exit(USAGE_EXIT)

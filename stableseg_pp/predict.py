@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from stableseg_pp.artifacts import write_picture_masks
+from stableseg_pp.artifacts import check_legend, check_output_folder, check_pictures, write_picture_masks
 from stableseg_pp.data.pairs import IMAGENET_MEAN, IMAGENET_STD
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 from stableseg_pp.runtime.atomic import atomic_save
@@ -29,6 +30,7 @@ from stableseg_pp.stages.train_segmenter import final_checkpoint
 
 log = logging.getLogger("stableseg_pp.predict")
 HINT = "; replace it, or leave it out of the command"
+STRICT_HINT = " (--strict refuses images that are not RGB; without it they are converted)"
 
 
 class ExportedSegmenter(torch.nn.Module):
@@ -62,12 +64,21 @@ def find_checkpoint(path: Path) -> Path:
     )
 
 
-def load_segmenter(path: Path, device: str) -> DeepLabV3PlusModule:
-    """The trained module (its pretrained-encoder setting is ignored: the checkpoint holds every weight)."""
+def load_segmenter(path: Path, device: str, trusted: bool = False) -> DeepLabV3PlusModule:
+    """The trained module (its pretrained-encoder setting is ignored: the checkpoint holds every weight).
+
+    The checkpoint is read with ``weights_only`` (tensors and plain values; no code in it runs) unless ``trusted``."""
     ckpt = find_checkpoint(path)
     try:
-        module = DeepLabV3PlusModule.load_from_checkpoint(ckpt, map_location=device, encoder_weights=None)
-    except (RuntimeError, KeyError, OSError) as err:
+        module = DeepLabV3PlusModule.load_from_checkpoint(
+            ckpt, map_location=device, encoder_weights=None, weights_only=not trusted
+        )
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"{ckpt}: holds Python objects besides weights and settings, which loading would run as code; if you "
+            "trust the file (you made it, or its maker), add --trust-checkpoint"
+        ) from err
+    except (RuntimeError, KeyError, OSError, EOFError) as err:
         raise UserError(f"{ckpt}: not a DeepLabV3+ checkpoint of this package ({one_line(err)})") from err
     return module.eval().to(device)
 
@@ -102,6 +113,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     p.add_argument("--export-size", type=int, default=512, help="image side the exported model takes (default 512)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--strict", action="store_true", help="refuse images that are not RGB instead of converting them")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load a checkpoint that holds Python objects besides weights (loading runs code from the file: only for "
+        "files you trust); without it only tensors and plain values are read",
+    )
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_intermixed_args(argv)  # images, options and overrides in any order
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -115,14 +132,26 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UserError("--out: give the folder for the masks")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: this machine has no GPU that PyTorch can use; use --device cpu")
-    module = load_segmenter(args.segmenter, args.device)
+    ckpt = find_checkpoint(args.segmenter)  # everything that needs no weights is checked before they load
+    pictures = None
+    if args.images:
+        check_output_folder(args.out)
+        pictures = check_pictures(args.images, args.strict, HINT, STRICT_HINT)
+    if args.export:
+        check_output_folder(args.export.parent, "--export")
+        if args.export.is_dir():
+            raise UserError(f"--export {args.export} is a folder: give the file to write, e.g. {args.export / 'segmenter.pt'}")
+    module = load_segmenter(ckpt, args.device, args.trust_checkpoint)
     written: list[Path] = []
+    if pictures is not None:
+        legend = dict(enumerate(module.class_names))
+        check_legend(args.out, legend)
     if args.export:
         written.append(export(module, args.export, args.export_size))
         log.info("exported %s (input: (B, 3, %d, %d) RGB 0-255)", args.export, args.export_size, args.export_size)
-    if args.images:
-        legend = dict(enumerate(module.class_names))
-        written += write_picture_masks(args.images, args.out, legend, lambda im: predict_mask(module, im), args.strict, HINT)
+    if pictures is not None:
+        predict = lambda im: predict_mask(module, im)  # noqa: E731
+        written += write_picture_masks(pictures, args.out, legend, predict, args.strict, HINT, STRICT_HINT)
     return written
 
 

@@ -8,7 +8,10 @@ Composes the same Hydra config as ``fit`` (``diffusion=<preset>`` and any
 ``key=value`` override after the images), so the backbone and the stage-0
 settings have one set of defaults. Writes ``<name>_mask.png`` (palette PNG:
 0 = background, i = i-th class) and ``<name>_overlay.png`` per image, and
-``classes.json`` (the legend).
+``classes.json`` (the legend; a folder holds the masks of one class list).
+The inputs, ``--out`` and the settings are checked before the model loads.
+``data.*`` settings do not apply (the pictures come from the command line;
+``--strict`` is the strict RGB mode).
 """
 
 from __future__ import annotations
@@ -22,11 +25,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from stableseg_pp.artifacts import SiteWeights, write_picture_masks
+from stableseg_pp.artifacts import SiteWeights, check_legend, check_output_folder, check_pictures, write_picture_masks
+from stableseg_pp.backbones.base import DiffusionBackbone
 from stableseg_pp.config import build, compose_checked
 from stableseg_pp.data.prompted_images import to_model_pixels
-from stableseg_pp.methods.stableseg import StableSeg, resize_scores
-from stableseg_pp.runtime.errors import UserError, report_errors
+from stableseg_pp.methods.stableseg import StableSeg, resize_scores, split_into_prompts
+from stableseg_pp.runtime.errors import ConfigError, UserError, report_errors
+from stableseg_pp.stages.zero_shot import check_zero_shot_settings
 
 log = logging.getLogger("stableseg_pp.segment")
 # zero_shot keys that concern datasets and stored outputs, not one picture
@@ -43,7 +48,8 @@ NOT_FOR_SEGMENT = (
 
 
 # what to do about an unreadable picture, in this command's own terms
-SEGMENT_HINT = "; replace it, or leave it out of the command (--strict refuses images that are not RGB)"
+SEGMENT_HINT = "; replace it, or leave it out of the command"
+SEGMENT_STRICT_HINT = " (--strict refuses images that are not RGB; without it they are converted)"
 
 
 def parse_classes(text: str) -> list[str]:
@@ -66,9 +72,29 @@ def split_overrides(items: Sequence[str]) -> tuple[list[Path], list[str]]:
     return images, overrides
 
 
-def build_segmenter(cfg: DictConfig, device: str) -> StableSeg:
-    """StableSeg on the configured backbone, with the configured stage-0 settings."""
-    backbone = build(cfg.diffusion, _convert_="all").load()
+def refuse_data_settings(overrides: Sequence[str]) -> None:
+    """``data.*`` describes a dataset; ``segment`` reads the pictures named on its command line."""
+    for item in overrides:
+        if item.lstrip("+~").split("=")[0].split(".")[0] == "data":
+            raise ConfigError(
+                f"{item}: segment reads the pictures named on its command line, so data settings do not apply; "
+                "leave it out (--strict refuses images that are not RGB)"
+            )
+
+
+def check_prompts(cfg: DictConfig, backbone: DiffusionBackbone, classes: list[str]) -> None:
+    """Every class name fits a prompt of this backbone's text encoder (checked from its tokenizer, before weights)."""
+    zs = cfg.zero_shot
+    names = [*classes, zs.background_word] if zs.background == "word" else list(classes)
+    try:
+        split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
+    except LookupError:
+        return  # a hub id not in the local cache: checked when it is loaded
+
+
+def build_segmenter(cfg: DictConfig, device: str, backbone: DiffusionBackbone) -> StableSeg:
+    """StableSeg on the configured backbone (loaded here), with the configured stage-0 settings."""
+    backbone = backbone.load()
     settings = OmegaConf.to_container(cfg.zero_shot, resolve=True)
     for k in NOT_FOR_SEGMENT:
         settings.pop(k, None)
@@ -96,11 +122,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 def segment(args: argparse.Namespace) -> list[Path]:
-    """Segment every readable input; the unreadable ones are listed at the end (exit code 2)."""
+    """Segment every readable input; the unreadable ones are listed at the end (exit code 2). Everything that can be
+    checked without the model is checked first: classes, overrides, ``--out``, the prompt, every input."""
     classes = parse_classes(args.classes)
     images, overrides = split_overrides(args.inputs)
     if not images:
         raise UserError("give at least one image file before the key=value overrides")
+    refuse_data_settings(overrides)
+    legend = {0: "background", **{i + 1: n for i, n in enumerate(classes)}}
+    check_output_folder(args.out)
+    check_legend(args.out, legend)
     if args.model:
         overrides.append(f"diffusion.pretrained={args.model}")
     if args.dtype:
@@ -108,7 +139,11 @@ def segment(args: argparse.Namespace) -> list[Path]:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: this machine has no GPU that PyTorch can use; use --device cpu")
     cfg = compose_checked(overrides)
-    seg = build_segmenter(cfg, args.device)
+    check_zero_shot_settings(cfg)
+    backbone = build(cfg.diffusion, _convert_="all")
+    check_prompts(cfg, backbone, classes)
+    pictures = check_pictures(images, args.strict, SEGMENT_HINT, SEGMENT_STRICT_HINT)
+    seg = build_segmenter(cfg, args.device, backbone)
     generator = torch.Generator(args.device).manual_seed(int(cfg.seed))
 
     def predict(image: np.ndarray) -> np.ndarray:
@@ -118,8 +153,7 @@ def segment(args: argparse.Namespace) -> list[Path]:
         scores = scores.masked_fill(~out.valid[0, :, None, None], float("-inf"))
         return scores.argmax(0).to(torch.uint8).cpu().numpy()
 
-    legend = {0: "background", **{i + 1: n for i, n in enumerate(classes)}}
-    return write_picture_masks(images, args.out, legend, predict, args.strict, SEGMENT_HINT)
+    return write_picture_masks(pictures, args.out, legend, predict, args.strict, SEGMENT_HINT, SEGMENT_STRICT_HINT)
 
 
 if __name__ == "__main__":

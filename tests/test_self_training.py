@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +12,10 @@ from PIL import Image
 
 from stableseg_pp.fit import run
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
-from stableseg_pp.runtime.run_dir import COMPLETE
+from stableseg_pp.runtime.atomic import atomic_save
+from stableseg_pp.stages import crf_refine
 from tests.conftest import file_stamps as _files
+from tests.conftest import killed_after_records
 
 SMALL = [
     "data.generate.n_train=16",
@@ -55,26 +58,61 @@ def test_stage1_then_all_then_nothing_to_do(compose_fit, miniature_model):
     assert changed <= {"results.md", "results.json"}  # only the table is rewritten
 
 
+@contextmanager
+def _dying_crf_writes(monkeypatch, n: int):
+    """Within the block, the CRF step dies (``RuntimeError("killed")``) when writing its mask after the first ``n``."""
+    written: list[Path] = []
+
+    def dying(path, write):
+        if len(written) == n:
+            raise RuntimeError("killed")
+        written.append(Path(path))
+        return atomic_save(path, write)
+
+    monkeypatch.setattr(crf_refine, "atomic_save", dying)
+    try:
+        with pytest.raises(RuntimeError, match="killed"):
+            yield written
+    finally:
+        monkeypatch.setattr(crf_refine, "atomic_save", atomic_save)
+
+
 @pytest.mark.slow
-def test_killed_training_resumes_from_checkpoint(compose_fit, miniature_model, monkeypatch):
+def test_killed_runs_resume_to_the_uninterrupted_table_exactly(compose_fit, miniature_model, monkeypatch):
+    """Kills in stage 0, the CRF and both DeepLabV3+ trainings (after an epoch's checkpoint), each followed by the
+    same command again: every row of the table equals the uninterrupted run's, figure for figure."""
+    settings = ["stage=all", *SMALL, "segmenter.train.max_epochs=3"]
+    uninterrupted = run(compose_fit(*settings, "run_name=uninterrupted"))["2"].parent
+    expected = json.loads((uninterrupted / "results.json").read_text())
+
     starts: list[int] = []
+    original_start = DeepLabV3PlusModule.on_train_epoch_start
+    killed: set[str] = set()  # the trainings (by folder) killed once already
 
     def on_train_epoch_start(self):
         starts.append(self.current_epoch)
-        if len(starts) == 2 and self.current_epoch == 1 and not getattr(self, "_resumed", False):
+        folder = str(self.trainer.default_root_dir)
+        if self.current_epoch == 1 and folder not in killed:
+            killed.add(folder)
             raise RuntimeError("killed")
+        original_start(self)
 
     monkeypatch.setattr(DeepLabV3PlusModule, "on_train_epoch_start", on_train_epoch_start)
-    cfg = compose_fit("stage=1", *SMALL, "segmenter.train.max_epochs=3")
-    with pytest.raises(RuntimeError, match="killed"):
+    cfg = compose_fit(*settings, "run_name=resumed")
+    run_dir = Path(cfg.paths.run_dir)
+    with killed_after_records(monkeypatch, 5):  # stage 0, in the middle of the train split
         run(cfg)
-    seg_dir = next(Path(cfg.paths.run_dir).glob("deeplab-*"))
-    assert (seg_dir / "checkpoints" / "last.ckpt").exists() and not (seg_dir / COMPLETE).exists()
-    starts.clear()
-    monkeypatch.setattr(DeepLabV3PlusModule, "_resumed", True, raising=False)
-    run(compose_fit("stage=1", *SMALL, "segmenter.train.max_epochs=3"))
-    assert starts == [1, 2]  # epoch 0 was not trained again
-    assert (seg_dir / COMPLETE).exists()
+    with _dying_crf_writes(monkeypatch, 5):
+        run(cfg)
+    for _round in (1, 2):  # each training dies as its second epoch starts, after the first epoch's checkpoint
+        with pytest.raises(RuntimeError, match="killed"):
+            run(cfg)
+        starts.clear()
+    run(cfg)
+    assert len(killed) == 2
+    assert starts[0] == 1  # the last resumed training did not train its first epoch again
+    assert json.loads((run_dir / "results.json").read_text()) == expected
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]  # no temporary file left behind
 
 
 @pytest.mark.slow

@@ -54,18 +54,25 @@ def image_to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), dtype=np.uint8).copy()
 
 
-DATA_HINT = "; replace or remove it, or set data.on_bad_input=skip (data.convert_to_rgb=true converts non-RGB images)"
+DATA_HINT = "; replace or remove it, or set data.on_bad_input=skip"
+# how the strict mode is turned off, said only when it refused an image
+DATA_STRICT_HINT = " (data.convert_to_rgb=true converts it)"
 
 
-def load_rgb(path: Path, convert: bool = True, exif_transpose: bool = False, hint: str = DATA_HINT) -> np.ndarray:
+def load_rgb(
+    path: Path, convert: bool = True, exif_transpose: bool = False, hint: str = DATA_HINT, strict_hint: str = DATA_STRICT_HINT
+) -> np.ndarray:
     """Read an image as RGB: other modes are converted (:func:`image_to_rgb`) unless ``convert`` is False (strict).
 
     ``exif_transpose``: turn a photograph as its EXIF orientation says (as a viewer shows it).
-    ``hint``: what the error message advises (each command names its own options).
+    ``hint``: what the error message advises (each command names its own options); ``strict_hint``: how to leave the
+    strict mode, added when it refused an image.
     """
     path = Path(path)
     if not path.exists():
         raise BadInputError(f"image {path} does not exist{hint}")
+    if path.is_dir():
+        raise BadInputError(f"image {path} is a folder, not an image file{hint}")
     try:
         with Image.open(path) as img:
             img.load()
@@ -73,7 +80,9 @@ def load_rgb(path: Path, convert: bool = True, exif_transpose: bool = False, hin
                 img = ImageOps.exif_transpose(img)
             if img.mode != "RGB":
                 if not convert:
-                    raise BadInputError(f"image {path} is {img.mode}, not RGB, and strict RGB input was asked for{hint}")
+                    raise BadInputError(
+                        f"image {path} is {img.mode}, not RGB, and strict RGB input was asked for{strict_hint}{hint}"
+                    )
                 log.debug("converting %s from %s to RGB", path, img.mode)
             return image_to_rgb(img)
     except BadInputError:

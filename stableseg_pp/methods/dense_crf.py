@@ -73,13 +73,6 @@ def _ready(_: int) -> int:
     return os.getpid()
 
 
-def default_workers(ranks_on_machine: int = 1) -> int:
-    """The CPUs this process may use (``os.sched_getaffinity``: the cgroup / SLURM allocation), shared by the ranks
-    that run on this machine."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cpus // max(1, ranks_on_machine))
-
-
 class CRFPool:
     """DenseCRF worker processes, started once and used for every split of a step.
 

@@ -1,17 +1,28 @@
 """Atomic file writes: a temporary file in the same folder, then ``os.replace``.
 
 A killed run never leaves a half-written file under its final name, so the
-existence of a file means it is complete.
+existence of a file means it is complete. Temporary names are hidden and end
+in ``.tmp`` (never in the final suffix, so no ``*.png`` glob picks one up); a
+step that owns its folder removes the ones a killed run left
+(:func:`remove_stale_temporaries`). A writer is given the temporary path and
+must name the format itself (``format="PNG"``, a file object for ``np.save``).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+log = logging.getLogger(__name__)
+# ``.<final name>.<random>.tmp``; earlier versions appended the final suffix (``.tmp.png``), also recognised
+TEMPORARY = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
 
 
 @functools.cache
@@ -30,7 +41,7 @@ def atomic_save(path: str | Path, write: Callable[[str], None]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -68,3 +79,26 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 def write_json(path: str | Path, obj) -> Path:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
     return atomic_write_bytes(path, json.dumps(obj, indent=2).encode())
+
+
+def temporary_name(path: str | Path) -> str:
+    """A hidden name beside ``path`` for a temporary file or folder (``.<name>.tmp``)."""
+    return f".{Path(path).name}.tmp"
+
+
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Remove the temporary files and folders that killed writers left below ``folder``; returns how many.
+
+    Call only while owning the folder (a step's lock), so no live writer's file is taken."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.rglob(".*") if TEMPORARY.match(p.name)]
+    for p in sorted(stale, key=lambda p: len(p.parts), reverse=True):
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temporary file(s) a stopped run left in %s", len(stale), folder)
+    return len(stale)

@@ -9,6 +9,7 @@ for ``fit``, ``--debug`` for the other commands).
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -26,9 +27,29 @@ class ConfigError(UserError, ValueError):
     """A config value that cannot work; the message names the key and its value."""
 
 
+# torch re-raises an error of a DataLoader worker as the same type with this message, the worker's traceback after it
+_WORKER_ERROR = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\s*\nOriginal Traceback")
+
+
+def message_of(err: BaseException) -> str:
+    """The message ``err`` was raised with; for an error a DataLoader worker raised, the worker's own message
+    (torch wraps it in "Caught X in DataLoader worker process N" and the worker's traceback)."""
+    text = str(err)
+    if not _WORKER_ERROR.match(text):
+        return text
+    kind = type(err)
+    names = (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: ")
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):  # the last exception line of the worker's traceback is the raised one
+        for name in names:
+            if lines[i].startswith(name):
+                return "\n".join([lines[i][len(name) :], *lines[i + 1 :]])
+    return text
+
+
 def one_line(err: BaseException) -> str:
     """The message of ``err`` on one line: its first line, and its last when that says where to read more."""
-    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()] or [type(err).__name__]
+    lines = [ln.strip() for ln in message_of(err).strip().splitlines() if ln.strip()] or [type(err).__name__]
     text = lines[0]
     if len(lines) > 1 and ("docs/" in lines[-1] or "how to" in lines[-1]):
         text += f" ({lines[-1]})"

@@ -14,6 +14,7 @@ import time
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from stableseg_pp.runtime.errors import ConfigError
+from stableseg_pp.runtime.resume import RandomStateInCheckpoints
 
 
 class ImagesPerSecondBar(TQDMProgressBar):
@@ -58,8 +59,9 @@ def check_log_every(log_every: int, setting: str) -> None:
 
 def training_loop_settings(log_every: int, setting: str, callbacks: list | tuple = ()) -> dict:
     """Trainer arguments for a training loop that reads its logged values (a host sync each) every ``log_every`` steps:
-    the loggers' ``log_every_n_steps`` and a :class:`TrainingBar` refreshed at the same rate, after ``callbacks``.
-    ``setting``: the config key of ``log_every``, for the error."""
+    the loggers' ``log_every_n_steps`` and a :class:`TrainingBar` refreshed at the same rate, after ``callbacks``;
+    the random state travels with every checkpoint (a resumed training continues exactly). ``setting``: the config
+    key of ``log_every``, for the error."""
     check_log_every(log_every, setting)
-    return {"log_every_n_steps": log_every, "callbacks": [*callbacks, TrainingBar(refresh_rate=log_every)],
-            "enable_progress_bar": True}  # fmt: skip
+    callbacks = [*callbacks, RandomStateInCheckpoints(), TrainingBar(refresh_rate=log_every)]
+    return {"log_every_n_steps": log_every, "callbacks": callbacks, "enable_progress_bar": True}

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from stableseg_pp.runtime import distributed
-from stableseg_pp.runtime.atomic import atomic_write_text, write_json
+from stableseg_pp.runtime.atomic import atomic_write_text, remove_stale_temporaries, write_json
 from stableseg_pp.runtime.hashing import config_hash, to_plain
 
 COMPLETE = "_COMPLETE.json"
@@ -117,6 +117,7 @@ def open_stage(run_dir: str | Path, stage: str, key: Mapping[str, Any], force: b
                 shutil.rmtree(out)
             finished = is_complete(out)
             if distributed.is_main() and not finished:
+                remove_stale_temporaries(out)  # a killed run's half-written files (this job owns the folder now)
                 write_key(out, key)
         if finished:
             log.info("%s: finished outputs at %s, skipped (force=true recomputes)", stage, out)

@@ -23,9 +23,10 @@ from stableseg_pp.artifacts import ChannelClasses, MaskSetLayout, load_stored_ma
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.evaluation.mask_sets import report_split
-from stableseg_pp.methods.dense_crf import CRFParams, CRFPool, default_workers
+from stableseg_pp.methods.dense_crf import CRFParams, CRFPool
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_save
+from stableseg_pp.runtime.cpus import cpus_per_rank
 from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
 def crf_workers(cfg: DictConfig) -> int:
     """``crf.workers``, or (null) the CPUs this process may use, shared by the ranks on this machine."""
     workers = cfg.crf.get("workers")
-    return int(workers) if workers else default_workers(distributed.local_world_size())
+    return int(workers) if workers else cpus_per_rank()
 
 
 def _compute(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, out: Path, key: dict) -> None:

@@ -25,8 +25,10 @@ from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.models.emerdiff_module import EmerDiffItem, EmerDiffSegmenter, collate_items, require_generative, site_grid
 from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import ImagesPerSecondBar
+from stableseg_pp.runtime.resume import run_lightning
 from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
 from stableseg_pp.stages.zero_shot import build_backbone, diffusion_key, on_gpu
 
@@ -122,13 +124,14 @@ def predict(cfg: DictConfig, module, loaders: list[DataLoader], writer) -> float
     """Lightning's predict loop over ``loaders`` with ``writer``; returns the seconds it took (model load included)."""
     trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
     start = time.perf_counter()
-    trainer.predict(module, dataloaders=loaders, return_predictions=False)
+    run_lightning(trainer.predict, module, dataloaders=loaders, return_predictions=False)
     distributed.barrier()
     return time.perf_counter() - start
 
 
 def loader(cfg: DictConfig, images: Dataset) -> DataLoader:
-    return DataLoader(images, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, collate_fn=collate_items,
+    workers = loader_workers(cfg.data.num_workers, "data.num_workers")
+    return DataLoader(images, batch_size=cfg.data.batch_size, num_workers=workers, collate_fn=collate_items,
                       shuffle=False, pin_memory=on_gpu(cfg))  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from stableseg_pp.methods.emerdiff import fit_centroids, query_features
 from stableseg_pp.models.emerdiff_module import EmerDiffSegmenter
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_save
+from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
 from stableseg_pp.stages.emerdiff_refine import emerdiff_settings, loader, method_key, predict
@@ -103,8 +104,9 @@ def _fit(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, k: i
     for module in backbone.modules().values():
         module.to(device)
     text = backbone.encode_captions([settings.get("prompt", "")])
+    workers = loader_workers(cfg.data.num_workers, "data.num_workers")
     images = DataLoader(dataset.prompted_images(split, ids, cfg.zero_shot.resolution), batch_size=cfg.data.batch_size,
-                        num_workers=cfg.data.num_workers, collate_fn=collate_samples)  # fmt: skip
+                        num_workers=workers, collate_fn=collate_samples)  # fmt: skip
     features = []
     for batch in images:
         if batch:
@@ -113,7 +115,7 @@ def _fit(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, k: i
     data = np.concatenate(features)
     log.info("emerdiff segments: k-means (K=%d) of %d feature vectors from %d %s images", k, len(data), len(ids), split)
     centroids = fit_centroids(data, k, seed=cfg.seed, iterations=cfg.emerdiff.get("kmeans_iterations", 50))
-    atomic_save(out / CENTROIDS, lambda t: np.save(t, centroids))  # the temporary name ends in .npy
+    atomic_save(out / CENTROIDS, lambda t: _save_npy(t, centroids))
 
 
 def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, key: dict) -> None:
@@ -152,3 +154,8 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, 
         return results
 
     evaluate_and_finish(out, key, report, predict_seconds=round(seconds, 2), images_predicted=images)
+
+
+def _save_npy(path: str, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a temporary name
+        np.save(f, array)

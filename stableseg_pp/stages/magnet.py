@@ -35,8 +35,11 @@ from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import PromptedImages
 from stableseg_pp.models.magnet import MagnetModule
 from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.atomic import temporary_name
+from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import training_loop_settings
+from stableseg_pp.runtime.resume import run_lightning
 from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
 from stableseg_pp.stages import refinement, train_segmenter, zero_shot
 from stableseg_pp.stages.train_segmenter import resume_checkpoint, trainer_key, training_precision
@@ -183,7 +186,8 @@ def _loader(cfg, dataset: DatasetDescription, split: str, ids: list[str], target
     size = mg.mask_size or cfg.zero_shot.resolution
     images = MaskTargetImages(dataset.prompted_images(split, ids, cfg.zero_shot.resolution), dataset, size, targets)
     batch = mg.train.batch_size
-    return DataLoader(images, batch_size=batch, shuffle=shuffle, num_workers=mg.train.num_workers, collate_fn=collate_targets,
+    workers = loader_workers(mg.train.num_workers, "magnet.train.num_workers")
+    return DataLoader(images, batch_size=batch, shuffle=shuffle, num_workers=workers, collate_fn=collate_targets,
                       drop_last=shuffle and len(images) > batch, pin_memory=torch.cuda.is_available())  # fmt: skip
 
 
@@ -218,7 +222,7 @@ def _train(cfg, dataset: DatasetDescription, module: MagnetModule, targets: Path
     resume = resume_checkpoint(out)
     if resume:
         log.info("magnet: resuming from %s", resume)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
+    run_lightning(trainer.fit, module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
     if trainer.interrupted or trainer.global_step < mg.train.max_steps:
         raise IncompleteStageError(
             f"magnet: training stopped at step {trainer.global_step} of {mg.train.max_steps}; run the same command "
@@ -228,7 +232,7 @@ def _train(cfg, dataset: DatasetDescription, module: MagnetModule, targets: Path
     if val_loader is not None:  # the same draw of noise and times for the base model and the adapted one
         for name, enabled in (("before", False), ("after", True)):
             with module.adapters(enabled):
-                (metrics,) = trainer.validate(module, val_loader, verbose=False)
+                (metrics,) = run_lightning(trainer.validate, module, val_loader, verbose=False)
             held_out[name] = {k.removeprefix("val/"): float(v) for k, v in metrics.items()}
     distributed.on_main(lambda: save_adapter(module, out))
 
@@ -254,7 +258,7 @@ def _precision(cfg: DictConfig) -> str:
 
 def save_adapter(module: MagnetModule, out: Path) -> Path:
     """Write the adapter into ``out/adapter`` in the diffusers LoRA format, atomically (a temporary folder, renamed)."""
-    tmp = out / f".{ADAPTER}.tmp"
+    tmp = out / temporary_name(ADAPTER)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in module.lora_state_dict().items()}

@@ -28,8 +28,10 @@ from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
 from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.runtime import distributed
+from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import training_loop_settings
+from stableseg_pp.runtime.resume import run_lightning
 from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
 from stableseg_pp.stages.zero_shot import on_gpu
 from stableseg_pp.tracking.base import StepRecord
@@ -136,8 +138,10 @@ def _compute(
         read_mask=partial(layout.read_mask_file, n_classes=len(names)),
     )
     # Pinned pages on a GPU: Lightning's copy to the device is then asynchronous, not a wait for the previous step.
-    # Persistent workers: started once, not once per epoch for each loader.
-    loading = {"num_workers": t.num_workers, "pin_memory": on_gpu(cfg), "persistent_workers": t.num_workers > 0}
+    # Workers are started anew each epoch (not persistent): their random state then comes from the main process's,
+    # which checkpoints hold, so a resumed training draws what the uninterrupted one drew (runtime/resume.py).
+    workers = loader_workers(t.num_workers, "segmenter.train.num_workers")
+    loading = {"num_workers": workers, "pin_memory": on_gpu(cfg), "persistent_workers": False}
     train_loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, drop_last=len(train_ds) > t.batch_size,
                               **loading)  # fmt: skip
     val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, **loading)
@@ -161,7 +165,7 @@ def _compute(
         log.info("deeplab: resuming from %s", resume)
     elif init is not None:
         load_trained_weights(module, init)
-    trainer.fit(module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
+    run_lightning(trainer.fit, module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
     if trainer.interrupted or trainer.current_epoch < t.max_epochs:
         raise IncompleteStageError(
             f"deeplab: training stopped at epoch {trainer.current_epoch} of {t.max_epochs}; "
@@ -173,7 +177,7 @@ def _compute(
     for split, ids in (("train", train_ids), ("val", val_ids)):
         layouts[split] = MaskSetLayout(out / split)
         ds = ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), dataset.convert_to_rgb)
-        loader = DataLoader(ds, batch_size=seg.eval_batch_size, num_workers=t.num_workers)
+        loader = DataLoader(ds, batch_size=seg.eval_batch_size, num_workers=workers)
         predictor = instantiate(
             cfg.trainer,
             callbacks=[SegmenterMaskWriter(layouts[split], ids, dataset.palette)],
@@ -181,7 +185,7 @@ def _compute(
             precision=_precision(cfg),
             sync_batchnorm=False,
         )
-        predictor.predict(module, loader, return_predictions=False)
+        run_lightning(predictor.predict, module, loader, return_predictions=False)
     splits = (("train", train_ids), ("val", val_ids))
     evaluate_and_finish(
         out, key, lambda: {split: report_split("deeplab", dataset, split, ids, layouts[split]) for split, ids in splits}

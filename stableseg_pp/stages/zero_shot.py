@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, SiteWeights, Stage0Writer
 from stableseg_pp.backbones.base import DiffusionBackbone, select_sites
+from stableseg_pp.backbones.prompts import build_prompt
 from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import collate_samples
@@ -28,8 +29,10 @@ from stableseg_pp.methods.stableseg import MODES, split_into_prompts
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import write_json
+from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import ImagesPerSecondBar
+from stableseg_pp.runtime.resume import run_lightning
 from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,18 @@ def check_zero_shot_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"data.on_bad_input={cfg.data.get('on_bad_input')}: use error or skip")
     if bad := [s for s in zs.splits if s not in ("train", "val")]:
         raise ConfigError(f"zero_shot.splits={list(zs.splits)}: {bad} are not splits; use train and/or val")
+    check_prompt_template(zs.prompt_template, zs.joiner)
+
+
+def check_prompt_template(template: object, joiner: object) -> None:
+    """``zero_shot.prompt_template``: a text with one ``{}`` where the class names go (no other braces)."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ConfigError(f"zero_shot.prompt_template={template!r}: give a text with one {{}} for the class names, "
+                          "e.g. 'a photo of a {}'")  # fmt: skip
+    try:
+        build_prompt(["x"], template, str(joiner))
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"zero_shot.prompt_template={template!r}: {err}; write a literal brace as {{{{ or }}}}") from err
 
 
 def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> None:
@@ -192,7 +207,7 @@ def _compute(
                 DataLoader(
                     dataset.prompted_images(split, todo, module.resolution),
                     batch_size=cfg.data.batch_size,
-                    num_workers=cfg.data.num_workers,
+                    num_workers=loader_workers(cfg.data.num_workers, "data.num_workers"),
                     collate_fn=collate_samples,
                     shuffle=False,
                     pin_memory=on_gpu(cfg),  # pinned pixels: their copy to the GPU does not block
@@ -209,7 +224,7 @@ def _compute(
         trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
         # Lightning shards the images across ranks (an unrepeated distributed sampler in predict)
         start = time.perf_counter()
-        trainer.predict(module, dataloaders=loaders, return_predictions=False)
+        run_lightning(trainer.predict, module, dataloaders=loaders, return_predictions=False)
         distributed.barrier()
         seconds = time.perf_counter() - start  # model loading included: every rank loads it itself
         log.info("stage 0: rank %d wrote %d images", distributed.rank(), writer.written)
