@@ -279,9 +279,10 @@ def check_legend(out: Path, legend: Mapping[int, str], option: str = "--out") ->
     except (OSError, ValueError):
         before = None
     if before != {str(k): v for k, v in legend.items()}:
+        held = ", ".join(map(str, before.values())) if isinstance(before, dict) else "unknown (unreadable legend)"
         raise UserError(
-            f"{option} {out} holds masks of other classes ({path}: {before}, this run: {dict(legend)}); give another "
-            "folder, or remove that one to start again"
+            f"{option} {out} holds masks of the classes {held} ({path}), not {', '.join(legend.values())}: give "
+            "another folder, or remove that one to start again"
         )
 
 

@@ -10,11 +10,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
+from stableseg_pp.backbones.sd_unet import SDUNetBackbone
+from stableseg_pp.data.files import DATA_HINT, BadInputError
 from stableseg_pp.data.miniature import draw_sample
+from stableseg_pp.runtime.cpus import loader_workers
+from stableseg_pp.runtime.errors import ConfigError, one_line
 from stableseg_pp.segment import main as segment_main
 from stableseg_pp.stages import zero_shot
+from tests.test_datasets import _voc_fixture_from_the_miniature_world
 
 
 def _fit(tmp_path: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -174,3 +180,116 @@ def test_bad_overrides_are_one_line(tmp_path, override, message):
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = _error_lines(done.stderr)
     assert message in line
+
+
+class _BrokenFiles(torch.utils.data.Dataset):
+    """Item 1 cannot be read (raised from the underlying error, as the readers do)."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        if i == 1:
+            try:
+                raise OSError("image file is truncated (3 bytes not processed)")
+            except OSError as err:
+                raise BadInputError(f"image /data/x_{i}.jpg cannot be read ({err}): it is truncated{DATA_HINT}") from err
+        return i
+
+
+def test_an_error_in_a_dataloader_worker_keeps_its_message():
+    loader = torch.utils.data.DataLoader(_BrokenFiles(), batch_size=1, num_workers=2)
+    with pytest.raises(BadInputError) as caught:
+        list(loader)
+    assert str(caught.value).startswith("Caught BadInputError in DataLoader worker process")  # torch's wrapping
+    assert one_line(caught.value) == (
+        "image /data/x_1.jpg cannot be read (image file is truncated (3 bytes not processed)): it is truncated; "
+        "replace or remove it, or set data.on_bad_input=skip"
+    )
+
+
+@pytest.mark.slow
+def test_bad_data_read_by_loader_workers_is_one_line_naming_the_file(tmp_path):
+    root = tmp_path / "data" / "VOCdevkit" / "VOC2012"
+    _voc_fixture_from_the_miniature_world(root)
+    bad = root / "JPEGImages" / "2012_000002.jpg"
+    bad.write_bytes(bad.read_bytes()[:300])  # a truncated JPEG: its header still reads
+    done = _fit(tmp_path, "data=voc", "data.num_workers=2", "zero_shot.splits=[train]")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    (line,) = _error_lines(done.stderr)
+    assert "2012_000002.jpg cannot be read" in line and "data.on_bad_input=skip" in line
+    assert "DataLoader worker" not in line and "convert_to_rgb" not in line  # the truncation has nothing to convert
+
+
+@pytest.mark.slow
+def test_a_read_only_outputs_folder_is_one_line(tmp_path):
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    if subprocess.run(["chattr", "+i", str(outputs)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not available here (needs root on a file system that supports it)")
+    try:
+        done = _fit(tmp_path)
+    finally:
+        subprocess.run(["chattr", "-i", str(outputs)], check=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    (line,) = _error_lines(done.stderr)
+    assert line.startswith("stableseg_pp.fit: error: cannot write the run folder") and "paths.root_dir" in line
+
+
+def test_loader_workers_follow_the_cpus_of_the_rank(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    monkeypatch.delenv("SLURM_NTASKS_PER_NODE", raising=False)
+    assert loader_workers(None, "data.num_workers") == 2  # null: one per CPU
+    assert loader_workers(4, "data.num_workers") == 2  # more than the CPUs: capped (torch would warn)
+    assert loader_workers(0, "data.num_workers") == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert loader_workers(None, "data.num_workers") == 1
+    with pytest.raises(ConfigError, match="data.num_workers=-1: give a whole number"):
+        loader_workers(-1, "data.num_workers")
+
+
+def test_segment_checks_everything_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    def no_loading(self):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(SDUNetBackbone, "load", no_loading)
+    pic = _picture(tmp_path / "p.png", 1)
+    out = tmp_path / "new"
+    cases = [
+        ([str(tmp_path / "missing.png")], "image " + str(tmp_path / "missing.png") + " does not exist"),
+        ([str(tmp_path)], "is a folder, not an image file"),
+        ([str(pic), "zero_shot.prompt_template=a photo"], "zero_shot.prompt_template='a photo': give a text with one {}"),
+        ([str(pic), "data.convert_to_rgb=false"], "data.convert_to_rgb=false: segment reads the pictures named on its"),
+        ([str(pic), "data.on_bad_input=skip"], "data settings do not apply"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(SystemExit) as stop:
+            segment_main([*inputs, "--classes", "circle", "--out", str(out)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and message in err and "Traceback" not in err, err
+        assert not out.exists()  # nothing written, not even a legend
+
+
+def test_segment_out_is_a_file_is_a_usage_error(tmp_path, capsys):
+    pic = _picture(tmp_path / "p.png", 1)
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(SystemExit) as stop:
+        segment_main([str(pic), "--classes", "circle", "--out", str(tmp_path / "taken")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--out " + str(tmp_path / "taken") + " is a file, not a folder" in err
+
+
+def test_segment_never_mixes_class_lists_in_one_folder(tmp_path, miniature_model, capsys):
+    pic = _picture(tmp_path / "p.png", 1)
+    out = tmp_path / "masks"
+    segment_main([str(pic), "--classes", "circle,star", "--out", str(out)])
+    legend = (out / "classes.json").read_text()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    with pytest.raises(SystemExit) as stop:
+        segment_main([str(pic), "--classes", "car", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "holds masks of the classes background, circle, star" in err
+    assert (out / "classes.json").read_text() == legend and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
+    segment_main([str(_picture(tmp_path / "q.png", 2)), "--classes", "circle,star", "--out", str(out)])  # same list
+    assert sorted(p.name for p in out.glob("*_mask.png")) == ["p_mask.png", "q_mask.png"]

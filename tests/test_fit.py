@@ -11,6 +11,7 @@ from PIL import Image
 
 from stableseg_pp import artifacts
 from stableseg_pp.fit import run
+from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.run_dir import COMPLETE
 from stableseg_pp.stages import resolve_stages
 from tests.conftest import file_stamps as _files
@@ -71,6 +72,10 @@ def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, mo
     done = _files(out / "train" / "masks")
     assert sorted(Path(k).stem for k in done) == calls
     assert not list(out.rglob("*.tmp*"))  # no half-written file under any name
+    # what a SIGKILL leaves (no except clause runs): a writer's temporary file, and one named as earlier versions did
+    stale = [out / "train" / "masks" / ".train_00009.png.1icdo_7r.tmp", out / "train" / "masks" / ".train_00010.png.x.tmp.png"]
+    for path in stale:
+        path.write_bytes(b"")
 
     seen: list[str] = []
 
@@ -85,6 +90,15 @@ def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, mo
     after = _files(out / "train" / "masks")
     assert all(after[k] == v for k, v in done.items())  # finished images untouched
     assert (out / COMPLETE).exists()
+    assert not any(p.exists() for p in stale)  # the step removed what the killed run left
+
+
+def test_temporary_names_never_end_like_the_file(tmp_path):
+    seen: list[str] = []
+    atomic_save(tmp_path / "mask.png", lambda t: (seen.append(t), Path(t).write_bytes(b"png")))
+    (name,) = (Path(t).name for t in seen)
+    assert name.startswith(".mask.png.") and name.endswith(".tmp") and not name.endswith(".png")
+    assert [p.name for p in tmp_path.iterdir()] == ["mask.png"]
 
 
 def test_stage_is_a_plain_value(compose_fit):

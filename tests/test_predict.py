@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -66,3 +67,37 @@ def test_predict_refuses_a_folder_without_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main([str(tmp_path), str(tmp_path / "x.png"), "--out", str(tmp_path / "o")])
     assert stop.value.code == 2 and "not a checkpoint file nor a DeepLabV3+ step folder" in capsys.readouterr().err
+
+
+class _RunsCodeWhenLoaded:
+    """Unpickling this calls ``Path.touch`` on ``marker``: what a hostile checkpoint could do with any function."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_predict_reads_weights_only_and_refuses_pickled_code(trained, tmp_path, capsys):
+    folder, _ = trained
+    state = torch.load(folder / "checkpoints" / "last.ckpt", weights_only=True)  # the trained checkpoint: plain data
+    marker = tmp_path / "code-ran"
+    state["hyper_parameters"]["note"] = _RunsCodeWhenLoaded(marker)
+    hostile = tmp_path / "hostile.ckpt"
+    torch.save(state, hostile)
+    pic = tmp_path / "p.png"
+    Image.fromarray(draw_sample(3).image).save(pic)
+    with pytest.raises(SystemExit) as stop:
+        main([str(hostile), str(pic), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "holds Python objects besides weights" in err and "--trust-checkpoint" in err
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_predict_checks_its_inputs_before_loading_the_checkpoint(trained, tmp_path, capsys, monkeypatch):
+    folder, _ = trained
+    monkeypatch.setattr(DeepLabV3PlusModule, "load_from_checkpoint", lambda *a, **k: pytest.fail("the checkpoint loaded"))
+    with pytest.raises(SystemExit) as stop:
+        main([str(folder), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2 and "missing.png does not exist" in capsys.readouterr().err

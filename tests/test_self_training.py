@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 from stableseg_pp.fit import run
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 from stableseg_pp.runtime.atomic import atomic_save
+from stableseg_pp.runtime.errors import report_errors
 from stableseg_pp.stages import crf_refine
 from tests.conftest import file_stamps as _files
 from tests.conftest import killed_after_records
@@ -126,3 +128,30 @@ def test_changed_setting_recomputes_only_what_depends_on_it(compose_fit, miniatu
     assert len(list(run_dir.glob("crf-*"))) == 2 and len(list(run_dir.glob("deeplab-*"))) == 2
     run(compose_fit("stage=1", *SMALL, "crf.iterations=3", "segmenter.model.lr=0.05"))
     assert len(list(run_dir.glob("crf-*"))) == 2 and len(list(run_dir.glob("deeplab-*"))) == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_training_exits_130_and_the_same_command_resumes(compose_fit, miniature_model, monkeypatch, capsys):
+    starts: list[int] = []
+
+    def on_train_epoch_start(self):  # Ctrl+C: Python raises KeyboardInterrupt wherever the main thread is
+        starts.append(self.current_epoch)
+        if self.current_epoch == 1 and not getattr(self, "_resumed", False):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(DeepLabV3PlusModule, "on_train_epoch_start", on_train_epoch_start)
+    cfg = compose_fit("stage=1", *SMALL)
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            report_errors(lambda: run(cfg), False, "HYDRA_FULL_ERROR=1", "stableseg_pp.fit")
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl+C while it shuts down
+    assert stop.value.code == 130
+    assert "stableseg_pp.fit: interrupted; run the same command again to resume" in capsys.readouterr().err
+    seg_dir = next(Path(cfg.paths.run_dir).glob("deeplab-*"))
+    assert (seg_dir / "checkpoints" / "last.ckpt").exists() and not (seg_dir / "_COMPLETE.json").exists()
+    starts.clear()
+    monkeypatch.setattr(DeepLabV3PlusModule, "_resumed", True, raising=False)
+    run(compose_fit("stage=1", *SMALL))
+    assert starts == [1] and (seg_dir / "_COMPLETE.json").exists()
