@@ -15,25 +15,22 @@ stored maps. The ``key=value`` overrides are ``fit``'s.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from stableseg_pp import tracking
 from stableseg_pp.config import compose_checked
-from stableseg_pp.data.description import DatasetDescription
-from stableseg_pp.fit import build_tracker, start_run
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError, report_errors
-from stableseg_pp.stages import layer_analysis, zero_shot
 
 log = logging.getLogger("stableseg_pp.analyze")
 
-# analysis name -> step run on stage 0's outputs
-ANALYSES: dict[str, Callable[[DictConfig, DatasetDescription, Path], Path]] = {"layers": layer_analysis.run}
+# analysis name -> the step module (``run(cfg, dataset, stage0_folder) -> folder``) run on stage 0's outputs; imported
+# when it runs, so that --help does not wait for torch
+ANALYSES: dict[str, str] = {"layers": "stableseg_pp.stages.layer_analysis"}
 
 
 def analysis_config(overrides: list[str]) -> DictConfig:
@@ -54,10 +51,15 @@ def analysis_config(overrides: list[str]) -> DictConfig:
 
 def run(name: str, cfg: DictConfig) -> Path:
     """Stage 0 on the analysed images (reused when finished), then the analysis; returns its folder."""
+    from stableseg_pp import tracking
+    from stableseg_pp.fit import build_tracker, start_run
+    from stableseg_pp.stages import zero_shot
+
+    analysis = importlib.import_module(ANALYSES[name])
     try:
         dataset = start_run(cfg)
         with tracking.activate(build_tracker(cfg), OmegaConf.to_container(cfg, resolve=True)):
-            out = ANALYSES[name](cfg, dataset, zero_shot.run(cfg, dataset))
+            out = analysis.run(cfg, dataset, zero_shot.run(cfg, dataset))
         log.info("%s analysis: %s", name, out)
         return out
     finally:
@@ -65,7 +67,9 @@ def run(name: str, cfg: DictConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> Path:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m stableseg_pp.analyze", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("analysis", choices=sorted(ANALYSES), help="what to analyse")
     p.add_argument("overrides", nargs="*", help="key=value config overrides (as for fit)")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")

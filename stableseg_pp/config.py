@@ -8,7 +8,7 @@ folder with Hydra's ``--config-dir`` (``fit``) or ``hydra.searchpath``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,24 @@ def compose_checked(overrides: Sequence[str] = (), config_name: str = "fit") -> 
         if isinstance(err, MissingConfigException) and err.options:
             message += f"; available: {', '.join(err.options)}"
         raise ConfigError(message) from err
+
+
+BASE_MARK = "# @base"  # a line in a group option that only other options build on (``data/common``): not a choice
+
+
+def config_groups(folders: Iterable[str | Path] = ()) -> dict[str, list[str]]:
+    """Each config group (a folder of the shipped configs or of ``folders``) and the options a user chooses from: its
+    yaml files, less the bases marked with a ``# @base`` line. Read from the files, without composing anything."""
+    options: dict[str, set[str]] = {}
+    for root in (Path(CONFIG_DIR), *map(Path, folders)):
+        for path in root.glob("*/*.yaml"):
+            try:
+                is_base = any(line.strip() == BASE_MARK for line in path.read_text().splitlines())
+            except OSError:
+                continue
+            if not is_base:
+                options.setdefault(path.parent.name, set()).add(path.stem)
+    return {group: sorted(names) for group, names in sorted(options.items())}
 
 
 def build(node: DictConfig, **kwargs: Any) -> Any:

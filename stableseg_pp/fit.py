@@ -1,4 +1,4 @@
-"""Hydra entry point: ``python -m stableseg_pp.fit stage=0``.
+"""Run the pipeline: ``python -m stableseg_pp.fit [stage=0|1|2|magnet|all] [group=option ...] [key=value ...]``.
 
 ``stage`` is a plain config value (not a config group); the registry in
 :mod:`stableseg_pp.stages` maps it to the stage functions to run.
@@ -17,22 +17,18 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
-import lightning as L
-import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from stableseg_pp import tracking
-from stableseg_pp.config import CONFIG_DIR, compose_checked
-from stableseg_pp.data.description import DatasetDescription, describe_dataset
+from stableseg_pp.config import CONFIG_DIR, compose_checked, config_groups
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import USAGE_EXIT, ConfigError, report_errors
-from stableseg_pp.runtime.progress import check_log_every
-from stableseg_pp.stages import STAGES, check_segmenter, check_stage_splits, magnet, refinement, resolve_stages
-from stableseg_pp.stages.emerdiff_refine import check_emerdiff_settings
-from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
+
+if TYPE_CHECKING:  # the modules that import torch, Lightning and diffusers load when a run starts, not for --help
+    from stableseg_pp import tracking
+    from stableseg_pp.data.description import DatasetDescription
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +38,10 @@ OmegaConf.register_new_resolver("global_rank", distributed.env_rank, replace=Tru
 
 def build_tracker(cfg: DictConfig) -> tracking.Tracker:
     """The configured tracker on rank 0; the other ranks record nothing."""
+    from hydra.utils import instantiate
+
+    from stableseg_pp import tracking
+
     if not distributed.is_main() or not cfg.get("logger"):
         return tracking.NoTracker()
     return instantiate(cfg.logger)
@@ -63,6 +63,8 @@ def check_devices(cfg: DictConfig) -> None:
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
     if accelerator not in ("gpu", "cuda"):
         return
+    import torch
+
     available = torch.cuda.device_count()
     devices = cfg.trainer.get("devices", 1)
     wanted = len(devices) if OmegaConf.is_list(devices) else (available if str(devices) in ("auto", "-1") else int(devices))
@@ -94,6 +96,11 @@ def check_writable(cfg: DictConfig) -> None:
 
 def check_settings(cfg: DictConfig) -> None:
     """Everything that can be checked before a rank starts or a model loads (a clear one-line error otherwise)."""
+    from stableseg_pp.runtime.progress import check_log_every
+    from stableseg_pp.stages import check_segmenter, check_stage_splits, magnet, refinement, resolve_stages
+    from stableseg_pp.stages.emerdiff_refine import check_emerdiff_settings
+    from stableseg_pp.stages.zero_shot import check_zero_shot_settings
+
     check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
     check_segmenter(cfg.stage, cfg.zero_shot.get("segmenter", "stableseg"))
     refinement.check_refine(cfg.get("refine", "crf"))
@@ -109,6 +116,11 @@ def check_settings(cfg: DictConfig) -> None:
 
 def start_run(cfg: DictConfig) -> DatasetDescription:
     """What every rank does before the first step: the checks, the process group, the seed, the dataset description."""
+    import lightning as L
+
+    from stableseg_pp.data.description import describe_dataset
+    from stableseg_pp.stages.zero_shot import check_backbone_settings
+
     check_settings(cfg)
     require_launcher(cfg)
     distributed.setup(cfg.trainer.accelerator)
@@ -121,6 +133,9 @@ def start_run(cfg: DictConfig) -> DatasetDescription:
 
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Run the configured stage(s); returns each stage's output folder. Every rank calls it."""
+    from stableseg_pp import tracking
+    from stableseg_pp.stages import STAGES, resolve_stages
+
     stages = resolve_stages(cfg.stage)
     dataset = start_run(cfg)
     outputs = {}
@@ -145,6 +160,9 @@ def relaunch_under_torchrun(n: int) -> int:
 
 def run_command(cfg: DictConfig) -> None:
     """What ``python -m stableseg_pp.fit`` does: checks, then this process's ranks or the run itself."""
+    from stableseg_pp.data.description import describe_dataset
+    from stableseg_pp.stages.zero_shot import check_backbone_settings
+
     n = distributed.configured_world_size(cfg.trainer)
     if n > 1 and distributed.launched_environment() is None and int(cfg.trainer.get("num_nodes", 1)) == 1:
         check_settings(cfg)  # before torchrun starts ranks that would all fail the same way
@@ -201,6 +219,29 @@ def check_overrides(args: list[str]) -> None:
         sys.exit(USAGE_EXIT)
 
 
+HELP = """Examples:
+  python -m stableseg_pp.fit                                   # the whole pipeline on the miniature world (CPU)
+  python -m stableseg_pp.fit stage=0 debug=fast                # StableSeg pseudo-masks of a few images
+  python -m stableseg_pp.fit experiment=voc_stableseg_pp paths.data_dir=/data
+  python -m stableseg_pp.fit --config-dir my_configs data=my_shapes
+
+Config groups (group=option):
+{groups}
+
+The composed config: --cfg job; Hydra's own help: --hydra-help. Docs: docs/guide.md, docs/configs.md."""
+
+
+def print_help(args: list[str]) -> None:
+    """``fit --help``: what to run, the config groups and their choices (bases such as ``data/common`` left out)."""
+    overrides = overrides_with_config_dir([a for a in args if a not in ("--help", "-h")]) or []
+    folders = [o.split("file://", 1)[1].rstrip("]") for o in overrides if o.startswith("hydra.searchpath=")]
+    groups = "\n".join(f"  {group}: {', '.join(options)}" for group, options in config_groups(folders).items())
+    print(__doc__.strip() + "\n\n" + HELP.format(groups=groups))
+
+
 if __name__ == "__main__":
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        print_help(sys.argv[1:])
+        sys.exit(0)
     check_overrides(sys.argv[1:])
     main()

@@ -1,54 +1,37 @@
 """Apply a trained DeepLabV3+ (the end product of stages 1-2) to new pictures, or export it.
 
     python -m stableseg_pp.predict outputs/miniature-miniature_sd/deeplab-<hash> photo.jpg --out masks/
-    python -m stableseg_pp.predict outputs/.../deeplab-<hash> --export segmenter.pt --export-size 512
+    python -m stableseg_pp.predict outputs/.../deeplab-<hash> --export segmenter.pt2
 
 The first argument is a DeepLabV3+ step folder (its ``checkpoints/last.ckpt``)
-or a checkpoint file. Writes ``<name>_mask.png`` (palette PNG of class ids),
-``<name>_overlay.png`` and ``classes.json`` (the legend). ``--export`` writes
-a TorchScript model that needs neither this package nor Lightning: it takes
-``(B, 3, S, S)`` RGB images with values 0-255 (any float or integer dtype) and
-returns ``(B, S, S)`` class ids (int64); resize pictures to ``S x S`` first.
+or a checkpoint file, read weights-only (no code in it runs; a file holding
+other Python objects needs --trust-checkpoint). Writes ``<name>_mask.png``
+(palette PNG of class ids), ``<name>_overlay.png`` and ``classes.json`` (the
+legend). ``--export`` writes a ``torch.export`` program that needs only torch
+(neither this package nor Lightning), with the class names, the training size
+and the input convention stored in it; docs/guide.md has the five-line loader.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from stableseg_pp.artifacts import check_legend, check_output_folder, check_pictures, write_picture_masks
-from stableseg_pp.data.pairs import IMAGENET_MEAN, IMAGENET_STD
-from stableseg_pp.models.deeplab import DeepLabV3PlusModule
-from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.errors import UserError, one_line, report_errors
-from stableseg_pp.stages.train_segmenter import final_checkpoint
+from stableseg_pp.runtime.run_dir import final_checkpoint
+
+if TYPE_CHECKING:  # torch and the model load after the arguments and inputs are checked
+    import numpy as np
+
+    from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 
 log = logging.getLogger("stableseg_pp.predict")
 HINT = "; replace it, or leave it out of the command"
 STRICT_HINT = " (--strict refuses images that are not RGB; without it they are converted)"
-
-
-class ExportedSegmenter(torch.nn.Module):
-    """DeepLabV3+ with its input normalisation: 0-255 RGB images in, class ids out.
-
-    Args:
-        model: the trained smp model (``DeepLabV3PlusModule.model``).
-    """
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255)
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) / self.std
-        return self.model(x).argmax(1)
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -64,10 +47,22 @@ def find_checkpoint(path: Path) -> Path:
     )
 
 
+def training_size(ckpt: Path) -> int | None:
+    """The crop side a step folder's DeepLabV3+ was trained at (its ``key.json``); None for a bare checkpoint."""
+    key = ckpt.parent.parent / "key.json"
+    try:
+        train = json.loads(key.read_text())["segmenter"]["train"]
+        return int(train.get("crop_size") or train["base_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_segmenter(path: Path, device: str, trusted: bool = False) -> DeepLabV3PlusModule:
     """The trained module (its pretrained-encoder setting is ignored: the checkpoint holds every weight).
 
     The checkpoint is read with ``weights_only`` (tensors and plain values; no code in it runs) unless ``trusted``."""
+    from stableseg_pp.models.deeplab import DeepLabV3PlusModule
+
     ckpt = find_checkpoint(path)
     try:
         module = DeepLabV3PlusModule.load_from_checkpoint(
@@ -83,35 +78,35 @@ def load_segmenter(path: Path, device: str, trusted: bool = False) -> DeepLabV3P
     return module.eval().to(device)
 
 
-@torch.no_grad()
 def predict_mask(module: DeepLabV3PlusModule, image: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 RGB -> (H, W) uint8 class ids, at the picture's own size."""
-    x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(module.device) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    logits = module((x - mean) / std)
+    import torch
+
+    from stableseg_pp.data.pairs import IMAGENET_MEAN, IMAGENET_STD
+
+    with torch.no_grad():
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(module.device) / 255.0
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        logits = module((x - mean) / std)
     return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 
-def export(module: DeepLabV3PlusModule, path: Path, size: int) -> Path:
-    """Trace :class:`ExportedSegmenter` at ``size x size`` and save it as TorchScript (atomically)."""
-    if size % 2**module.hparams.encoder_depth:
-        raise UserError(f"--export-size {size}: use a multiple of {2**module.hparams.encoder_depth}")
-    wrapper = ExportedSegmenter(module.model).eval().to(module.device)
-    example = torch.zeros(1, 3, size, size, device=module.device)
-    with torch.no_grad():
-        traced = torch.jit.trace(wrapper, example)
-    return atomic_save(path, lambda t: torch.jit.save(traced, t))
-
-
 def main(argv: list[str] | None = None) -> list[Path]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m stableseg_pp.predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("segmenter", type=Path, help="a DeepLabV3+ step folder (deeplab-<hash>) or a .ckpt file")
     p.add_argument("images", nargs="*", type=Path)
     p.add_argument("--out", type=Path, help="folder for the masks (needed with images)")
-    p.add_argument("--export", type=Path, help="write a TorchScript model to this file")
-    p.add_argument("--export-size", type=int, default=512, help="image side the exported model takes (default 512)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--export", type=Path, help="write a torch.export program (.pt2) to this file")
+    p.add_argument(
+        "--export-size",
+        type=int,
+        default=None,
+        help="the image side the export is traced and documented at (default: the training crop size)",
+    )
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda where PyTorch sees a GPU)")
     p.add_argument("--strict", action="store_true", help="refuse images that are not RGB instead of converting them")
     p.add_argument(
         "--trust-checkpoint",
@@ -130,9 +125,18 @@ def run(args: argparse.Namespace) -> list[Path]:
         raise UserError("give images to segment (with --out) and/or --export FILE")
     if args.images and not args.out:
         raise UserError("--out: give the folder for the masks")
+    ckpt = find_checkpoint(args.segmenter)  # everything that needs no weights is checked before they load
+    size = args.export_size or training_size(ckpt)
+    if args.export and size is None:
+        raise UserError(f"--export-size: {ckpt} is not in a DeepLabV3+ step folder, so its training size is unknown; give it")
+    import torch
+
+    from stableseg_pp.artifacts import check_legend, check_output_folder, check_pictures, write_picture_masks
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device}: this machine has no GPU that PyTorch can use; use --device cpu")
-    ckpt = find_checkpoint(args.segmenter)  # everything that needs no weights is checked before they load
     pictures = None
     if args.images:
         check_output_folder(args.out)
@@ -147,8 +151,12 @@ def run(args: argparse.Namespace) -> list[Path]:
         legend = dict(enumerate(module.class_names))
         check_legend(args.out, legend)
     if args.export:
-        written.append(export(module, args.export, args.export_size))
-        log.info("exported %s (input: (B, 3, %d, %d) RGB 0-255)", args.export, args.export_size, args.export_size)
+        from stableseg_pp.export import export_segmenter
+
+        multiple = 2 ** int(module.hparams.encoder_depth)
+        written.append(export_segmenter(module.model, module.class_names, args.export, size, multiple))
+        log.info("exported %s: (B, 3, H, W) uint8 RGB -> class ids; H, W multiples of %d (trained at %d)", args.export,
+                 multiple, size)  # fmt: skip
     if pictures is not None:
         predict = lambda im: predict_mask(module, im)  # noqa: E731
         written += write_picture_masks(pictures, args.out, legend, predict, args.strict, HINT, STRICT_HINT)

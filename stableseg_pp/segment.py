@@ -12,6 +12,11 @@ settings have one set of defaults. Writes ``<name>_mask.png`` (palette PNG:
 The inputs, ``--out`` and the settings are checked before the model loads.
 ``data.*`` settings do not apply (the pictures come from the command line;
 ``--strict`` is the strict RGB mode).
+
+Every class named gets a mask, whether or not the model knows the word: a
+name its text encoder or its training never saw (for the built-in miniature
+model, anything but the shapes of its world) still gets confident-looking
+masks, with nothing to say they are wrong. Check a few results by eye.
 """
 
 from __future__ import annotations
@@ -20,18 +25,15 @@ import argparse
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from omegaconf import DictConfig, OmegaConf
-
-from stableseg_pp.artifacts import SiteWeights, check_legend, check_output_folder, check_pictures, write_picture_masks
-from stableseg_pp.backbones.base import DiffusionBackbone
-from stableseg_pp.config import build, compose_checked
-from stableseg_pp.data.prompted_images import to_model_pixels
-from stableseg_pp.methods.stableseg import StableSeg, resize_scores, split_into_prompts
 from stableseg_pp.runtime.errors import ConfigError, UserError, report_errors
-from stableseg_pp.stages.zero_shot import check_zero_shot_settings
+
+if TYPE_CHECKING:  # torch, diffusers and the model code load after the arguments are parsed (a quick --help)
+    from omegaconf import DictConfig
+
+    from stableseg_pp.backbones.base import DiffusionBackbone
+    from stableseg_pp.methods.stableseg import StableSeg
 
 log = logging.getLogger("stableseg_pp.segment")
 # zero_shot keys that concern datasets and stored outputs, not one picture
@@ -84,6 +86,8 @@ def refuse_data_settings(overrides: Sequence[str]) -> None:
 
 def check_prompts(cfg: DictConfig, backbone: DiffusionBackbone, classes: list[str]) -> None:
     """Every class name fits a prompt of this backbone's text encoder (checked from its tokenizer, before weights)."""
+    from stableseg_pp.methods.stableseg import split_into_prompts
+
     zs = cfg.zero_shot
     names = [*classes, zs.background_word] if zs.background == "word" else list(classes)
     try:
@@ -94,6 +98,11 @@ def check_prompts(cfg: DictConfig, backbone: DiffusionBackbone, classes: list[st
 
 def build_segmenter(cfg: DictConfig, device: str, backbone: DiffusionBackbone) -> StableSeg:
     """StableSeg on the configured backbone (loaded here), with the configured stage-0 settings."""
+    from omegaconf import OmegaConf
+
+    from stableseg_pp.artifacts import SiteWeights
+    from stableseg_pp.methods.stableseg import StableSeg
+
     backbone = backbone.load()
     settings = OmegaConf.to_container(cfg.zero_shot, resolve=True)
     for k in NOT_FOR_SEGMENT:
@@ -107,13 +116,15 @@ def build_segmenter(cfg: DictConfig, device: str, backbone: DiffusionBackbone) -
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m stableseg_pp.segment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("inputs", nargs="+", help="image files, then optional key=value config overrides (as for fit)")
     p.add_argument("--classes", required=True, help='comma-separated class names, e.g. "red car,blue car"')
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--model", default=None, help="shorthand for diffusion.pretrained= (a diffusers folder or hub id)")
     p.add_argument("--dtype", default=None, help="shorthand for diffusion.dtype= (float32, float16, bfloat16)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cuda, cuda:N or cpu (default: cuda where PyTorch sees a GPU)")
     p.add_argument("--strict", action="store_true", help="refuse images that are not RGB instead of converting them")
     p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_intermixed_args(argv)  # images, options and overrides in any order
@@ -129,6 +140,18 @@ def segment(args: argparse.Namespace) -> list[Path]:
     if not images:
         raise UserError("give at least one image file before the key=value overrides")
     refuse_data_settings(overrides)
+    import numpy as np
+    import torch
+
+    from stableseg_pp.artifacts import check_legend, check_output_folder, check_pictures, write_picture_masks
+    from stableseg_pp.config import build, compose_checked
+    from stableseg_pp.data.prompted_images import to_model_pixels
+    from stableseg_pp.methods.stableseg import resize_scores
+    from stableseg_pp.stages.zero_shot import check_zero_shot_settings
+
+    np.seterr(all="ignore")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     legend = {0: "background", **{i + 1: n for i, n in enumerate(classes)}}
     check_output_folder(args.out)
     check_legend(args.out, legend)
@@ -157,5 +180,4 @@ def segment(args: argparse.Namespace) -> list[Path]:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()

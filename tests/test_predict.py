@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -51,16 +53,31 @@ def test_predict_and_export_match_the_lightning_module(trained, tmp_path):
         Image.fromarray(draw_sample(s).image).save(p)
         paths.append(p)
     out = tmp_path / "out"
-    main([str(folder), *map(str, paths), "--out", str(out), "--export", str(tmp_path / "seg.pt"), "--export-size", "64"])
+    main([str(folder), *map(str, paths), "--out", str(out), "--export", str(tmp_path / "seg.pt2"), "--export-size", "64"])
     expected = _module_masks(module, paths)
     for p, ref in zip(paths, expected, strict=True):
         got = np.array(Image.open(out / f"{p.stem}_mask.png"))
         np.testing.assert_array_equal(got, ref)
     assert json.loads((out / "classes.json").read_text())["5"] == CLASS_NAMES[5]
 
-    exported = torch.jit.load(str(tmp_path / "seg.pt"))  # needs neither this package nor Lightning
+    # the documented loader (stableseg_pp/export.py), in a process that imports torch only
+    loader = f"""
+import json, sys, torch
+extra = {{"stableseg_pp.json": ""}}
+program = torch.export.load({str(tmp_path / "seg.pt2")!r}, extra_files=extra)
+info = json.loads(extra["stableseg_pp.json"])
+images = torch.load({str(tmp_path / "batch.pt")!r})
+torch.save(program.module()(images), {str(tmp_path / "ids.pt")!r})
+print(json.dumps(info))
+assert not [m for m in sys.modules if m.startswith(("stableseg_pp", "lightning", "segmentation_models_pytorch"))]
+"""
     batch = torch.stack([torch.from_numpy(draw_sample(s).image).permute(2, 0, 1) for s in (20, 21, 22)])
-    np.testing.assert_array_equal(exported(batch).numpy(), expected.astype(np.int64))
+    torch.save(batch, tmp_path / "batch.pt")
+    done = subprocess.run([sys.executable, "-c", loader], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    info = json.loads(done.stdout.strip().splitlines()[-1])
+    assert info["class_names"] == list(CLASS_NAMES) and info["input_size"] == 64
+    np.testing.assert_array_equal(torch.load(tmp_path / "ids.pt").numpy(), expected.astype(np.int64))
 
 
 def test_predict_refuses_a_folder_without_checkpoint(tmp_path, capsys):

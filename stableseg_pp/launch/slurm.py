@@ -22,7 +22,6 @@ from omegaconf import DictConfig
 
 from stableseg_pp.config import compose_config
 from stableseg_pp.runtime.distributed import configured_world_size
-from stableseg_pp.stages import stage_chain
 
 TEMPLATE = Path(__file__).resolve().parent / "templates" / "stage.sbatch"
 
@@ -65,6 +64,8 @@ def render(cfg: DictConfig, stage: str, overrides: Sequence[str], workdir: Path,
 
 
 def write_scripts(overrides: Sequence[str], stages: Sequence[str] | None = None, workdir: Path | None = None) -> list[Path]:
+    from stableseg_pp.stages import stage_chain  # the stage registry imports torch: not needed for --help
+
     cfg = compose_config(overrides)
     stages = [str(s) for s in (stages or cfg.launcher.get("stages") or stage_chain(cfg.stage))]
     log_dir = Path(cfg.launcher.log_dir)
@@ -89,7 +90,7 @@ def submit_chain(scripts: Sequence[Path], sbatch: str = "sbatch") -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m stableseg_pp.launch.slurm", description=__doc__.split("\n\n")[0])
     parser.add_argument("--submit", action="store_true", help="queue the scripts as a chain (afterok)")
     parser.add_argument("--dry-run", action="store_true", help="with --submit: write and print, do not queue")
     parser.add_argument("--stages", nargs="+", help="stages to chain (default: launcher.stages, else the chain of `stage`)")

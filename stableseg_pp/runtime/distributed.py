@@ -16,12 +16,12 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
-import torch.distributed as dist
-from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import OmegaConf
+
+if TYPE_CHECKING:
+    from lightning.fabric.plugins.environments import ClusterEnvironment
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -34,8 +34,17 @@ def configured_world_size(trainer) -> int:
     return n * int(trainer.get("num_nodes", 1))
 
 
+def _dist():
+    """``torch.distributed``, imported when first needed (a command's ``--help`` does not wait for torch)."""
+    import torch.distributed
+
+    return torch.distributed
+
+
 def launched_environment() -> ClusterEnvironment | None:
     """The launcher that started this process as one of several (srun or torchrun), if any."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
     if TorchElasticEnvironment.detect():
         return TorchElasticEnvironment()
     if SLURMEnvironment.detect() and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
@@ -57,6 +66,9 @@ def setup(accelerator: str = "auto", timeout_minutes: int = 120) -> None:
     The timeout covers the longest step one rank does alone (rank 0 evaluating
     and writing records) while the others wait at a barrier.
     """
+    import torch
+
+    dist = _dist()
     env = launched_environment()
     if env is None or env.world_size() <= 1 or dist.is_initialized():
         return
@@ -73,10 +85,12 @@ def setup(accelerator: str = "auto", timeout_minutes: int = 120) -> None:
 
 
 def rank() -> int:
+    dist = _dist()
     return dist.get_rank() if dist.is_initialized() else 0
 
 
 def world_size() -> int:
+    dist = _dist()
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
@@ -94,8 +108,11 @@ def is_main() -> bool:
 
 
 def barrier() -> None:
+    dist = _dist()
     if dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl":
+            import torch
+
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
@@ -124,5 +141,6 @@ def on_main(fn: Callable[[], T]) -> T | None:
 
 
 def teardown() -> None:
+    dist = _dist()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -37,6 +37,11 @@ def stage_dir(run_dir: str | Path, stage: str, key: Mapping[str, Any]) -> Path:
     return Path(run_dir) / f"{stage}-{config_hash(key)}"
 
 
+def final_checkpoint(folder: str | Path) -> Path:
+    """The trained weights of a finished training step folder (``checkpoints/last.ckpt``)."""
+    return Path(folder) / "checkpoints" / "last.ckpt"
+
+
 def is_complete(folder: str | Path) -> bool:
     return (Path(folder) / COMPLETE).exists()
 

@@ -32,7 +32,7 @@ from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import training_loop_settings
 from stableseg_pp.runtime.resume import run_lightning
-from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
+from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, final_checkpoint, open_stage
 from stableseg_pp.stages.zero_shot import on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
@@ -63,11 +63,6 @@ def trainer_key(cfg: DictConfig) -> dict:
         "world_size": distributed.configured_world_size(cfg.trainer),
         "sync_batchnorm": bool(cfg.trainer.get("sync_batchnorm", False)),
     }
-
-
-def final_checkpoint(folder: Path) -> Path:
-    """The trained weights of a finished DeepLabV3+ step folder (``checkpoints/last.ckpt``)."""
-    return folder / "checkpoints" / "last.ckpt"
 
 
 def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, init: Path | None = None) -> Path:
