@@ -119,9 +119,12 @@ def start_run(cfg: DictConfig) -> DatasetDescription:
     import lightning as L
 
     from stableseg_pp.data.description import describe_dataset
-    from stableseg_pp.stages.zero_shot import check_backbone_settings
+    from stableseg_pp.runtime.progress import quiet_lightning_tips
+    from stableseg_pp.stages.zero_shot import check_backbone_available, check_backbone_settings
 
+    quiet_lightning_tips()
     check_settings(cfg)
+    check_backbone_available(cfg)  # before the dataset is written or described
     require_launcher(cfg)
     distributed.setup(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -134,16 +137,19 @@ def start_run(cfg: DictConfig) -> DatasetDescription:
 def run(cfg: DictConfig) -> dict[str, Path]:
     """Run the configured stage(s); returns each stage's output folder. Every rank calls it."""
     from stableseg_pp import tracking
-    from stableseg_pp.stages import STAGES, resolve_stages
+    from stableseg_pp.runtime.pipeline_progress import PROGRESS
+    from stableseg_pp.stages import STAGES, planned_steps, resolve_stages
 
     stages = resolve_stages(cfg.stage)
     dataset = start_run(cfg)
     outputs = {}
+    PROGRESS.plan(planned_steps(cfg))
     with tracking.activate(build_tracker(cfg), OmegaConf.to_container(cfg, resolve=True)):
         for key in stages:
             log.info("running stage %s", key)
             outputs[key] = STAGES[key](cfg, dataset)
             log.info("stage %s outputs: %s", key, outputs[key])
+    PROGRESS.finish()
     return outputs
 
 

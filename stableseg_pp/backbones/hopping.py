@@ -1,4 +1,4 @@
-"""The hopping mask (paper 003, independent form): several prompts through a text encoder in one pass.
+"""The hopping mask (Zhao et al.; README "References"; independent form): several prompts through a text encoder in one pass.
 
 Prompts are packed one after another into rows of the encoder's length; the
 attention mask ``M[i, j] = 1`` iff ``P(i) == P(j)`` (and ``j <= i`` for a causal

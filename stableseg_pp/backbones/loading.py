@@ -3,6 +3,7 @@ miniature models, local folders vs hub ids, content fingerprints, dtypes, LoRA a
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -60,11 +61,13 @@ def pipeline_folder_or_hub_id(pretrained: str, example_hub_id: str) -> tuple[str
 
 
 def offline_hint(pretrained: str, reason: str) -> str:
-    """The one-line message for weights that could not be read."""
+    """The one-line message for weights that could not be read (the library's pointer to a stack trace that the
+    one-line report does not show is left out)."""
+    reason = re.sub(r"\s*[^.;]*stack ?trace above[^.;]*[.;]?", "", reason, flags=re.IGNORECASE).strip(" .;")
     return (
         f"diffusion.pretrained={pretrained}: could not load it ({reason}). Without network access, download the model "
-        "elsewhere and pass its local folder (diffusion.pretrained=/path), or pre-fill the Hugging Face cache (HF_HOME) "
-        "on a machine with network access"
+        "elsewhere and pass its local folder or single file (diffusion.pretrained=/path), or pre-fill the Hugging Face "
+        "cache (HF_HOME) on a machine with network access"
     )
 
 

@@ -27,6 +27,7 @@ from stableseg_pp.backbones.loading import (
     lora_identity,
     lora_weights_file,
     model_identity,
+    offline_hint,
     parse_dtype,
     resolve_model_path,
 )
@@ -207,12 +208,7 @@ class SDUNetBackbone:
                     f"({one_line(err)}). Set diffusion.single_file_config to a diffusers folder (or hub id) of the same "
                     "architecture, e.g. a local copy of stable-diffusion-v1-5/stable-diffusion-v1-5, for its configs"
                 ) from err
-            reason = one_line(err)
-            raise ConfigError(
-                f"diffusion.pretrained={self.pretrained}: could not load it ({reason}). Without network access, "
-                "download the model elsewhere and pass its local folder or single file (diffusion.pretrained=/path), "
-                "or pre-fill the Hugging Face cache (HF_HOME) on a machine with network access"
-            ) from err
+            raise ConfigError(offline_hint(self.pretrained, one_line(err))) from err
         if self.lora:
             apply_lora(pipe, self.lora)
         self._set_components(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)

@@ -9,6 +9,7 @@ them every ``log_every`` steps, the cadence the loggers read at.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from lightning.pytorch.callbacks import TQDMProgressBar
@@ -49,6 +50,21 @@ class TrainingBar(TQDMProgressBar):
             if value is not None:
                 items[name] = f"{float(value):.3g}"
         return items
+
+
+class _NoProductTips(logging.Filter):
+    """Drops Lightning's advertisements ("Tip: ... try installing litlogger / litmodels"), one per Trainer."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in record.getMessage()
+
+
+def quiet_lightning_tips() -> None:
+    """Keep Lightning's product tips out of the run's log (its other messages stay)."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _NoProductTips) for f in logger.filters):
+            logger.addFilter(_NoProductTips())
 
 
 def check_log_every(log_every: int, setting: str) -> None:

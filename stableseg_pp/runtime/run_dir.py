@@ -23,6 +23,7 @@ from typing import Any
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_write_text, remove_stale_temporaries, write_json
 from stableseg_pp.runtime.hashing import config_hash, to_plain
+from stableseg_pp.runtime.pipeline_progress import PROGRESS
 
 COMPLETE = "_COMPLETE.json"
 log = logging.getLogger(__name__)
@@ -116,6 +117,8 @@ def open_stage(run_dir: str | Path, stage: str, key: Mapping[str, Any], force: b
     lock (:class:`StageLock`) until the block ends.
     """
     out = stage_dir(run_dir, stage, key)
+    if distributed.is_main():
+        PROGRESS.step(stage)
     with StageLock(out) if distributed.is_main() else nullcontext():
         with distributed.main_first():  # rank 0 clears / creates the folder; the others then see it as it is
             if distributed.is_main() and force and out.exists():

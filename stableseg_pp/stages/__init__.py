@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.runtime.errors import ConfigError
-from stableseg_pp.stages import emerdiff_segments, magnet, self_training, zero_shot
+from stableseg_pp.stages import emerdiff_segments, magnet, refinement, self_training, zero_shot
 
 # Every stage: ``run(cfg, dataset) -> output folder``.
 StageFn = Callable[[DictConfig, DatasetDescription], Path]
@@ -45,6 +45,18 @@ def resolve_stages(stage: object) -> list[str]:
     if key not in STAGES:
         raise ConfigError(f"stage={stage!r} is not a stage; choose one of {sorted(STAGES) + ['all']}")
     return [key]
+
+
+def planned_steps(cfg: DictConfig) -> int:
+    """How many step folders ``fit`` opens for ``cfg.stage`` (the count behind "step k of N")."""
+    key = resolve_stages(cfg.stage)[-1]
+    if key == "0":
+        return 1
+    round1 = 1 + refinement.steps(cfg) + 1  # stage 0, refinement, DeepLabV3+ (magnet: ..., MAGNET)
+    if key in ("1", "magnet"):
+        return round1
+    later = 1 + int(bool(cfg.self_training.get("magnet"))) + round1  # map weights, (MAGNET), regenerate, refine, retrain
+    return round1 + (int(cfg.self_training.rounds) - 1) * later
 
 
 def stage_chain(stage: object) -> list[str]:

@@ -36,6 +36,12 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     return REFINERS[check_refine(cfg.get("refine", "crf"))](cfg, dataset, stage0_dir)
 
 
+def steps(cfg: DictConfig) -> int:
+    """How many step folders the refinement writes (``emerdiff+crf``: two; ``none``: none)."""
+    choice = check_refine(cfg.get("refine", "crf"))
+    return 0 if choice == "none" else len(choice.split("+"))
+
+
 def label(cfg: DictConfig) -> str | None:
     """The refinement's name in the results table (None: no refinement step)."""
     return LABELS[check_refine(cfg.get("refine", "crf"))]

@@ -8,6 +8,7 @@ ground truth exists. Finished images are skipped on resume.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, SiteWeights, Stage0Writer
 from stableseg_pp.backbones.base import DiffusionBackbone, select_sites
+from stableseg_pp.backbones.loading import offline_hint
 from stableseg_pp.backbones.prompts import build_prompt
 from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
@@ -76,6 +78,17 @@ def check_prompt_template(template: object, joiner: object) -> None:
         build_prompt(["x"], template, str(joiner))
     except (KeyError, IndexError, ValueError) as err:
         raise ConfigError(f"zero_shot.prompt_template={template!r}: {err}; write a literal brace as {{{{ or }}}}") from err
+
+
+def check_backbone_available(cfg: DictConfig) -> None:
+    """A hub id that is not in the local cache while downloads are off (``HF_HUB_OFFLINE=1``) is an error now, not
+    after the dataset has been written and the loaders started."""
+    try:
+        build_backbone(cfg).sites(cfg.zero_shot.resolution)
+    except LookupError as err:
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            reason = "its configs are not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 allows no download"
+            raise ConfigError(offline_hint(str(cfg.diffusion.pretrained), reason)) from err
 
 
 def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> None:
