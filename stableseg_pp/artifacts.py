@@ -30,7 +30,8 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from stableseg_pp.data.files import BadInputError, load_rgb
-from stableseg_pp.data.palette import IGNORE_INDEX, colorize, save_palette_png
+from stableseg_pp.data.palette import IGNORE_INDEX, save_palette_png
+from stableseg_pp.pictures import overlay_png
 from stableseg_pp.runtime.atomic import atomic_save, atomic_write_bytes, atomic_write_text, write_json
 from stableseg_pp.runtime.errors import ConfigError, UserError, one_line
 from stableseg_pp.runtime.transfer import HostBatch
@@ -345,7 +346,7 @@ def write_picture_masks(
         if not written:
             atomic_write_text(out / LEGEND, json.dumps({str(k): v for k, v in legend.items()}, indent=2))
         written.append(atomic_save(out / f"{stem}_mask.png", lambda t, m=mask: save_palette_png(m, t)))
-        overlay = overlay_png(image, mask, None)
+        overlay = overlay_png(image, mask, None, class_names=legend)
         atomic_save(out / f"{stem}_overlay.png", lambda t, im=overlay: im.save(t, format="PNG"))
         areas = {name: float((mask == k).mean()) for k, name in legend.items() if k}
         log.info("%s -> %s: %s", path, written[-1].name, ", ".join(f"{n} {v:.1%}" for n, v in areas.items()))
@@ -355,27 +356,6 @@ def write_picture_masks(
             f"into {out}: {' | '.join(unreadable)}"
         )
     return written
-
-
-def overlay_png(
-    image: np.ndarray,
-    pred: np.ndarray,
-    gt: np.ndarray | None,
-    alpha: float = 0.55,
-    palette: list[int] | None = None,
-    background_index: int | None = 0,
-) -> Image.Image:
-    """Image, image blended with the pseudo-mask, and with the ground truth, side by side."""
-
-    def blend(mask: np.ndarray) -> np.ndarray:
-        col = colorize(mask, palette).astype(np.float32)
-        keep = (mask == background_index) | (mask == IGNORE_INDEX)
-        out = image.astype(np.float32) * (1 - alpha) + col * alpha
-        out[keep] = image[keep] * 0.6 + col[keep] * 0.4 * (mask[keep, None] == IGNORE_INDEX)
-        return out.clip(0, 255).astype(np.uint8)
-
-    panels = [image, blend(pred)] + ([blend(gt)] if gt is not None else [])
-    return Image.fromarray(np.concatenate(panels, axis=1))
 
 
 class Stage0Writer(BasePredictionWriter):
@@ -399,12 +379,14 @@ class Stage0Writer(BasePredictionWriter):
         palette: list[int] | None = None,
         background_index: int | None = 0,
         threads: int = 4,
+        class_names: Sequence[str] | None = None,
     ):
         super().__init__(write_interval="batch")
         self.layouts = list(layouts)
         self.overlay_ids = set(overlay_ids)
         self.palette = palette
         self.background_index = background_index
+        self.class_names = list(class_names) if class_names is not None else None
         self.written_ids: list[list[str]] = [[] for _ in self.layouts]
         self.threads = int(threads)
         self._pool: ThreadPoolExecutor | None = None
@@ -419,8 +401,9 @@ class Stage0Writer(BasePredictionWriter):
         atomic_write_bytes(layout.maps_path(record.id), stage0_maps_bytes(record))
         if record.id in self.overlay_ids:
             img = overlay_png(
-                record.image, record.mask, record.ground_truth, palette=self.palette, background_index=self.background_index
-            )
+                record.image, record.mask, record.ground_truth, palette=self.palette,
+                background_index=self.background_index, class_names=self.class_names, mask_title="pseudo-masks",
+            )  # fmt: skip
             atomic_save(layout.overlay_path(record.id), lambda t, im=img: im.save(t, format="PNG"))
         atomic_save(layout.mask_path(record.id), lambda t: save_palette_png(record.mask, t, self.palette))
 

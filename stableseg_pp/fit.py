@@ -53,7 +53,8 @@ def require_launcher(cfg: DictConfig) -> None:
     if n > 1 and distributed.launched_environment() is None:
         raise ConfigError(
             f"trainer.devices x trainer.num_nodes = {n} ranks, but this is a single process: start one process per "
-            "device with srun (python -m stableseg_pp.launch.slurm) or torchrun (stableseg_pp/launch/torchrun.sh); "
+            "device with srun (python -m stableseg_pp.launch.slurm) or torchrun (torchrun --nproc_per_node=N -m "
+            "stableseg_pp.fit ...); "
             "on one machine `python -m stableseg_pp.fit trainer.devices=N` does it for you. See docs/cluster.md"
         )
 

@@ -69,8 +69,10 @@ def test_fit_user_errors_are_one_line(tmp_path, overrides, message):
     assert "Traceback" not in done.stderr
     (line,) = _error_lines(done.stderr)
     assert line.startswith("stableseg_pp.fit: error: ") and message in line
-    if not any("someorg" in o for o in overrides):  # checked from the configs, before any weights are read
-        assert "Loading pipeline components" not in done.stderr
+    assert "Loading pipeline components" not in done.stderr  # checked from the configs, before any weights are read
+    assert "stacktrace above" not in line  # no pointer to a traceback the one-line report does not show
+    if any("someorg" in o for o in overrides):  # a model missing offline: found before the dataset is written
+        assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.slow

@@ -17,7 +17,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
+from stableseg_pp.pictures import legend_strip, overlay_png, present_classes
 from stableseg_pp.predict import main
+from stableseg_pp.stages.site_plots import short_site_labels
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +120,22 @@ def test_predict_checks_its_inputs_before_loading_the_checkpoint(trained, tmp_pa
     with pytest.raises(SystemExit) as stop:
         main([str(folder), str(tmp_path / "missing.png"), "--out", str(tmp_path / "o")])
     assert stop.value.code == 2 and "missing.png does not exist" in capsys.readouterr().err
+
+
+def test_overlays_have_titles_and_a_legend_of_the_classes_present():
+    sample = draw_sample(3)
+    picture = overlay_png(sample.image, sample.mask, sample.mask, class_names=CLASS_NAMES, mask_title="pseudo-masks")
+    side = 64 * 3  # enlarged to at least 192 px per panel
+    assert picture.size[0] >= 3 * side and picture.size[1] > side + 30  # titles above, a legend below
+    present = present_classes([sample.mask], CLASS_NAMES)
+    assert present[0] == "background" and set(present) == set(np.unique(sample.mask).tolist()) - {255}
+    legend = legend_strip({1: "circle", 2: "square"}, None, 400)
+    assert 0 < legend.height < 40  # one row for two names
+    assert legend_strip({k: f"a long class name {k}" for k in range(1, 21)}, None, 400).height > 3 * legend.height
+
+
+def test_site_labels_are_short_and_distinct():
+    unet = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2", "mid_block.attentions.0.transformer_blocks.0.attn2",
+            "up_blocks.1.attentions.1.transformer_blocks.0.attn2"]  # fmt: skip
+    assert short_site_labels(unet) == ["down.0.att.0", "mid.att.0", "up.1.att.1"]
+    assert short_site_labels([f"transformer_blocks.{i}.attn" for i in range(3)]) == ["block.0", "block.1", "block.2"]

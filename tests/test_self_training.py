@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+import operator
 import signal
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
+from stableseg_pp.data.palette import save_palette_png
+from stableseg_pp.evaluation.fit_check import check_segmenter_fit
+from stableseg_pp.figure import main as figure_main
 from stableseg_pp.fit import run
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 from stableseg_pp.runtime.atomic import atomic_save
-from stableseg_pp.runtime.errors import report_errors
+from stableseg_pp.runtime.errors import ConfigError, report_errors
 from stableseg_pp.stages import crf_refine
+from stableseg_pp.stages.train_segmenter import derived_side, training_plan
 from tests.conftest import file_stamps as _files
 from tests.conftest import killed_after_records
 
@@ -52,6 +59,12 @@ def test_stage1_then_all_then_nothing_to_do(compose_fit, miniature_model):
     assert [r["step"].split(" (")[0] for r in table][:3] == ["init", "init + CRF", "+"]
     assert len(table) == 6 and all(r["val_miou"] is not None for r in table)
     assert (run_dir / "results.md").read_text().startswith("| step | val mIoU |")
+
+    for step in (crf_dir, seg_dir, final):  # every mask-producing step draws a few val overlays
+        assert len(list((step / "val" / "overlays").glob("*.png"))) == 1  # zero_shot.n_overlays=1
+    picture = figure_main([f"paths.root_dir={run_dir.parent.parent}", "trainer.accelerator=cpu", *SMALL,
+                           "--out", str(run_dir.parent.parent / "pipeline.png"), "--images", "2"])  # fmt: skip
+    assert Image.open(picture).size[0] > 5 * 128  # image, pseudo-masks, CRF, ++, ground truth side by side
 
     before = _files(run_dir)
     run(compose_fit("stage=all", *SMALL))
@@ -155,3 +168,57 @@ def test_ctrl_c_during_training_exits_130_and_the_same_command_resumes(compose_f
     monkeypatch.setattr(DeepLabV3PlusModule, "_resumed", True, raising=False)
     run(compose_fit("stage=1", *SMALL))
     assert starts == [1] and (seg_dir / "_COMPLETE.json").exists()
+
+
+def test_training_plan_follows_the_data(compose_fit):
+    cfg = compose_fit()  # deeplabv3plus_small: iterations 300, sizes from the pictures
+    pictures = SimpleNamespace(image_side=lambda split: 64)
+    assert KEYS(training_plan(cfg, pictures, 400)) == (64, 64, 12)  # the miniature world: its 12 epochs of 64 px
+    photos = SimpleNamespace(image_side=lambda split: 128)
+    assert KEYS(training_plan(cfg, photos, 40)) == (128, 128, 150)  # 2 steps per epoch: 150 epochs for 300 steps
+    assert derived_side(375) == 384 and derived_side(700) == 512 and derived_side(10) == 32
+    fixed = compose_fit("segmenter=deeplabv3plus")  # the paper's preset keeps its own sizes and epochs
+    assert KEYS(training_plan(fixed, photos, 40)) == (512, 512, 30)
+    with pytest.raises(ConfigError, match="segmenter.train.iterations=None"):
+        training_plan(compose_fit("segmenter.train.iterations=null"), photos, 40)
+
+
+KEYS = operator.itemgetter("crop_size", "base_size", "max_epochs")
+
+
+@pytest.mark.slow
+def test_a_segmenter_below_its_pseudo_masks_is_a_loud_warning(compose_fit, miniature_model, caplog):
+    short = [s for s in SMALL if not s.startswith("segmenter.train.max_epochs")]
+    final = run(compose_fit("stage=all", *short, "segmenter.train.max_epochs=null", "segmenter.train.iterations=1"))["2"]
+    fit = json.loads((final / "_COMPLETE.json").read_text())["splits"]["train"]["fit_to_masks"]
+    assert fit["basis"] == "val mIoU" and fit["segmenter"] < fit["training_masks"] and "below the" in fit["warning"]
+    results = (final.parent / "results.md").read_text()
+    assert "| ++ (DeepLabV3+, round 2) (**see warning**) |" in results and "**Warning (++ (DeepLabV3+, round 2)):**" in results
+    assert any(r.levelname == "WARNING" and "pseudo-masks it trained on" in r.getMessage() for r in caplog.records)
+
+
+def test_without_ground_truth_the_segmenter_is_compared_with_the_masks_own_agreement(tmp_path):
+    root = write_miniature_voc(tmp_path / "mini", n_train=6, n_val=2)
+    dataset = SimpleNamespace(split_ids=lambda split: [f"train_{i:05d}" for i in range(6)],
+                              class_names=list(CLASS_NAMES), background_index=0)  # fmt: skip
+    truth = {sid: np.array(Image.open(root / "SegmentationClass" / f"{sid}.png")) for sid in dataset.split_ids("train")}
+
+    def mask_set(name: str, masks: dict) -> Path:
+        for sid, mask in masks.items():
+            save_palette_png(mask, _mkdir(tmp_path / name / "train" / "masks") / f"{sid}.png")
+        return tmp_path / name
+
+    mask_set("stage0-a", truth)
+    refined = mask_set("crf-b", truth)
+    (refined / "key.json").write_text(json.dumps({"stage": "crf", "input": "stage0-a"}))
+    learned = mask_set("deeplab-c", truth)
+    assert check_segmenter_fit(dataset, learned, refined, None)["warning"] is None
+    blank = mask_set("deeplab-d", {sid: np.zeros_like(m) for sid, m in truth.items()})  # learned nothing
+    result = check_segmenter_fit(dataset, blank, refined, None)
+    assert result["basis"] == "train agreement (no ground truth)" and result["training_masks"] == 1.0
+    assert result["segmenter"] < 0.9 and "agrees with its training pseudo-masks" in result["warning"]
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path

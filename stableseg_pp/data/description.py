@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from stableseg_pp.data.files import image_mode, load_rgb
+from stableseg_pp.data.files import image_mode, image_size, load_rgb
 from stableseg_pp.data.layouts import DatasetLayout, VOCLayout
 from stableseg_pp.data.miniature import write_miniature_voc
 from stableseg_pp.data.palette import IGNORE_INDEX, palette_for
@@ -103,6 +104,14 @@ class DatasetDescription:
 
     def read_image(self, split: str, sid: str):
         return load_rgb(self.layout.image_path(split, sid), self.convert_to_rgb)
+
+    def image_side(self, split: str, sample: int = 1000) -> int | None:
+        """The median shorter side, in pixels, of the split's images (read from their headers; at most ``sample``
+        images, evenly spread); None when none can be read."""
+        ids = self.split_ids(split)
+        step = max(1, len(ids) // sample)
+        sides = [min(size) for sid in ids[::step] if (size := image_size(self.layout.image_path(split, sid)))]
+        return int(statistics.median(sides)) if sides else None
 
     def converted_images(self, split: str, ids: Sequence[str]) -> dict[str, int]:
         """How many of ``ids`` are stored in another mode than RGB (converted when read), by mode."""

@@ -93,6 +93,15 @@ def load_rgb(
         raise BadInputError(f"image {path} cannot be converted to RGB ({err}): save it as RGB{hint}") from err
 
 
+def image_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of an image as stored (reads the header only); None when unreadable."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        return None
+
+
 def image_mode(path: Path) -> str | None:
     """The stored colour mode of an image (reads the header only); None when unreadable."""
     try:

@@ -24,6 +24,7 @@ from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.methods.dense_crf import CRFParams, CRFPool
+from stableseg_pp.pictures import write_overlays
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.cpus import cpus_per_rank
@@ -102,6 +103,9 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, out
                 mask = channels.to_classes(labels)
                 atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t, dataset.palette))
     seconds = time.perf_counter() - start  # this rank's refinement, the pool's start included
+    distributed.barrier()  # every rank's masks are written
+    n = cfg.zero_shot.n_overlays
+    distributed.on_main(lambda: [write_overlays(dataset, s, ids[:n], t, "CRF masks") for s, (ids, t) in splits.items()])
     evaluate_and_finish(
         out,
         key,

@@ -168,7 +168,8 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, stage0_dir:
     seconds, images = 0.0, sum(len(dl.dataset) for dl in loaders)
     forwards_per_image = None
     if loaders:
-        writer = Stage0Writer(layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.zero_shot.writer_threads)
+        writer = Stage0Writer(layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.zero_shot.writer_threads,
+                              class_names=dataset.class_names)  # fmt: skip
         seconds = predict(cfg, module, loaders, writer)
         if module.emerdiff is not None and images:
             forwards_per_image = round(module.emerdiff.forwards / max(1, writer.written), 1)

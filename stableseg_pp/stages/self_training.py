@@ -24,6 +24,7 @@ from stableseg_pp.artifacts import SiteWeights
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_write_text, write_json
+from stableseg_pp.runtime.run_dir import COMPLETE
 from stableseg_pp.stages import magnet, map_weights, refinement, train_segmenter, zero_shot
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,15 @@ log = logging.getLogger(__name__)
 def _val_miou(folder: Path) -> float | None:
     m = json.loads((folder / "metrics.json").read_text()).get("val")
     return None if m is None else m.get("miou")
+
+
+def _fit_warning(folder: Path) -> str | None:
+    """The warning a DeepLabV3+ step recorded when it ended below its own pseudo-masks (None for other steps)."""
+    try:
+        record = json.loads((folder / COMPLETE).read_text())
+    except (OSError, ValueError):
+        return None
+    return ((record.get("splits", {}).get("train") or {}).get("fit_to_masks") or {}).get("warning")
 
 
 def stableseg_plus(cfg: DictConfig, dataset: DatasetDescription) -> dict[str, Path]:
@@ -83,13 +93,17 @@ def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
 
 def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list[Path]) -> list[dict]:
     """The paper's Table 5 layout: val mIoU at each step of the self-training."""
-    table = [{"step": name, "val_miou": _val_miou(folder), "folder": folder.name} for name, folder in rows]
+    table = [{"step": name, "val_miou": _val_miou(folder), "folder": folder.name, "warning": _fit_warning(folder)}
+             for name, folder in rows]  # fmt: skip
     lines = ["| step | val mIoU | outputs |", "| --- | --- | --- |"]
     for row in table:
         v = "n/a" if row["val_miou"] is None else f"{100 * row['val_miou']:.1f}"
-        lines.append(f"| {row['step']} | {v} | `{row['folder']}` |")
+        lines.append(f"| {row['step']}{' (**see warning**)' if row['warning'] else ''} | {v} | `{row['folder']}` |")
     for w in weight_dirs:
         lines.append(f"\nLearned attention-map weights: `{w.name}/weights.json`, plot `{w.name}/weights.png`")
+    for row in table:
+        if row["warning"]:
+            lines.append(f"\n**Warning ({row['step']}):** {row['warning']}")
     atomic_write_text(run_dir / "results.md", "\n".join(lines) + "\n")
     write_json(run_dir / "results.json", table)
     log.info("results:\n%s", "\n".join(lines))

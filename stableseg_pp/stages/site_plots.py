@@ -67,23 +67,50 @@ def plot_site_heads(
     if site_values is not None:
         ax.axvline(heads - 0.5, color="white", linewidth=2)
     ax.set_xticks(range(len(columns)), columns, fontsize=7)
-    ax.set_yticks(range(len(sites)), sites, fontsize=6)
+    ax.set_yticks(range(len(sites)), short_site_labels(sites), fontsize=7)
     fig.colorbar(image, ax=ax, label=label)
     ax.set_title(title, fontsize=9)
     return _save(fig, path)
 
 
+# diffusers' module names, shortened for plot labels
+ABBREVIATIONS = {"down_blocks": "down", "up_blocks": "up", "mid_block": "mid", "attentions": "att",
+                 "transformer_blocks": "block", "single_transformer_blocks": "single"}  # fmt: skip
+
+
+def short_site_labels(names: list[str]) -> list[str]:
+    """Labels that tell the sites apart in a plot: the dotted parts every name shares at its start and end left
+    out, diffusers' block names abbreviated (``up_blocks.1.attentions.0.transformer_blocks.0.attn2`` -> ``up.1.att.0``
+    beside the other U-Net sites)."""
+    parts = [n.split(".") for n in names]
+    head = 0
+    while len(parts) > 1 and all(len(p) > head + 1 for p in parts) and len({p[head] for p in parts}) == 1:
+        head += 1
+    tail = 0
+    while len(parts) > 1 and all(len(p) > head + tail + 1 for p in parts) and len({p[-1 - tail] for p in parts}) == 1:
+        tail += 1
+    head -= int(head > 0 and all(len(p) == head + tail + 1 and p[head].isdigit() for p in parts))  # "block.3", not "3"
+    kept = [p[head : len(p) - tail] for p in parts]
+    labels = [".".join(ABBREVIATIONS.get(t, t) for t in k) for k in kept]
+    return labels if len(set(labels)) == len(labels) else list(names)
+
+
 def plot_site_bars(values: Mapping[str, float], path: Path, label: str, title: str) -> Path:
-    """One bar per site."""
+    """One horizontal bar per site, labelled with its short name, the value written at the bar's end."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = list(values)
-    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(names)), 3.2))
-    ax.bar(range(len(names)), [values[n] for n in names], color="#4477aa")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(label)
-    ax.set_title(title)
+    labels = short_site_labels(names)
+    width = 4.5 + 0.07 * max(map(len, labels))
+    fig, ax = plt.subplots(figsize=(width, 1.0 + 0.38 * len(names)))
+    y = range(len(names))[::-1]  # the first site on top
+    bars = ax.barh(list(y), [values[n] for n in names], color="#4477aa")
+    ax.bar_label(bars, fmt="%.3f", padding=3, fontsize=8)
+    ax.set_yticks(list(y), labels, fontsize=8)
+    ax.set_xlabel(label)
+    ax.set_title(title, fontsize=10, loc="left")
+    ax.margins(x=0.18)
     return _save(fig, path)

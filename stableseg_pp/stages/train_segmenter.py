@@ -10,6 +10,7 @@ retrains StableSeg+'s DeepLabV3+ on the regenerated masks).
 from __future__ import annotations
 
 import logging
+import math
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from stableseg_pp.artifacts import MaskSetLayout, SegmenterMaskWriter
 from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
+from stableseg_pp.evaluation.fit_check import check_segmenter_fit
 from stableseg_pp.evaluation.mask_sets import report_split
+from stableseg_pp.pictures import write_overlays
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
@@ -65,12 +68,48 @@ def trainer_key(cfg: DictConfig) -> dict:
     }
 
 
+SIDE_MULTIPLE = 32  # derived training sides: a multiple of DeepLabV3+'s largest stride
+MAX_DERIVED_SIDE = 512  # the DeepLab papers' crop; larger pictures are scaled down to it by the augmentation
+
+
+def derived_side(median_side: int) -> int:
+    """A training side for pictures whose median shorter side is ``median_side``: the nearest multiple of
+    :data:`SIDE_MULTIPLE`, at most :data:`MAX_DERIVED_SIDE`."""
+    return min(MAX_DERIVED_SIDE, max(SIDE_MULTIPLE, round(median_side / SIDE_MULTIPLE) * SIDE_MULTIPLE))
+
+
+def training_plan(cfg: DictConfig, dataset: DatasetDescription, n_train: int) -> dict:
+    """``segmenter.train`` as the training runs it: ``crop_size`` / ``base_size`` null -> from the training pictures
+    (:func:`derived_side` of their median shorter side), ``max_epochs`` null -> as many epochs as ``iterations``
+    optimizer steps take on ``n_train`` pictures (the schedule scales with the dataset, not a fixed epoch count)."""
+    t = OmegaConf.to_container(cfg.segmenter.train, resolve=True)
+    if t.get("crop_size") is None or t.get("base_size") is None:
+        side = dataset.image_side("train")
+        if side is None:
+            raise ConfigError("segmenter.train.crop_size=null: no training picture could be read to derive it; set it")
+        t["crop_size"] = t.get("crop_size") or derived_side(side)
+        t["base_size"] = t.get("base_size") or t["crop_size"]
+    iterations = t.pop("iterations", None)
+    if t.get("max_epochs") is None:
+        if not isinstance(iterations, int) or isinstance(iterations, bool) or iterations < 1:
+            raise ConfigError(
+                f"segmenter.train.iterations={iterations}: with max_epochs=null, give the optimizer steps to train for"
+            )
+        per_rank = math.ceil(n_train / distributed.configured_world_size(cfg.trainer))
+        steps_per_epoch = per_rank // t["batch_size"] if per_rank > t["batch_size"] else 1  # drop_last past one batch
+        t["max_epochs"] = math.ceil(iterations / max(1, steps_per_epoch))
+    return t
+
+
 def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, init: Path | None = None) -> Path:
     """Train on ``masks_dir/train``; returns the content-addressed output folder.
 
     ``init``: a finished DeepLabV3+ step folder whose weights the training starts from (None: from scratch).
+    The content key holds the training as it runs (:func:`training_plan`: sizes and epochs resolved).
     """
     seg = cfg.segmenter
+    pseudo = MaskSetLayout(masks_dir / "train")
+    n_train = sum(pseudo.is_done(sid) for sid in dataset.split_ids("train"))
     key = {
         "stage": NAME,
         "masks": masks_dir.name,
@@ -78,6 +117,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, init: Pat
         "trainer": trainer_key(cfg),
         "seed": cfg.seed,
     }
+    key["segmenter"]["train"] = training_plan(cfg, dataset, max(1, n_train))
     if init is not None:
         key["init"] = init.name
     for k in ("num_workers", "log_every"):
@@ -117,11 +157,12 @@ def _compute(
         return [layout.image_path(split, i) for i in ids]
 
     t = seg.train
+    plan = key["segmenter"]["train"]  # sizes and epochs as resolved (training_plan)
     train_ds = ImageMaskPairs(
         images("train", train_ids),
         [pseudo.mask_path(i) for i in train_ids],
         len(names),
-        train_transform(t.crop_size, tuple(t.scale), t.base_size),
+        train_transform(plan["crop_size"], tuple(plan["scale"]), plan["base_size"]),
         dataset.convert_to_rgb,
     )
     val_ds = ImageMaskPairs(
@@ -149,7 +190,7 @@ def _compute(
     loop = training_loop_settings(t.log_every, "segmenter.train.log_every", callbacks=[checkpoint])
     trainer = instantiate(
         cfg.trainer,
-        max_epochs=t.max_epochs,
+        max_epochs=plan["max_epochs"],
         precision=_precision(cfg),
         logger=[CSVLogger(out, name="logs"), *record.lightning_loggers()],
         default_root_dir=out,
@@ -161,9 +202,9 @@ def _compute(
     elif init is not None:
         load_trained_weights(module, init)
     run_lightning(trainer.fit, module, train_loader, val_loader, ckpt_path=str(resume) if resume else None)
-    if trainer.interrupted or trainer.current_epoch < t.max_epochs:
+    if trainer.interrupted or trainer.current_epoch < plan["max_epochs"]:
         raise IncompleteStageError(
-            f"deeplab: training stopped at epoch {trainer.current_epoch} of {t.max_epochs}; "
+            f"deeplab: training stopped at epoch {trainer.current_epoch} of {plan['max_epochs']}; "
             f"run the same command again to resume from {ckpt_dir / 'last.ckpt'}"
         )
 
@@ -182,9 +223,17 @@ def _compute(
         )
         run_lightning(predictor.predict, module, loader, return_predictions=False)
     splits = (("train", train_ids), ("val", val_ids))
-    evaluate_and_finish(
-        out, key, lambda: {split: report_split("deeplab", dataset, split, ids, layouts[split]) for split, ids in splits}
-    )
+    distributed.barrier()  # every rank's predictions are written
+    n = cfg.zero_shot.n_overlays
+    distributed.on_main(lambda: [write_overlays(dataset, s, ids[:n], layouts[s], "DeepLabV3+") for s, ids in splits])
+
+    def report() -> dict[str, dict]:
+        entries = {split: report_split("deeplab", dataset, split, ids, layouts[split]) for split, ids in splits}
+        val_miou = (entries["val"]["metrics"] or {}).get("miou")
+        entries["train"]["fit_to_masks"] = check_segmenter_fit(dataset, out, masks_dir, val_miou)
+        return entries
+
+    evaluate_and_finish(out, key, report)
 
 
 def load_trained_weights(module: L.LightningModule, folder: Path) -> None:

@@ -232,8 +232,9 @@ def _compute(
     seconds = 0.0
     if loaders:
         writer = Stage0Writer(
-            loader_layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.zero_shot.get("writer_threads", 4)
-        )
+            loader_layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.zero_shot.get("writer_threads", 4),
+            class_names=dataset.class_names,
+        )  # fmt: skip
         trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)
         # Lightning shards the images across ranks (an unrepeated distributed sampler in predict)
         start = time.perf_counter()
