@@ -24,8 +24,8 @@ def test_segment_writes_mask_and_overlay(tmp_path, miniature_model):
     mask = Image.open(out / "pic4_mask.png")
     assert mask.mode == "P" and mask.size == (96, 80)
     assert set(np.unique(np.array(mask))) <= {0, 1, 2, 3}
-    overlay = Image.open(out / "pic4_overlay.png")
-    assert overlay.size == (2 * 96, 80)
+    overlay = Image.open(out / "pic4_overlay.png")  # image | masks, enlarged 3x (to at least 192 px), titled
+    assert overlay.size[0] == 6 + 2 * (3 * 96 + 6) and overlay.size[1] > 3 * 80 + 20
     assert json.loads((out / "classes.json").read_text())["2"] == "half moon"
 
 

@@ -152,14 +152,9 @@ def target_key(dataset: DatasetDescription, targets: Path | None) -> dict:
     return {"ground_truth": dataset.key()} if targets is None else {"folder": targets.name}
 
 
-def run(cfg: DictConfig, dataset: DatasetDescription, targets: Path | None) -> Path:
-    """Train MAGNET on the masks of ``targets`` (a step folder with ``train/masks``; None = the ground truth)."""
-    if targets is not None and not (targets / "train" / "masks").is_dir():
-        raise ConfigError(f"magnet targets {targets}: no train/masks folder; give a step folder or a mask set in its layout")
-    backbone = zero_shot.build_backbone(cfg)
-    if getattr(backbone, "lora", None):
-        raise ConfigError(f"diffusion.lora={backbone.lora}: MAGNET trains adapters on the base model; set diffusion.lora=null")
-    module = build_module(cfg, backbone)  # a clear error for a backbone without a training objective, before any work
+def magnet_key(cfg: DictConfig, dataset: DatasetDescription, backbone, targets: Path | None) -> dict:
+    """What a MAGNET adapter depends on: its targets, the data, the base model, the prompts, MAGNET's own settings
+    and its training's precision (not the segmenter's), ranks and seed; how fast it reads or logs left out."""
     zs = cfg.zero_shot
     key = {
         "stage": NAME,
@@ -168,11 +163,23 @@ def run(cfg: DictConfig, dataset: DatasetDescription, targets: Path | None) -> P
         "diffusion": zero_shot.diffusion_key(cfg, backbone),
         "prompts": {"template": zs.prompt_template, "joiner": zs.joiner, "resolution": zs.resolution},
         "magnet": OmegaConf.to_container(cfg.magnet, resolve=True),
-        "trainer": trainer_key(cfg),
+        "trainer": trainer_key(cfg, _precision(cfg)),
         "seed": cfg.seed,
     }
-    for k in ("num_workers", "text_cache"):
+    for k in ("num_workers", "text_cache", "log_every"):
         key["magnet"]["train"].pop(k, None)
+    return key
+
+
+def run(cfg: DictConfig, dataset: DatasetDescription, targets: Path | None) -> Path:
+    """Train MAGNET on the masks of ``targets`` (a step folder with ``train/masks``; None = the ground truth)."""
+    if targets is not None and not (targets / "train" / "masks").is_dir():
+        raise ConfigError(f"magnet targets {targets}: no train/masks folder; give a step folder or a mask set in its layout")
+    backbone = zero_shot.build_backbone(cfg)
+    if getattr(backbone, "lora", None):
+        raise ConfigError(f"diffusion.lora={backbone.lora}: MAGNET trains adapters on the base model; set diffusion.lora=null")
+    module = build_module(cfg, backbone)  # a clear error for a backbone without a training objective, before any work
+    key = magnet_key(cfg, dataset, backbone, targets)
     with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
         if finished:
             return out

@@ -57,12 +57,12 @@ def _precision(cfg: DictConfig) -> str:
     return training_precision(cfg, cfg.segmenter.train.get("precision"))
 
 
-def trainer_key(cfg: DictConfig) -> dict:
-    """The trainer settings that change the trained model: the hardware kind and its precision, and the
-    number of ranks (the effective batch is ``batch_size`` x ranks; sync batch norm pools their statistics)."""
+def trainer_key(cfg: DictConfig, precision: str) -> dict:
+    """The trainer settings that change a trained model: the hardware kind, the training's own ``precision``, and
+    the number of ranks (the effective batch is ``batch_size`` x ranks; sync batch norm pools their statistics)."""
     return {
         "accelerator": "gpu" if on_gpu(cfg) else "cpu",
-        "precision": _precision(cfg),
+        "precision": precision,
         "world_size": distributed.configured_world_size(cfg.trainer),
         "sync_batchnorm": bool(cfg.trainer.get("sync_batchnorm", False)),
     }
@@ -114,7 +114,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, init: Pat
         "stage": NAME,
         "masks": masks_dir.name,
         "segmenter": OmegaConf.to_container(seg, resolve=True),
-        "trainer": trainer_key(cfg),
+        "trainer": trainer_key(cfg, _precision(cfg)),
         "seed": cfg.seed,
     }
     key["segmenter"]["train"] = training_plan(cfg, dataset, max(1, n_train))
