@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 TOLERANCE = 0.005  # half a point of mIoU: closer than this is a tie, not a warning
 SAMPLE = 1000  # pictures compared at most (evenly spread) for the agreement without ground truth
 ADVICE = (
-    "the training is too short or at the wrong size for these pictures: see docs/guide.md, 'Training on your own "
-    "data' (segmenter.train.iterations, crop_size)"
+    "it has not learned them; the usual causes are a training too short or at the wrong size for these pictures "
+    "(docs/guide.md, 'Training on your own data': segmenter.train.iterations, crop_size)"
 )
 
 
