@@ -98,7 +98,7 @@ def check_writable(cfg: DictConfig) -> None:
 def check_settings(cfg: DictConfig) -> None:
     """Everything that can be checked before a rank starts or a model loads (a clear one-line error otherwise)."""
     from stableseg_pp.runtime.progress import check_log_every
-    from stableseg_pp.stages import check_segmenter, check_stage_splits, magnet, refinement, resolve_stages
+    from stableseg_pp.stages import check_segmenter, check_stage_splits, magnet, map_weights, refinement, resolve_stages
     from stableseg_pp.stages.emerdiff_refine import check_emerdiff_settings
     from stableseg_pp.stages.zero_shot import check_zero_shot_settings
 
@@ -113,6 +113,8 @@ def check_settings(cfg: DictConfig) -> None:
     check_log_every(cfg.magnet.train.log_every, "magnet.train.log_every")
     if "magnet" in resolve_stages(cfg.stage) or cfg.self_training.get("magnet"):
         magnet.check_targets(cfg.magnet.targets)
+    if "2" in resolve_stages(cfg.stage) and int(cfg.self_training.rounds) > 1:
+        map_weights.check_background(cfg)
 
 
 def start_run(cfg: DictConfig) -> DatasetDescription:

@@ -51,6 +51,7 @@ def _error_lines(stderr: str) -> list[str]:
         (["diffusion.pretrained=someorg/somemodel"], "pre-fill the Hugging Face cache"),
         (["trainer.accelerator=gpu", "trainer.devices=2"], "trainer.accelerator=gpu, but this machine has no GPU"),
         (["segmenter.train.log_every=0"], "segmenter.train.log_every=0: the steps between logged values"),
+        (["stage=2", "zero_shot.background=word"], "zero_shot.background=word: stage 2 learns attention-map weights"),
         (["paths.data_dir=/nonexistent", "data.generate=null"], "dataset folder /nonexistent/miniature does not exist"),
         (
             [
@@ -295,3 +296,13 @@ def test_segment_never_mixes_class_lists_in_one_folder(tmp_path, miniature_model
     assert (out / "classes.json").read_text() == legend and {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps
     segment_main([str(_picture(tmp_path / "q.png", 2)), "--classes", "circle,star", "--out", str(out)])  # same list
     assert sorted(p.name for p in out.glob("*_mask.png")) == ["p_mask.png", "q_mask.png"]
+
+
+def test_background_word_is_refused_for_stage_2_only(compose_fit):
+    from stableseg_pp.fit import check_settings
+
+    for stage in ("0", "1"):
+        check_settings(compose_fit(f"stage={stage}", "zero_shot.background=word"))  # no learned weights: fine
+    check_settings(compose_fit("stage=2", "zero_shot.background=word", "data.background_index=null"))  # no rule at all
+    with pytest.raises(ConfigError, match="zero_shot.background=word: stage 2"):
+        check_settings(compose_fit("stage=all", "zero_shot.background=word"))

@@ -1,10 +1,12 @@
 """The diffusion-backbone interface that every family implements, and its attention sites.
 
-StableSeg, the stage-0 module, ``segment`` (and later MAGNET / EmerDiff) talk to
-a backbone only through :class:`DiffusionBackbone`: they never ask which family
-it is. A family (the SD 1.x/2.x U-Net in :mod:`stableseg_pp.backbones.sd_unet`)
-decides in its own code which attention sites it has, how text and images are
-encoded, how a latent is noised and how capture processors are installed.
+StableSeg, the stage-0 module, ``segment``, MAGNET and EmerDiff talk to a
+backbone only through :class:`DiffusionBackbone` (and :class:`GenerativeBackbone`):
+they never ask which family it is. A family (the SD 1.x/2.x U-Net in
+:mod:`stableseg_pp.backbones.sd_unet`, the SD3/SD3.5 MM-DiT in
+:mod:`stableseg_pp.backbones.sd3_mmdit`) decides in its own code which attention
+sites it has, how text and images are encoded, how a latent is noised and how
+capture processors are installed.
 """
 
 from __future__ import annotations

@@ -18,10 +18,6 @@ class PromptTooLongError(UserError, ValueError):
     """The prompt does not fit the text encoder's context."""
 
 
-class UnknownClassError(UserError, ValueError):
-    """A class name is not among the dataset's classes."""
-
-
 @dataclass(frozen=True)
 class ClassTokens:
     """A prompt and, for each class it names, the positions of that class's tokens."""

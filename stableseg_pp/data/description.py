@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from stableseg_pp.data.files import image_mode, image_size, load_rgb
 from stableseg_pp.data.layouts import DatasetLayout, VOCLayout
 from stableseg_pp.data.miniature import write_miniature_voc
-from stableseg_pp.data.palette import IGNORE_INDEX, palette_for
+from stableseg_pp.data.palette import palette_for
 from stableseg_pp.data.prompted_images import PromptedImages
 from stableseg_pp.runtime.errors import ConfigError
 
@@ -85,11 +85,6 @@ class DatasetDescription:
     @property
     def has_background(self) -> bool:
         return self.background_index is not None
-
-    @property
-    def empty_label(self) -> int:
-        """What a pixel that is no prompted class becomes: the background class, or ignore."""
-        return IGNORE_INDEX if self.background_index is None else self.background_index
 
     def split_ids(self, split: str) -> list[str]:
         """Ids of ``split``, cut to ``limit`` (listed once per run)."""
@@ -203,7 +198,7 @@ def describe_dataset(data: DictConfig, splits: Sequence[str] = ("train", "val"))
         labels=str(settings.get("labels", "oracle")),
         require_masks=bool(settings.get("require_masks", True)),
         on_bad_input=str(settings.get("on_bad_input", "error")),
-        convert_to_rgb=bool(settings.get("convert_to_rgb", False)),
+        convert_to_rgb=bool(settings.get("convert_to_rgb", True)),  # the same default as data/common.yaml and the readers
         limit=int(limit) if limit else None,
         settings=settings,
         boundary_tolerance=boundary_tolerance,

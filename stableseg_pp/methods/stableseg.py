@@ -129,10 +129,6 @@ class StableSeg(torch.nn.Module):
         )
         backbone.install_capture(self.capture, self.store)
 
-    @property
-    def latent_side(self) -> int:
-        return self.latent_grid[0]
-
     def class_names_for_prompt(self, names: Sequence[str]) -> list[str]:
         return list(names) + ([self.background_word] if self.background == "word" else [])
 

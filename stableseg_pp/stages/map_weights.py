@@ -83,6 +83,17 @@ def plot_weights(weights: dict[str, float], path: Path) -> None:
         plot_site_bars(weights, path, "learned weight", "attention-map weights (StableSeg++)")
 
 
+def check_background(cfg: DictConfig) -> None:
+    """The map weights are fitted against stage 0's background threshold; with ``zero_shot.background=word`` stage 0
+    applies none (the word is a channel of its own), so stage 2 would learn weights for a rule it never uses: refused
+    before any weights load (a dataset without background class has no background rule at all, and is fine)."""
+    if str(cfg.zero_shot.background) == "word" and cfg.data.get("background_index") is not None:
+        raise ConfigError(
+            "zero_shot.background=word: stage 2 learns attention-map weights against stage 0's background threshold, "
+            "which background=word does not use; run stage 2 with zero_shot.background=threshold, or stop at stage=1"
+        )
+
+
 def background_threshold(cfg: DictConfig, dataset: DatasetDescription) -> float | None:
     """Stage 0's background threshold; None when the dataset has no background class."""
     return cfg.zero_shot.background_threshold if dataset.has_background else None

@@ -21,6 +21,7 @@ STEP_KINDS = {
     "deeplab": "segmenter",
     "weights": "map-weights",
     "layers": "analysis",
+    "magnet": "adapter",
 }
 
 
