@@ -6,6 +6,7 @@ first line of each one's docstring, read from the files (nothing is imported, so
 
 from __future__ import annotations
 
+import argparse
 import ast
 import importlib
 import pkgutil
@@ -47,7 +48,13 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     if argv and argv[0] in ("-h", "--help"):
-        print(usage())
+        parser = argparse.ArgumentParser(
+            prog="python -m stableseg_pp.bench",
+            usage="%(prog)s <benchmark> [options] [--debug]",
+            description=usage().split("\n\n", 1)[1],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        parser.parse_args(argv[:1])  # prints the help and exits
         return
     if not argv or argv[0] not in benchmarks():
         given = f"unknown benchmark {argv[0]!r}\n" if argv else ""
