@@ -257,6 +257,9 @@ def unique_stems(paths: Sequence[Path]) -> list[str]:
 
 
 LEGEND = "classes.json"
+# what segment and predict advise about a picture they cannot use (their own options, not fit's config keys)
+PICTURE_HINT = "; replace it, or leave it out of the command"
+PICTURE_STRICT_HINT = " (--strict refuses images that are not RGB; without it they are converted)"
 
 
 def check_output_folder(out: Path, option: str = "--out") -> None:
@@ -295,27 +298,33 @@ class Pictures:
         usable: (path, output stem) of every input that reads as a picture.
         problems: one line per input that cannot be used.
         total: how many inputs were given.
+        strict: refuse pictures that are not RGB instead of converting them (``--strict``).
     """
 
     usable: list[tuple[Path, str]]
     problems: list[str]
     total: int
+    strict: bool = False
+
+    def read(self, path: Path) -> np.ndarray:
+        """A picture as RGB, turned as its EXIF orientation says (as a viewer shows it)."""
+        return load_rgb(path, not self.strict, exif_transpose=True, hint=PICTURE_HINT, strict_hint=PICTURE_STRICT_HINT)
 
 
-def check_pictures(images: Sequence[Path], strict: bool, hint: str, strict_hint: str) -> Pictures:
+def check_pictures(images: Sequence[Path], strict: bool = False) -> Pictures:
     """Read every input (missing files, folders, truncated or non-image files found now, not after the model has
     loaded); none usable is a ``UserError`` before anything is written."""
-    usable, problems = [], []
+    pictures = Pictures([], [], len(images), strict)
     for path, stem in zip(images, unique_stems(images), strict=True):
         try:
-            load_rgb(path, convert=not strict, exif_transpose=True, hint=hint, strict_hint=strict_hint)
+            pictures.read(path)
         except BadInputError as err:
-            problems.append(one_line(err))
+            pictures.problems.append(one_line(err))
             continue
-        usable.append((path, stem))
-    if not usable:
-        raise UserError(f"none of the {len(images)} inputs can be used, nothing was written: {' | '.join(problems)}")
-    return Pictures(usable, problems, len(images))
+        pictures.usable.append((path, stem))
+    if not pictures.usable:
+        raise UserError(f"none of the {len(images)} inputs can be used, nothing was written: {' | '.join(pictures.problems)}")
+    return pictures
 
 
 def write_picture_masks(
@@ -323,9 +332,6 @@ def write_picture_masks(
     out: Path,
     legend: Mapping[int, str],
     predict: Callable[[np.ndarray], np.ndarray],
-    strict: bool = False,
-    hint: str = "",
-    strict_hint: str = "",
 ) -> list[Path]:
     """Masks of single pictures (``segment``, ``predict``): ``<name>_mask.png`` + ``<name>_overlay.png`` per picture
     and the legend ``classes.json``, written just before the first mask (a mask is never without it, and a run that
@@ -337,7 +343,7 @@ def write_picture_masks(
         log.error("%s", err)
     for path, stem in pictures.usable:
         try:
-            image = load_rgb(path, convert=not strict, exif_transpose=True, hint=hint, strict_hint=strict_hint)
+            image = pictures.read(path)
         except BadInputError as err:  # changed since it was checked
             log.error("%s", one_line(err))
             unreadable.append(one_line(err))

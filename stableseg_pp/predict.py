@@ -30,8 +30,6 @@ if TYPE_CHECKING:  # torch and the model load after the arguments and inputs are
     from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 
 log = logging.getLogger("stableseg_pp.predict")
-HINT = "; replace it, or leave it out of the command"
-STRICT_HINT = " (--strict refuses images that are not RGB; without it they are converted)"
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -140,7 +138,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     pictures = None
     if args.images:
         check_output_folder(args.out)
-        pictures = check_pictures(args.images, args.strict, HINT, STRICT_HINT)
+        pictures = check_pictures(args.images, args.strict)
     if args.export:
         check_output_folder(args.export.parent, "--export")
         if args.export.is_dir():
@@ -159,7 +157,7 @@ def run(args: argparse.Namespace) -> list[Path]:
                  multiple, size)  # fmt: skip
     if pictures is not None:
         predict = lambda im: predict_mask(module, im)  # noqa: E731
-        written += write_picture_masks(pictures, args.out, legend, predict, args.strict, HINT, STRICT_HINT)
+        written += write_picture_masks(pictures, args.out, legend, predict)
     return written
 
 

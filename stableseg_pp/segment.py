@@ -49,11 +49,6 @@ NOT_FOR_SEGMENT = (
 )
 
 
-# what to do about an unreadable picture, in this command's own terms
-SEGMENT_HINT = "; replace it, or leave it out of the command"
-SEGMENT_STRICT_HINT = " (--strict refuses images that are not RGB; without it they are converted)"
-
-
 def parse_classes(text: str) -> list[str]:
     names = [c.strip() for c in text.split(",") if c.strip()]
     if not names:
@@ -86,12 +81,10 @@ def refuse_data_settings(overrides: Sequence[str]) -> None:
 
 def check_prompts(cfg: DictConfig, backbone: DiffusionBackbone, classes: list[str]) -> None:
     """Every class name fits a prompt of this backbone's text encoder (checked from its tokenizer, before weights)."""
-    from stableseg_pp.methods.stableseg import split_into_prompts
+    from stableseg_pp.stages.zero_shot import check_prompt_names
 
-    zs = cfg.zero_shot
-    names = [*classes, zs.background_word] if zs.background == "word" else list(classes)
     try:
-        split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
+        check_prompt_names(backbone, classes, cfg.zero_shot, has_background=True)  # segment's legend has background 0
     except LookupError:
         return  # a hub id not in the local cache: checked when it is loaded
 
@@ -165,7 +158,7 @@ def segment(args: argparse.Namespace) -> list[Path]:
     check_zero_shot_settings(cfg)
     backbone = build(cfg.diffusion, _convert_="all")
     check_prompts(cfg, backbone, classes)
-    pictures = check_pictures(images, args.strict, SEGMENT_HINT, SEGMENT_STRICT_HINT)
+    pictures = check_pictures(images, args.strict)
     seg = build_segmenter(cfg, args.device, backbone)
     generator = torch.Generator(args.device).manual_seed(int(cfg.seed))
 
@@ -176,7 +169,7 @@ def segment(args: argparse.Namespace) -> list[Path]:
         scores = scores.masked_fill(~out.valid[0, :, None, None], float("-inf"))
         return scores.argmax(0).to(torch.uint8).cpu().numpy()
 
-    return write_picture_masks(pictures, args.out, legend, predict, args.strict, SEGMENT_HINT, SEGMENT_STRICT_HINT)
+    return write_picture_masks(pictures, args.out, legend, predict)
 
 
 if __name__ == "__main__":

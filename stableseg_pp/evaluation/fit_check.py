@@ -18,6 +18,7 @@ from PIL import Image
 
 from stableseg_pp.artifacts import MaskSetLayout
 from stableseg_pp.data.description import DatasetDescription
+from stableseg_pp.evaluation.mask_sets import val_miou
 from stableseg_pp.evaluation.miou import SegmentationMetrics
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,6 @@ def agreement(dataset: DatasetDescription, ids: list[str], masks: MaskSetLayout,
     return float(metrics.compute()["miou"]) if n else None
 
 
-def _val_miou(folder: Path) -> float | None:
-    try:
-        return (json.loads((folder / "metrics.json").read_text()).get("val") or {}).get("miou")
-    except (OSError, ValueError):
-        return None
-
-
 def _source_of(masks_dir: Path) -> Path | None:
     """The folder a refined mask set was refined from (its key's ``input``), when it is a mask set of this run."""
     try:
@@ -60,14 +54,14 @@ def _source_of(masks_dir: Path) -> Path | None:
     return folder if folder is not None and (folder / "train").is_dir() else None
 
 
-def check_segmenter_fit(dataset: DatasetDescription, segmenter_dir: Path, masks_dir: Path, val_miou: float | None) -> dict:
-    """The comparison for a finished training (``val_miou``: the segmenter's, None without ground truth); ``warning``
+def check_segmenter_fit(dataset: DatasetDescription, segmenter_dir: Path, masks_dir: Path, segmenter_miou: float | None) -> dict:
+    """The comparison for a finished training (``segmenter_miou``: its val mIoU, None without ground truth); ``warning``
     holds the one-line warning, or None."""
-    masks_miou = _val_miou(masks_dir)
-    if val_miou is not None and masks_miou is not None:
-        result = {"basis": "val mIoU", "segmenter": val_miou, "training_masks": masks_miou}
-        below = val_miou < masks_miou - TOLERANCE
-        text = f"scores {100 * val_miou:.1f} val mIoU, below the {100 * masks_miou:.1f} of the pseudo-masks it trained on"
+    masks_miou = val_miou(masks_dir)
+    if segmenter_miou is not None and masks_miou is not None:
+        result = {"basis": "val mIoU", "segmenter": segmenter_miou, "training_masks": masks_miou}
+        below = segmenter_miou < masks_miou - TOLERANCE
+        text = f"scores {100 * segmenter_miou:.1f} val mIoU, below the {100 * masks_miou:.1f} of the pseudo-masks it trained on"
     else:
         ids = dataset.split_ids("train")
         fit = agreement(dataset, ids, MaskSetLayout(segmenter_dir / "train"), MaskSetLayout(masks_dir / "train"))

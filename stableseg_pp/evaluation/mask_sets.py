@@ -6,7 +6,9 @@ segment ids, matched to classes with the Hungarian algorithm over the split (:mo
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -71,6 +73,15 @@ def evaluate_masks(dataset: DatasetDescription, split: str, ids: list[str], mask
     if n == 0:
         return None
     return protocol_result(dataset, split, {**metrics.compute(), **boundary.compute()}, n)
+
+
+def val_miou(step_folder: Path) -> float | None:
+    """The val mIoU a step wrote to its ``metrics.json`` (None: no val split, no ground truth, or no metrics file)."""
+    try:
+        metrics = json.loads((Path(step_folder) / "metrics.json").read_text()).get("val")
+    except (OSError, ValueError):
+        return None
+    return None if metrics is None else metrics.get("miou")
 
 
 def report_split(step: str, dataset: DatasetDescription, split: str, ids: list[str], masks: MaskSetLayout, **extra) -> dict:

@@ -27,7 +27,7 @@ from stableseg_pp.miniature_mmdit.architecture import (
     build_transformer,
 )
 from stableseg_pp.miniature_sd.architecture import build_tokenizer
-from stableseg_pp.miniature_sd.training import binding_check, log, make_images
+from stableseg_pp.miniature_sd.training import binding_check, log, make_images, write_training_log
 
 TEMPLATE = "a photo of a {}"
 
@@ -251,16 +251,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"no seed of {args.seeds} bound words to shapes: {json.dumps(tries)}")
     pipe, seed = chosen
     save_pipeline(args.out, pipe)
-    summary = {
-        "tries": tries,
-        "seeds_bound": sum(t["bound"] for t in tries),
-        "seeds_tried": len(tries),
-        "chosen_seed": seed,
-        "minutes": (time.time() - t0) / 60,
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
-        | {"out": str(out_as_given)},
-    }
-    (args.out / "training_log.json").write_text(json.dumps(summary, indent=2))
+    summary = write_training_log(args, out_as_given, tries, seed, t0)
     flags = f"--steps {args.steps} --batch {args.batch} --images {args.images} --seeds {' '.join(map(str, args.seeds))}"
     card = MODEL_CARD
     for key, value in {

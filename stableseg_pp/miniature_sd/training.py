@@ -235,6 +235,22 @@ python -m stableseg_pp.miniature_sd.train --out stableseg_pp/assets/miniature_sd
 """
 
 
+def write_training_log(args: argparse.Namespace, out_as_given: Path, tries: list[dict], seed: int, t0: float) -> dict:
+    """``training_log.json`` beside the saved model (both miniature models): every seed tried and the chosen one."""
+    summary = {
+        "tries": tries,
+        "seeds_bound": sum(t["bound"] for t in tries),
+        "seeds_tried": len(tries),
+        "chosen_seed": seed,
+        "minutes": (time.time() - t0) / 60,
+        # paths as given (relative stays relative): the model card names no folder of the training machine
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
+        | {"out": str(out_as_given)},
+    }
+    (args.out / "training_log.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
 def run(args: argparse.Namespace) -> None:
     """Train, check and save, as ``train.py``'s options say."""
     if args.threads:
@@ -289,17 +305,7 @@ def run(args: argparse.Namespace) -> None:
         raise SystemExit(f"no seed of {args.seeds} bound words to shapes: {json.dumps(tries)}")
     unet, text_encoder, sched, seed = chosen
     save_pipeline(args.out, vae, unet, text_encoder, tokenizer, sched)
-    summary = {
-        "tries": tries,
-        "seeds_bound": sum(t["bound"] for t in tries),
-        "seeds_tried": len(tries),
-        "chosen_seed": seed,
-        "minutes": (time.time() - t0) / 60,
-        # paths as given (relative stays relative): the model card names no folder of the training machine
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "out"}
-        | {"out": str(out_as_given)},
-    }
-    (args.out / "training_log.json").write_text(json.dumps(summary, indent=2))
+    summary = write_training_log(args, out_as_given, tries, seed, t0)
     flags = f"--steps {args.steps} --vae-steps {args.vae_steps} --images {args.images} --seeds {' '.join(map(str, args.seeds))}"
     (args.out / "README.md").write_text(
         MODEL_CARD.replace("{classes}", ", ".join(CLASS_NAMES[1:]))

@@ -22,17 +22,13 @@ from omegaconf import DictConfig
 from stableseg_pp import tracking
 from stableseg_pp.artifacts import SiteWeights
 from stableseg_pp.data.description import DatasetDescription
+from stableseg_pp.evaluation.mask_sets import val_miou
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_write_text, write_json
 from stableseg_pp.runtime.run_dir import COMPLETE
 from stableseg_pp.stages import magnet, map_weights, refinement, train_segmenter, zero_shot
 
 log = logging.getLogger(__name__)
-
-
-def _val_miou(folder: Path) -> float | None:
-    m = json.loads((folder / "metrics.json").read_text()).get("val")
-    return None if m is None else m.get("miou")
 
 
 def _fit_warning(folder: Path) -> str | None:
@@ -93,7 +89,7 @@ def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
 
 def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list[Path]) -> list[dict]:
     """The paper's Table 5 layout: val mIoU at each step of the self-training."""
-    table = [{"step": name, "val_miou": _val_miou(folder), "folder": folder.name, "warning": _fit_warning(folder)}
+    table = [{"step": name, "val_miou": val_miou(folder), "folder": folder.name, "warning": _fit_warning(folder)}
              for name, folder in rows]  # fmt: skip
     lines = ["| step | val mIoU | outputs |", "| --- | --- | --- |"]
     for row in table:

@@ -110,10 +110,16 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
         select_sites(sites, "image", zs.self_scales, depths["self_depths"], "zero_shot.self_scales", "zero_shot.self_depths")
     if dataset.labels == "all":
         names = [dataset.prompt_name(c) for c in range(len(dataset.class_names)) if c != dataset.background_index]
-        if dataset.has_background and zs.background == "word":
-            names.append(zs.background_word)
-        # the class list is split over as many prompts as it takes; each name must fit one on its own
-        split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
+        check_prompt_names(backbone, names, zs, dataset.has_background)
+
+
+def check_prompt_names(backbone: DiffusionBackbone, names: list[str], zs: DictConfig, has_background: bool) -> None:
+    """Every class name (and the background word, where stage 0 adds it) fits a prompt of the backbone's text
+    encoder, read from its tokenizer before any weights: the list is split over as many prompts as it takes, but
+    each name must fit one on its own."""
+    if has_background and zs.background == "word":
+        names = [*names, zs.background_word]
+    split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
 
 
 def on_gpu(cfg: DictConfig) -> bool:
