@@ -30,7 +30,7 @@ log = logging.getLogger("stableseg_pp.analyze")
 
 # analysis name -> the step module (``run(cfg, dataset, stage0_folder) -> folder``) run on stage 0's outputs; imported
 # when it runs, so that --help does not wait for torch
-ANALYSES: dict[str, str] = {"layers": "stableseg_pp.stages.layer_analysis"}
+ANALYSES: dict[str, str] = {"layers": "stableseg_pp.stages.layers"}
 
 
 def analysis_config(overrides: list[str]) -> DictConfig:
@@ -53,13 +53,13 @@ def run(name: str, cfg: DictConfig) -> Path:
     """Stage 0 on the analysed images (reused when finished), then the analysis; returns its folder."""
     from stableseg_pp import tracking
     from stableseg_pp.fit import build_tracker, start_run
-    from stableseg_pp.stages import zero_shot
+    from stableseg_pp.stages import stage0
 
     analysis = importlib.import_module(ANALYSES[name])
     try:
         dataset = start_run(cfg)
         with tracking.activate(build_tracker(cfg), OmegaConf.to_container(cfg, resolve=True)):
-            out = analysis.run(cfg, dataset, zero_shot.run(cfg, dataset))
+            out = analysis.run(cfg, dataset, stage0.run(cfg, dataset))
         log.info("%s analysis: %s", name, out)
         return out
     finally:

@@ -98,9 +98,9 @@ def check_writable(cfg: DictConfig) -> None:
 def check_settings(cfg: DictConfig) -> None:
     """Everything that can be checked before a rank starts or a model loads (a clear one-line error otherwise)."""
     from stableseg_pp.runtime.progress import check_log_every
-    from stableseg_pp.stages import check_segmenter, check_stage_splits, magnet, map_weights, refinement, resolve_stages
-    from stableseg_pp.stages.emerdiff_refine import check_emerdiff_settings
-    from stableseg_pp.stages.zero_shot import check_zero_shot_settings
+    from stableseg_pp.stages import check_segmenter, check_stage_splits, magnet, refinement, resolve_stages, weights
+    from stableseg_pp.stages.emerdiff import check_emerdiff_settings
+    from stableseg_pp.stages.stage0 import check_zero_shot_settings
 
     check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
     check_segmenter(cfg.stage, cfg.zero_shot.get("segmenter", "stableseg"))
@@ -114,7 +114,7 @@ def check_settings(cfg: DictConfig) -> None:
     if "magnet" in resolve_stages(cfg.stage) or cfg.self_training.get("magnet"):
         magnet.check_targets(cfg.magnet.targets)
     if "2" in resolve_stages(cfg.stage) and int(cfg.self_training.rounds) > 1:
-        map_weights.check_background(cfg)
+        weights.check_background(cfg)
 
 
 def start_run(cfg: DictConfig) -> DatasetDescription:
@@ -123,7 +123,7 @@ def start_run(cfg: DictConfig) -> DatasetDescription:
 
     from stableseg_pp.data.description import describe_dataset
     from stableseg_pp.runtime.progress import quiet_lightning_tips
-    from stableseg_pp.stages.zero_shot import check_backbone_available, check_backbone_settings
+    from stableseg_pp.stages.stage0 import check_backbone_available, check_backbone_settings
 
     quiet_lightning_tips()
     check_settings(cfg)
@@ -170,7 +170,7 @@ def relaunch_under_torchrun(n: int) -> int:
 def run_command(cfg: DictConfig) -> None:
     """What ``python -m stableseg_pp.fit`` does: checks, then this process's ranks or the run itself."""
     from stableseg_pp.data.description import describe_dataset
-    from stableseg_pp.stages.zero_shot import check_backbone_settings
+    from stableseg_pp.stages.stage0 import check_backbone_settings
 
     n = distributed.configured_world_size(cfg.trainer)
     if n > 1 and distributed.launched_environment() is None and int(cfg.trainer.get("num_nodes", 1)) == 1:

@@ -81,7 +81,7 @@ def refuse_data_settings(overrides: Sequence[str]) -> None:
 
 def check_prompts(cfg: DictConfig, backbone: DiffusionBackbone, classes: list[str]) -> None:
     """Every class name fits a prompt of this backbone's text encoder (checked from its tokenizer, before weights)."""
-    from stableseg_pp.stages.zero_shot import check_prompt_names
+    from stableseg_pp.stages.stage0 import check_prompt_names
 
     try:
         check_prompt_names(backbone, classes, cfg.zero_shot, has_background=True)  # segment's legend has background 0
@@ -140,7 +140,7 @@ def segment(args: argparse.Namespace) -> list[Path]:
     from stableseg_pp.config import build, compose_checked
     from stableseg_pp.data.prompted_images import to_model_pixels
     from stableseg_pp.methods.stableseg import resize_scores
-    from stableseg_pp.stages.zero_shot import check_zero_shot_settings
+    from stableseg_pp.stages.stage0 import check_zero_shot_settings
 
     np.seterr(all="ignore")
     if args.device == "auto":

@@ -24,7 +24,7 @@ from stableseg_pp.data.layouts import DatasetLayoutError
 from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample
 from stableseg_pp.data.palette import save_palette_png
 from stableseg_pp.fit import run
-from stableseg_pp.stages import crf_refine, zero_shot
+from stableseg_pp.stages import crf, stage0
 
 
 def split_ids(data, split):
@@ -305,9 +305,9 @@ def test_a_dataset_without_background_gets_a_class_for_every_pixel(tmp_path, com
                       "diffusion=miniature_sd", "crf.workers=1", "crf.bilateral_sxy=20", "crf.bilateral_srgb=30")  # fmt: skip
     cfg.data.prompt_names = {}
     dataset = describe_dataset(cfg.data)
-    stage0 = zero_shot.run(cfg, dataset)
-    crf = crf_refine.run(cfg, dataset, stage0)
-    for folder in (stage0, crf):
+    s0_dir = stage0.run(cfg, dataset)
+    crf_dir = crf.run(cfg, dataset, s0_dir)
+    for folder in (s0_dir, crf_dir):
         masks = [np.array(Image.open(p)) for p in sorted((folder / "val" / "masks").glob("*.png"))]
         assert len(masks) == 4 and all(m.max() < 6 for m in masks)  # never 255: no pixel left without a class
         metrics = json.loads((folder / "metrics.json").read_text())["val"]

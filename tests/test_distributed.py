@@ -16,7 +16,7 @@ import torch
 from stableseg_pp.data.description import describe_dataset
 from stableseg_pp.fit import run
 from stableseg_pp.runtime.run_dir import COMPLETE
-from stableseg_pp.stages import crf_refine, zero_shot
+from stableseg_pp.stages import crf, stage0
 from tests.test_self_training import SMALL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -71,7 +71,7 @@ def test_ddp_training_on_two_ranks_resumes_after_a_kill(tmp_path, compose_fit, m
     # stage 0 and the CRF in this process; the DDP training (its folder depends only on the masks) in 2 ranks
     cfg = compose_fit(*overrides)
     dataset = describe_dataset(cfg.data)
-    masks = crf_refine.run(cfg, dataset, zero_shot.run(cfg, dataset))
+    masks = crf.run(cfg, dataset, stage0.run(cfg, dataset))
     run_dir = Path(cfg.paths.run_dir)
     assert run_dir == tmp_path / "outputs" / "miniature-miniature_sd"
 

@@ -15,8 +15,8 @@ from stableseg_pp.config import compose_config
 from stableseg_pp.data.description import describe_dataset
 from stableseg_pp.data.layouts import DatasetLayoutError
 from stableseg_pp.stages import check_segmenter, check_stage_splits, refinement, resolve_stages, stage_chain
-from stableseg_pp.stages.emerdiff_refine import check_emerdiff_settings
-from stableseg_pp.stages.zero_shot import check_backbone_settings, check_zero_shot_settings
+from stableseg_pp.stages.emerdiff import check_emerdiff_settings
+from stableseg_pp.stages.stage0 import check_backbone_settings, check_zero_shot_settings
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]

@@ -18,7 +18,7 @@ from stableseg_pp.data.description import describe_dataset
 from stableseg_pp.fit import run
 from stableseg_pp.methods.emerdiff import assign_pixels, plan_runs, segment_offsets
 from stableseg_pp.runtime.run_dir import COMPLETE
-from stableseg_pp.stages import emerdiff_refine, zero_shot
+from stableseg_pp.stages import emerdiff, stage0
 from tests.conftest import killed_after_records
 
 SITE = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"  # 8x8 in the miniature architecture at 64 px
@@ -166,14 +166,14 @@ def test_batched_runs_equal_one_run_at_a_time(random_backbone):
 def test_refine_emerdiff_writes_masks_and_scores_and_resumes_after_a_kill(compose_fit, miniature_model, monkeypatch):
     cfg = compose_fit("stage=1", "refine=emerdiff", *SMALL, *FAST)
     dataset = describe_dataset(cfg.data, list(cfg.zero_shot.splits))
-    s0 = zero_shot.run(cfg, dataset)
+    s0 = stage0.run(cfg, dataset)
     with killed_after_records(monkeypatch, 2) as calls:
-        emerdiff_refine.run(cfg, dataset, s0)
+        emerdiff.run(cfg, dataset, s0)
     out = next(Path(cfg.paths.run_dir).glob("emerdiff-*"))
     assert not (out / COMPLETE).exists() and not list(out.rglob("*.tmp*"))
     done = {p.stem: p.stat().st_mtime_ns for p in out.rglob("masks/*.png")}
     assert sorted(done) == sorted(calls)
-    assert emerdiff_refine.run(cfg, dataset, s0) == out
+    assert emerdiff.run(cfg, dataset, s0) == out
     assert all(p.stat().st_mtime_ns == done[p.stem] for p in out.rglob("masks/*.png") if p.stem in done)
     metrics = json.loads((out / "metrics.json").read_text())
     for split in ("train", "val"):
@@ -183,7 +183,7 @@ def test_refine_emerdiff_writes_masks_and_scores_and_resumes_after_a_kill(compos
         assert stored.scores.shape[-2:] == (64, 64)  # per-channel pixel change for a CRF after it
     assert json.loads((out / COMPLETE).read_text())["denoiser_rows_per_image"] > 0
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-    assert emerdiff_refine.run(cfg, dataset, s0) == out  # finished: no work
+    assert emerdiff.run(cfg, dataset, s0) == out  # finished: no work
     assert stamps == {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
 
@@ -211,17 +211,17 @@ def test_emerdiff_settings_errors(compose_fit):
     with pytest.raises(ConfigError, match="zero_shot.segmenter=emerdiff writes class-agnostic segments"):
         check_segmenter("all", "emerdiff")
     with pytest.raises(ConfigError, match="emerdiff.site is not set for diffusion=sd3_medium"):
-        emerdiff_refine.emerdiff_settings(compose_fit("diffusion=sd3_medium"))
+        emerdiff.emerdiff_settings(compose_fit("diffusion=sd3_medium"))
     with pytest.raises(ConfigError, match="emerdiff.timestep=0"):
-        emerdiff_refine.emerdiff_settings(compose_fit("emerdiff.timestep=0"))
+        emerdiff.emerdiff_settings(compose_fit("emerdiff.timestep=0"))
     with pytest.raises(ConfigError, match="emerdiff.strength=0"):
-        emerdiff_refine.emerdiff_settings(compose_fit("emerdiff.strength=0"))
+        emerdiff.emerdiff_settings(compose_fit("emerdiff.strength=0"))
     # before any weights load: the site against the backbone's structure, a family that cannot sample
     with pytest.raises(ConfigError, match="emerdiff.site=down_blocks.0.attentions.0.transformer_blocks.0.attn1: not an"):
-        emerdiff_refine.check_emerdiff_settings(
+        emerdiff.check_emerdiff_settings(
             compose_fit("refine=emerdiff", "emerdiff.site=down_blocks.0.attentions.0.transformer_blocks.0.attn1"), True
         )
     mmdit = compose_fit("zero_shot.segmenter=emerdiff", "diffusion=miniature_mmdit", "emerdiff.site=transformer_blocks.2.attn")
     with pytest.raises(ConfigError, match="does not implement GenerativeBackbone"):
-        emerdiff_refine.check_emerdiff_settings(mmdit, False)
-    emerdiff_refine.check_emerdiff_settings(compose_fit("refine=emerdiff", "emerdiff.site=nowhere"), False)  # not used
+        emerdiff.check_emerdiff_settings(mmdit, False)
+    emerdiff.check_emerdiff_settings(compose_fit("refine=emerdiff", "emerdiff.site=nowhere"), False)  # not used

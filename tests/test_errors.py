@@ -19,7 +19,8 @@ from stableseg_pp.data.miniature import draw_sample
 from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError, one_line
 from stableseg_pp.segment import main as segment_main
-from stableseg_pp.stages import zero_shot
+from stableseg_pp.stages import stage0
+from stableseg_pp.stages.step import build_backbone
 from tests.test_datasets import _voc_fixture_from_the_miniature_world
 
 
@@ -108,7 +109,7 @@ def test_bad_input_policy_is_not_part_of_the_content_key(compose_fit):
     for policy in ("error", "skip"):
         cfg = compose_fit("debug=fast", f"data.on_bad_input={policy}")
         dataset = describe_dataset(cfg.data)
-        keys.append(zero_shot.stage_key(cfg, dataset, zero_shot.build_backbone(cfg), None))
+        keys.append(stage0.stage_key(cfg, dataset, build_backbone(cfg), None))
     assert keys[0] == keys[1]  # a run stopped at a bad image resumes its folder with skip
 
 

@@ -10,7 +10,7 @@ import torch
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, head_map_id, parse_map_id
 from stableseg_pp.backbones.capture import CrossAttentionMapProcessor
 from stableseg_pp.methods.map_weights import MapExample, fit_map_weights
-from stableseg_pp.stages.layer_analysis import ALL_SITES, MapScorer, analysis_table
+from stableseg_pp.stages.layers import ALL_SITES, MapScorer, analysis_table
 
 SITES = [AttentionSite(f"block{i}", "cross", (16, 16), i, heads=4) for i in range(3)]
 EXPERT, EXPERT_HEAD = "block1", 2

@@ -236,14 +236,14 @@ def test_the_adapter_key_holds_magnets_settings_not_the_segmenters(compose_fit):
     """On a GPU the trainings' precisions differ per setting: changing the segmenter's must not retrain the adapter."""
     from stableseg_pp.data.description import describe_dataset
     from stableseg_pp.runtime.hashing import config_hash
-    from stableseg_pp.stages import zero_shot
     from stableseg_pp.stages.magnet import magnet_key
+    from stableseg_pp.stages.step import build_backbone
 
     def key(*overrides: str) -> str:
         cfg = compose_fit("diffusion=miniature_mmdit", "trainer.accelerator=gpu", "data.generate.n_train=2",
                           "data.generate.n_val=1", *overrides)  # fmt: skip
         dataset = describe_dataset(cfg.data, ["train"])
-        return config_hash(magnet_key(cfg, dataset, zero_shot.build_backbone(cfg), None))
+        return config_hash(magnet_key(cfg, dataset, build_backbone(cfg), None))
 
     base = key("segmenter.train.precision=16-mixed", "magnet.train.precision=bf16-mixed")
     assert key("segmenter.train.precision=bf16-mixed", "magnet.train.precision=bf16-mixed") == base

@@ -16,10 +16,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from stableseg_pp.data.miniature import CLASS_NAMES, draw_sample
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform
+from stableseg_pp.evaluation.site_plots import short_site_labels
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 from stableseg_pp.pictures import legend_strip, overlay_png, present_classes
 from stableseg_pp.predict import main
-from stableseg_pp.stages.site_plots import short_site_labels
 
 
 @pytest.fixture(scope="module")

@@ -21,8 +21,8 @@ from stableseg_pp.fit import run
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.errors import ConfigError, report_errors
-from stableseg_pp.stages import crf_refine
-from stableseg_pp.stages.train_segmenter import derived_side, training_plan
+from stableseg_pp.stages import crf
+from stableseg_pp.stages.deeplab import derived_side, training_plan
 from tests.conftest import file_stamps as _files
 from tests.conftest import killed_after_records
 
@@ -84,12 +84,12 @@ def _dying_crf_writes(monkeypatch, n: int):
         written.append(Path(path))
         return atomic_save(path, write)
 
-    monkeypatch.setattr(crf_refine, "atomic_save", dying)
+    monkeypatch.setattr(crf, "atomic_save", dying)
     try:
         with pytest.raises(RuntimeError, match="killed"):
             yield written
     finally:
-        monkeypatch.setattr(crf_refine, "atomic_save", atomic_save)
+        monkeypatch.setattr(crf, "atomic_save", atomic_save)
 
 
 @pytest.mark.slow

@@ -22,11 +22,11 @@ def test_wandb_offline_run_holds_metrics_masks_and_lineage(compose_fit, miniatur
     seg_dir = run(compose_fit("stage=1", *SMALL, "logger=wandb", "logger.n_samples=4"))["1"]
     run_dir = seg_dir.parent
     runs = read_offline_runs(run_dir / "wandb")
-    assert [r.job_type for r in runs] == ["pseudo-masks", "pseudo-masks", "segmenter"]
+    assert [r.job_type for r in runs] == ["stage0", "crf", "deeplab"]  # kind = folder prefix = module
     assert all(r.exit_code == 0 and r.group == "miniature-miniature_sd" for r in runs)
     stage0, crf, seg = runs
     # each step's folder is its artifact; the consumer names its input folders
-    assert seg.artifacts == [(seg_dir.name, "segmenter")]
+    assert seg.artifacts == [(seg_dir.name, "deeplab")]
     assert seg.config["step"]["inputs"] == [str(run_dir / crf.artifacts[0][0])]
     assert crf.config["step"]["inputs"] == [str(run_dir / stage0.artifacts[0][0])]
     assert seg.config["segmenter"]["train"]["max_epochs"] == 2  # the resolved config
@@ -72,4 +72,4 @@ def test_csv_tracker_collects_every_step(compose_fit, miniature_model):
         rows = list(csv.DictReader(f))
     val = {r["metric"]: float(r["value"]) for r in rows if r["step"] == out.name}
     assert val["val/miou"] == pytest.approx(json.loads((out / "metrics.json").read_text())["val"]["miou"])
-    assert {r["kind"] for r in rows} == {"pseudo-masks"}
+    assert {r["kind"] for r in rows} == {"stage0"}

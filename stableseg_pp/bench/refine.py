@@ -16,7 +16,7 @@ from pathlib import Path
 
 from stableseg_pp.config import compose_checked
 from stableseg_pp.data.description import describe_dataset
-from stableseg_pp.stages import crf_refine, emerdiff_refine, zero_shot
+from stableseg_pp.stages import crf, emerdiff, stage0
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,10 +43,10 @@ def main(argv: list[str] | None = None) -> dict:
                       "step_seconds": seconds}  # fmt: skip
         return out
 
-    s0 = step("(a) stage 0, bilinear", lambda: zero_shot.run(cfg, dataset))
-    step("(b) DenseCRF", lambda: crf_refine.run(cfg, dataset, s0))
-    em = step("(c) EmerDiff", lambda: emerdiff_refine.run(cfg, dataset, s0))
-    step("(d) EmerDiff + DenseCRF", lambda: crf_refine.run(cfg, dataset, em))
+    s0 = step("(a) stage 0, bilinear", lambda: stage0.run(cfg, dataset))
+    step("(b) DenseCRF", lambda: crf.run(cfg, dataset, s0))
+    em = step("(c) EmerDiff", lambda: emerdiff.run(cfg, dataset, s0))
+    step("(d) EmerDiff + DenseCRF", lambda: crf.run(cfg, dataset, em))
     rows["(a) stage 0, bilinear"]["rows_per_image"] = 1
     print(f"| masks ({args.split}) | mIoU | boundary F ({dataset.boundary_tolerance} px) | denoiser rows / image | "
           "images/s (predict loop) | folder |")  # fmt: skip

@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stableseg_pp.data.description import describe_dataset
     from stableseg_pp.data.prompted_images import collate_samples
     from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
-    from stableseg_pp.stages.zero_shot import stableseg_settings
+    from stableseg_pp.stages.stage0 import stableseg_settings
 
     if args.threads:
         torch.set_num_threads(args.threads)

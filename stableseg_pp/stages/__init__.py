@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.runtime.errors import ConfigError
-from stableseg_pp.stages import emerdiff_segments, magnet, refinement, self_training, zero_shot
+from stableseg_pp.stages import magnet, refinement, segments, self_training, stage0
 
 # Every stage: ``run(cfg, dataset) -> output folder``.
 StageFn = Callable[[DictConfig, DatasetDescription], Path]
@@ -20,8 +20,8 @@ SEGMENTERS = ("stableseg", "emerdiff")
 def run_stage0(cfg: DictConfig, dataset: DatasetDescription) -> Path:
     """Stage 0 with ``zero_shot.segmenter``: StableSeg's class masks, or EmerDiff's class-agnostic segments."""
     if cfg.zero_shot.get("segmenter", "stableseg") == "emerdiff":
-        return emerdiff_segments.run(cfg, dataset)
-    return zero_shot.run(cfg, dataset)
+        return segments.run(cfg, dataset)
+    return stage0.run(cfg, dataset)
 
 
 STAGES: dict[str, StageFn] = {

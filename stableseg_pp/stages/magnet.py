@@ -27,7 +27,6 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from stableseg_pp import tracking
 from stableseg_pp.artifacts import ChannelClasses, MaskSetLayout
 from stableseg_pp.backbones.base import select_sites
 from stableseg_pp.backbones.loading import LORA_FILE
@@ -40,12 +39,13 @@ from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import training_loop_settings
 from stableseg_pp.runtime.resume import run_lightning
-from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, open_stage
-from stableseg_pp.stages import refinement, train_segmenter, zero_shot
-from stableseg_pp.stages.train_segmenter import resume_checkpoint, trainer_key, training_precision
+from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish
+from stableseg_pp.stages import deeplab, refinement, stage0
+from stableseg_pp.stages.deeplab import resume_checkpoint, trainer_key, training_precision
+from stableseg_pp.stages.step import Step, build_backbone, diffusion_key
 
 log = logging.getLogger(__name__)
-NAME = "magnet"
+STEP = Step("magnet")
 STEP_TARGETS = ("refined", "stage0", "segmenter")
 ADAPTER = "adapter"
 
@@ -157,10 +157,9 @@ def magnet_key(cfg: DictConfig, dataset: DatasetDescription, backbone, targets: 
     and its training's precision (not the segmenter's), ranks and seed; how fast it reads or logs left out."""
     zs = cfg.zero_shot
     key = {
-        "stage": NAME,
         "targets": target_key(dataset, targets),
         "data": dataset.key(),
-        "diffusion": zero_shot.diffusion_key(cfg, backbone),
+        "diffusion": diffusion_key(cfg, backbone),
         "prompts": {"template": zs.prompt_template, "joiner": zs.joiner, "resolution": zs.resolution},
         "magnet": OmegaConf.to_container(cfg.magnet, resolve=True),
         "trainer": trainer_key(cfg, _precision(cfg)),
@@ -175,17 +174,13 @@ def run(cfg: DictConfig, dataset: DatasetDescription, targets: Path | None) -> P
     """Train MAGNET on the masks of ``targets`` (a step folder with ``train/masks``; None = the ground truth)."""
     if targets is not None and not (targets / "train" / "masks").is_dir():
         raise ConfigError(f"magnet targets {targets}: no train/masks folder; give a step folder or a mask set in its layout")
-    backbone = zero_shot.build_backbone(cfg)
+    backbone = build_backbone(cfg)
     if getattr(backbone, "lora", None):
         raise ConfigError(f"diffusion.lora={backbone.lora}: MAGNET trains adapters on the base model; set diffusion.lora=null")
     module = build_module(cfg, backbone)  # a clear error for a backbone without a training objective, before any work
     key = magnet_key(cfg, dataset, backbone, targets)
-    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
-        if finished:
-            return out
-        with tracking.active().step(out, [targets] if targets else [], key) as record:
-            _train(cfg, dataset, module, targets, out, key, record)
-    return out
+    inputs = [targets] if targets else []
+    return STEP.run(cfg, key, inputs, lambda out, key, record: _train(cfg, dataset, module, targets, out, key, record))
 
 
 def _loader(cfg, dataset: DatasetDescription, split: str, ids: list[str], targets: MaskSetLayout | None, shuffle: bool):
@@ -297,10 +292,10 @@ def run_stage(cfg: DictConfig, dataset: DatasetDescription) -> Path:
     """``stage=magnet``: stage 0, its refinement (and DeepLabV3+ for ``targets=segmenter``), then MAGNET."""
     steps: dict[str, Path] = {}
     if cfg.magnet.targets in STEP_TARGETS:
-        steps["stage0"] = zero_shot.run(cfg, dataset)
+        steps["stage0"] = stage0.run(cfg, dataset)
         steps["refined"] = refinement.run(cfg, dataset, steps["stage0"])
         if cfg.magnet.targets == "segmenter":
-            steps["deeplab"] = train_segmenter.run(cfg, dataset, steps["refined"])
+            steps["deeplab"] = deeplab.run(cfg, dataset, steps["refined"])
     return run(cfg, dataset, targets_of(cfg, steps))
 
 

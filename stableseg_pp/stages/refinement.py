@@ -9,15 +9,15 @@ from omegaconf import DictConfig
 
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.runtime.errors import ConfigError
-from stableseg_pp.stages import crf_refine, emerdiff_refine
+from stableseg_pp.stages import crf, emerdiff
 
 Refiner = Callable[[DictConfig, DatasetDescription, Path], Path]
 
 REFINERS: dict[str, Refiner] = {
-    "crf": crf_refine.run,  # StableSeg+'s DenseCRF on the stage-0 scores
-    "emerdiff": emerdiff_refine.run,  # EmerDiff's modulated denoising
+    "crf": crf.run,  # StableSeg+'s DenseCRF on the stage-0 scores
+    "emerdiff": emerdiff.run,  # EmerDiff's modulated denoising
     # DenseCRF on EmerDiff's per-segment pixel-change scores
-    "emerdiff+crf": lambda cfg, dataset, s0: crf_refine.run(cfg, dataset, emerdiff_refine.run(cfg, dataset, s0)),
+    "emerdiff+crf": lambda cfg, dataset, s0: crf.run(cfg, dataset, emerdiff.run(cfg, dataset, s0)),
     "none": lambda cfg, dataset, s0: s0,  # train on the stage-0 masks themselves
 }
 # how the results table names the refined masks

@@ -26,7 +26,7 @@ from stableseg_pp.evaluation.mask_sets import val_miou
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_write_text, write_json
 from stableseg_pp.runtime.run_dir import COMPLETE
-from stableseg_pp.stages import magnet, map_weights, refinement, train_segmenter, zero_shot
+from stableseg_pp.stages import deeplab, magnet, refinement, stage0, weights
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +41,9 @@ def _fit_warning(folder: Path) -> str | None:
 
 
 def stableseg_plus(cfg: DictConfig, dataset: DatasetDescription) -> dict[str, Path]:
-    s0 = zero_shot.run(cfg, dataset)
+    s0 = stage0.run(cfg, dataset)
     refined = refinement.run(cfg, dataset, s0)
-    seg = train_segmenter.run(cfg, dataset, refined)
+    seg = deeplab.run(cfg, dataset, refined)
     return {"stage0": s0, "refined": refined, "deeplab": seg}
 
 
@@ -63,16 +63,16 @@ def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
     seg, s0 = first["deeplab"], first["stage0"]
     weight_dirs = []
     for r in range(2, int(cfg.self_training.rounds) + 1):
-        wdir = map_weights.run(cfg, dataset, s0, seg)
+        wdir = weights.run(cfg, dataset, s0, seg)
         weight_dirs.append(wdir)
         adapter = None
         if cfg.self_training.magnet:  # MAGNET on the latest masks (magnet.targets) before regenerating them
             adapter = magnet.run(cfg, dataset, magnet.targets_of(cfg, steps))
             rows.append((f"MAGNET adapter (round {r})", adapter))
-        s0 = zero_shot.run(cfg, dataset, weights=SiteWeights.load(wdir), inputs=[wdir, *([adapter] if adapter else [])],
+        s0 = stage0.run(cfg, dataset, weights=SiteWeights.load(wdir), inputs=[wdir, *([adapter] if adapter else [])],
                            adapter=adapter)  # fmt: skip
         refined = refinement.run(cfg, dataset, s0)
-        seg = train_segmenter.run(cfg, dataset, refined, init=seg if cfg.self_training.warm_start else None)
+        seg = deeplab.run(cfg, dataset, refined, init=seg if cfg.self_training.warm_start else None)
         steps = {"stage0": s0, "refined": refined, "deeplab": seg}
         rows += [
             (f"learned-weight masks (round {r})", s0),

@@ -12,21 +12,9 @@ from lightning.pytorch.loggers import Logger
 
 from stableseg_pp.data.description import DatasetDescription
 
-# What each kind of step folder holds (the prefix of its name), used as W&B job and artifact types.
-STEP_KINDS = {
-    "stage0": "pseudo-masks",
-    "crf": "pseudo-masks",
-    "emerdiff": "pseudo-masks",
-    "segments": "segments",
-    "deeplab": "segmenter",
-    "weights": "map-weights",
-    "layers": "analysis",
-    "magnet": "adapter",
-}
-
-
 def step_kind(folder: Path) -> str:
-    return STEP_KINDS.get(folder.name.split("-")[0], folder.name.split("-")[0])
+    """A step's kind (W&B job and artifact type): its folder prefix, which is also its module under ``stages/``."""
+    return folder.name.split("-")[0]
 
 
 class StepRecord:

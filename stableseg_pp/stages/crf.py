@@ -28,10 +28,12 @@ from stableseg_pp.pictures import write_overlays
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.cpus import cpus_per_rank
-from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
+from stableseg_pp.runtime.run_dir import evaluate_and_finish
+from stableseg_pp.stages.step import Step
+from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
-NAME = "crf"
+STEP = Step("crf")
 
 
 def crf_params(crf: DictConfig) -> CRFParams:
@@ -60,16 +62,15 @@ def _jobs(dataset: DatasetDescription, split: str, ids: list[str], source: MaskS
 
 def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     """Refine every split of ``stage0_dir``; returns the content-addressed output folder."""
-    key = {"stage": NAME, "input": stage0_dir.name, "crf": OmegaConf.to_container(cfg.crf, resolve=True)}
+    key = {"input": stage0_dir.name, "crf": OmegaConf.to_container(cfg.crf, resolve=True)}
     key["crf"].pop("workers", None)
-    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
-        if finished:
-            return out
-        with tracking.active().step(out, [stage0_dir], key) as record:
-            _compute(cfg, dataset, stage0_dir, out, key)
-            masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
-            tracking.track_results(record, dataset, out, masks)
-    return out
+
+    def compute(out: Path, key: dict, record: StepRecord) -> None:
+        _compute(cfg, dataset, stage0_dir, out, key)
+        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        tracking.track_results(record, dataset, out, masks)
+
+    return STEP.run(cfg, key, [stage0_dir], compute)
 
 
 def crf_workers(cfg: DictConfig) -> int:

@@ -35,12 +35,12 @@ from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import training_loop_settings
 from stableseg_pp.runtime.resume import run_lightning
-from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, final_checkpoint, open_stage
-from stableseg_pp.stages.zero_shot import on_gpu
+from stableseg_pp.runtime.run_dir import IncompleteStageError, evaluate_and_finish, final_checkpoint
+from stableseg_pp.stages.step import Step, on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
-NAME = "deeplab"
+STEP = Step("deeplab")
 
 
 def training_precision(cfg: DictConfig, wanted: str | None) -> str:
@@ -111,7 +111,6 @@ def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, init: Pat
     pseudo = MaskSetLayout(masks_dir / "train")
     n_train = sum(pseudo.is_done(sid) for sid in dataset.split_ids("train"))
     key = {
-        "stage": NAME,
         "masks": masks_dir.name,
         "segmenter": OmegaConf.to_container(seg, resolve=True),
         "trainer": trainer_key(cfg, _precision(cfg)),
@@ -123,14 +122,13 @@ def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, init: Pat
     for k in ("num_workers", "log_every"):
         key["segmenter"]["train"].pop(k, None)
     key["segmenter"].pop("eval_batch_size", None)
-    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
-        if finished:
-            return out
-        with tracking.active().step(out, [masks_dir], key) as record:
-            _compute(cfg, dataset, masks_dir, out, key, record, init)
-            masks = {"prediction": out / "val" / "masks", "pseudo_mask": masks_dir / "val" / "masks"}
-            tracking.track_results(record, dataset, out, masks)
-    return out
+
+    def compute(out: Path, key: dict, record: StepRecord) -> None:
+        _compute(cfg, dataset, masks_dir, out, key, record, init)
+        masks = {"prediction": out / "val" / "masks", "pseudo_mask": masks_dir / "val" / "masks"}
+        tracking.track_results(record, dataset, out, masks)
+
+    return STEP.run(cfg, key, [masks_dir], compute)
 
 
 def _compute(

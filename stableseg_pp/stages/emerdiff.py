@@ -29,11 +29,12 @@ from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import ImagesPerSecondBar
 from stableseg_pp.runtime.resume import run_lightning
-from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
-from stableseg_pp.stages.zero_shot import build_backbone, diffusion_key, on_gpu
+from stableseg_pp.runtime.run_dir import evaluate_and_finish
+from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, on_gpu
+from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
-NAME = "emerdiff"
+STEP = Step("emerdiff")
 # emerdiff settings of the modulated denoising itself (EmerDiff's arguments)
 METHOD_KEYS = ("site", "timestep", "sampler_steps", "strength", "sigma", "runs_per_forward", "prompt")
 STORAGE_KEYS = ("score_side",)  # what the refinement stores beside its masks
@@ -138,15 +139,14 @@ def loader(cfg: DictConfig, images: Dataset) -> DataLoader:
 def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     """Refine every split of ``stage0_dir`` with EmerDiff; returns the content-addressed output folder."""
     backbone = build_backbone(cfg)
-    key = {"stage": NAME, "input": stage0_dir.name, **method_key(cfg, backbone)}
-    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
-        if finished:
-            return out
-        with tracking.active().step(out, [stage0_dir], key) as record:
-            _compute(cfg, dataset, backbone, stage0_dir, out, key)
-            masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
-            tracking.track_results(record, dataset, out, masks)
-    return out
+    key = {"input": stage0_dir.name, **method_key(cfg, backbone)}
+
+    def compute(out: Path, key: dict, record: StepRecord) -> None:
+        _compute(cfg, dataset, backbone, stage0_dir, out, key)
+        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        tracking.track_results(record, dataset, out, masks)
+
+    return STEP.run(cfg, key, [stage0_dir], compute)
 
 
 def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, stage0_dir: Path, out: Path, key: dict) -> None:

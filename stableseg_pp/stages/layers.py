@@ -22,24 +22,24 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from stableseg_pp import tracking
 from stableseg_pp.artifacts import ChannelClasses, MaskSetLayout, load_stored_maps
 from stableseg_pp.backbones.base import AttentionSite, parse_map_id, select_sites
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.palette import IGNORE_INDEX
 from stableseg_pp.evaluation.mask_sets import ground_truth, protocol_result
 from stableseg_pp.evaluation.miou import scores_from_confusion
+from stableseg_pp.evaluation.site_plots import plot_site_heads
 from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_write_text, write_json
 from stableseg_pp.runtime.errors import ConfigError
-from stableseg_pp.runtime.run_dir import open_stage, write_record
-from stableseg_pp.stages.map_weights import background_threshold
-from stableseg_pp.stages.site_plots import plot_site_heads
-from stableseg_pp.stages.zero_shot import build_backbone
+from stableseg_pp.runtime.run_dir import write_record
+from stableseg_pp.stages.step import Step, build_backbone
+from stableseg_pp.stages.weights import background_threshold
+from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
-NAME = "layers"
+STEP = Step("layers")
 ALL_SITES = "mean of all sites"
 SELECTED_SITES = "mean of stage 0's sites"
 CHUNK = 16  # maps scored at once (bounds the memory of the upsampled maps)
@@ -173,21 +173,19 @@ def markdown(rows: list[dict], summary: dict, header: str) -> str:
 def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     split = str(cfg.analyze.split)
     key = {
-        "stage": NAME,
         "maps": stage0_dir.name,
         "split": split,
         "threshold": background_threshold(cfg, dataset),
         "resolution": cfg.zero_shot.resolution,
         "selection": {k: cfg.zero_shot.get(k) for k in ("cross_scales", "cross_depths")},
     }
-    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
-        if finished:
-            return out
-        with tracking.active().step(out, [stage0_dir], key) as record:
-            # rank 0 scores the stored maps (no diffusion forward); the others wait
-            distributed.on_main(lambda: _analyse(cfg, dataset, stage0_dir, split, out, key, record))
-            distributed.barrier()
-    return out
+
+    def compute(out: Path, key: dict, record: StepRecord) -> None:
+        # rank 0 scores the stored maps (no diffusion forward); the others wait
+        distributed.on_main(lambda: _analyse(cfg, dataset, stage0_dir, split, out, key, record))
+        distributed.barrier()
+
+    return STEP.run(cfg, key, [stage0_dir], compute)
 
 
 def _analyse(cfg, dataset: DatasetDescription, stage0_dir: Path, split: str, out: Path, key: dict, record) -> None:

@@ -33,12 +33,13 @@ from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
-from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
-from stableseg_pp.stages.emerdiff_refine import emerdiff_settings, loader, method_key, predict
-from stableseg_pp.stages.zero_shot import build_backbone, on_gpu
+from stableseg_pp.runtime.run_dir import evaluate_and_finish
+from stableseg_pp.stages.emerdiff import emerdiff_settings, loader, method_key, predict
+from stableseg_pp.stages.step import Step, build_backbone, on_gpu
+from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
-NAME = "segments"
+STEP = Step("segments")
 CENTROIDS = "centroids.npy"
 BASELINE = "upsampled"
 
@@ -70,21 +71,19 @@ def run(cfg: DictConfig, dataset: DatasetDescription) -> Path:
     backbone = build_backbone(cfg)
     em = cfg.emerdiff
     key = {
-        "stage": NAME,
         "data": dataset.key(),
         **method_key(cfg, backbone),
         "clusters": clusters(cfg, dataset),
         "kmeans": {"images": em.get("kmeans_images"), "iterations": em.get("kmeans_iterations", 50)},
         "splits": list(cfg.zero_shot.splits),
     }
-    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
-        if finished:
-            return out
-        with tracking.active().step(out, [], key) as record:
-            _compute(cfg, dataset, backbone, out, key)
-            masks = {"segments": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
-            tracking.track_results(record, dataset, out, masks)
-    return out
+
+    def compute(out: Path, key: dict, record: StepRecord) -> None:
+        _compute(cfg, dataset, backbone, out, key)
+        masks = {"segments": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        tracking.track_results(record, dataset, out, masks)
+
+    return STEP.run(cfg, key, [], compute)
 
 
 def fit_split(cfg: DictConfig) -> str:

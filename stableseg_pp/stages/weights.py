@@ -18,19 +18,19 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
-from stableseg_pp import tracking
 from stableseg_pp.artifacts import ChannelClasses, MaskSetLayout, SiteWeights, load_stored_maps
 from stableseg_pp.backbones.base import parse_map_id
 from stableseg_pp.data.description import DatasetDescription
+from stableseg_pp.evaluation.site_plots import plot_site_bars, plot_site_heads
 from stableseg_pp.methods.map_weights import MapExample, fit_map_weights
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError
-from stableseg_pp.runtime.run_dir import open_stage, write_record
-from stableseg_pp.stages.site_plots import plot_site_bars, plot_site_heads
+from stableseg_pp.runtime.run_dir import write_record
+from stableseg_pp.stages.step import Step
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
-NAME = "weights"
+STEP = Step("weights")
 
 
 def load_examples(
@@ -101,20 +101,18 @@ def background_threshold(cfg: DictConfig, dataset: DatasetDescription) -> float 
 
 def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, segmenter_dir: Path) -> Path:
     key = {
-        "stage": NAME,
         "maps": stage0_dir.name,
         "targets": segmenter_dir.name,
         "map_weights": OmegaConf.to_container(cfg.map_weights, resolve=True),
         "threshold": background_threshold(cfg, dataset),
         "seed": cfg.seed,
     }
-    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
-        if finished:
-            return out
-        with tracking.active().step(out, [stage0_dir, segmenter_dir], key) as record:
-            # rank 0 learns the weights (a small fit without diffusion forwards); the others wait and read them
-            distributed.on_main(lambda: _learn(cfg, dataset, stage0_dir, segmenter_dir, out, key, record))
-    return out
+
+    def compute(out: Path, key: dict, record: StepRecord) -> None:
+        # rank 0 learns the weights (a small fit without diffusion forwards); the others wait and read them
+        distributed.on_main(lambda: _learn(cfg, dataset, stage0_dir, segmenter_dir, out, key, record))
+
+    return STEP.run(cfg, key, [stage0_dir, segmenter_dir], compute)
 
 
 def _learn(

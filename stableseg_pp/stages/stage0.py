@@ -13,7 +13,6 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
@@ -23,7 +22,6 @@ from stableseg_pp.artifacts import MaskSetLayout, SiteWeights, Stage0Writer
 from stableseg_pp.backbones.base import DiffusionBackbone, select_sites
 from stableseg_pp.backbones.loading import offline_hint
 from stableseg_pp.backbones.prompts import build_prompt
-from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
@@ -35,10 +33,12 @@ from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import ImagesPerSecondBar
 from stableseg_pp.runtime.resume import run_lightning
-from stableseg_pp.runtime.run_dir import evaluate_and_finish, open_stage
+from stableseg_pp.runtime.run_dir import evaluate_and_finish
+from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, on_gpu
+from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
-NAME = "stage0"
+STEP = Step("stage0")
 # zero_shot settings that say what to compute where, not what each image's result is
 NOT_IN_KEY = ("n_overlays", "site_weights", "writer_threads", "segmenter")
 
@@ -122,18 +122,6 @@ def check_prompt_names(backbone: DiffusionBackbone, names: list[str], zs: DictCo
     split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
 
 
-def on_gpu(cfg: DictConfig) -> bool:
-    """Whether the trainer runs on GPUs (``gpu``/``cuda``, or ``auto`` on a machine that has one)."""
-    accelerator = str(cfg.trainer.get("accelerator", "auto"))
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-
-
-def build_backbone(cfg: DictConfig, adapter: Path | None = None) -> DiffusionBackbone:
-    """The configured backbone (``diffusion._target_``), not loaded yet; ``adapter``: a LoRA (e.g. a MAGNET step
-    folder) that replaces ``diffusion.lora``."""
-    return build(cfg.diffusion, _convert_="all", **({"lora": str(adapter)} if adapter is not None else {}))
-
-
 def stableseg_settings(cfg: DictConfig, dataset: DatasetDescription) -> dict:
     """Keyword arguments of StableSeg from ``zero_shot``; a dataset without background never predicts one."""
     zs = OmegaConf.to_container(cfg.zero_shot, resolve=True)
@@ -150,18 +138,9 @@ def configured_site_weights(cfg: DictConfig) -> SiteWeights | None:
     return SiteWeights.load(path) if path else None
 
 
-def diffusion_key(cfg: DictConfig, backbone: DiffusionBackbone) -> dict:
-    """What the backbone contributes to a content key: its settings and the identity of its weights (and adapter)."""
-    diffusion = OmegaConf.to_container(cfg.diffusion, resolve=True)
-    for k in ("_target_", "name", "pretrained", "dtype", "lora"):  # the identity says what the weights are
-        diffusion.pop(k, None)
-    return {**diffusion, **backbone.identity()}
-
-
 def stage_key(cfg: DictConfig, dataset: DatasetDescription, backbone: DiffusionBackbone, weights: SiteWeights | None) -> dict:
     """Everything stage 0's outputs depend on."""
     return {
-        "stage": NAME,
         "data": dataset.key(),
         "diffusion": diffusion_key(cfg, backbone),
         "zero_shot": {**stableseg_settings(cfg, dataset), "splits": list(cfg.zero_shot.splits)},
@@ -186,14 +165,13 @@ def run(
     weights = weights or configured_site_weights(cfg)
     backbone = build_backbone(cfg, adapter)
     key = stage_key(cfg, dataset, backbone, weights)
-    with open_stage(cfg.paths.run_dir, NAME, key, cfg.force) as (out, finished):
-        if finished:
-            return out
-        with tracking.active().step(out, inputs, key) as record:
-            _compute(cfg, dataset, backbone, weights, out, key)
-            masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
-            tracking.track_results(record, dataset, out, masks)
-    return out
+
+    def compute(out: Path, key: dict, record: StepRecord) -> None:
+        _compute(cfg, dataset, backbone, weights, out, key)
+        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        tracking.track_results(record, dataset, out, masks)
+
+    return STEP.run(cfg, key, inputs, compute)
 
 
 def _compute(
