@@ -42,7 +42,7 @@ def analysis_config(overrides: list[str]) -> DictConfig:
     if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
         raise ConfigError(f"analyze.images={images}: give a number of images (>= 1) or null for the whole split")
     cfg.stage = 0
-    cfg.zero_shot.splits = [split]
+    cfg.stage0.splits = [split]
     cfg.zero_shot.store_head_maps = True
     if images is not None:
         cfg.data.limit = min(images, cfg.data.limit or images)

@@ -102,8 +102,8 @@ def check_settings(cfg: DictConfig) -> None:
     from stableseg_pp.stages.emerdiff import check_emerdiff_settings
     from stableseg_pp.stages.stage0 import check_zero_shot_settings
 
-    check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
-    check_segmenter(cfg.stage, cfg.zero_shot.get("segmenter", "stableseg"))
+    check_stage_splits(cfg.stage, list(cfg.stage0.splits))
+    check_segmenter(cfg.stage, cfg.stage0.get("segmenter", "stableseg"))
     refinement.check_refine(cfg.get("refine", "crf"))
     check_emerdiff_settings(cfg, refines=resolve_stages(cfg.stage) != ["0"])
     check_devices(cfg)
@@ -132,7 +132,7 @@ def start_run(cfg: DictConfig) -> DatasetDescription:
     distributed.setup(cfg.trainer.accelerator)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     with distributed.main_first():  # rank 0 writes the miniature world on first use; the others then read it
-        dataset = describe_dataset(cfg.data, list(cfg.zero_shot.splits))
+        dataset = describe_dataset(cfg.data, list(cfg.stage0.splits))
     check_backbone_settings(cfg, dataset)
     return dataset
 
@@ -175,7 +175,7 @@ def run_command(cfg: DictConfig) -> None:
     n = distributed.configured_world_size(cfg.trainer)
     if n > 1 and distributed.launched_environment() is None and int(cfg.trainer.get("num_nodes", 1)) == 1:
         check_settings(cfg)  # before torchrun starts ranks that would all fail the same way
-        check_backbone_settings(cfg, describe_dataset(cfg.data, list(cfg.zero_shot.splits)))
+        check_backbone_settings(cfg, describe_dataset(cfg.data, list(cfg.stage0.splits)))
         code = relaunch_under_torchrun(n)
         if code:
             raise RankFailure(f"{n} ranks under torchrun: a rank failed (exit code {code}); its error is printed above")

@@ -36,17 +36,6 @@ if TYPE_CHECKING:  # torch, diffusers and the model code load after the argument
     from stableseg_pp.methods.stableseg import StableSeg
 
 log = logging.getLogger("stableseg_pp.segment")
-# zero_shot keys that concern datasets and stored outputs, not one picture
-NOT_FOR_SEGMENT = (
-    "splits",
-    "n_overlays",
-    "stored_cross_scales",
-    "stored_cross_depths",
-    "site_weights",
-    "store_head_maps",
-    "writer_threads",
-    "segmenter",
-)
 
 
 def parse_classes(text: str) -> list[str]:
@@ -91,21 +80,18 @@ def check_prompts(cfg: DictConfig, backbone: DiffusionBackbone, classes: list[st
 
 def build_segmenter(cfg: DictConfig, device: str, backbone: DiffusionBackbone) -> StableSeg:
     """StableSeg on the configured backbone (loaded here), with the configured stage-0 settings."""
-    from omegaconf import OmegaConf
+    from hydra.utils import instantiate
 
     from stableseg_pp.artifacts import SiteWeights
-    from stableseg_pp.methods.stableseg import StableSeg
 
     backbone = backbone.load()
-    settings = OmegaConf.to_container(cfg.zero_shot, resolve=True)
-    for k in NOT_FOR_SEGMENT:
-        settings.pop(k, None)
-    site_weights = cfg.zero_shot.get("site_weights")
-    if site_weights:
+    learned = None
+    if site_weights := cfg.stage0.get("site_weights"):
         learned = SiteWeights.load(site_weights)
         learned.check_family(backbone.family)
-        settings["site_weights"] = dict(learned.weights)
-    return StableSeg(backbone, **settings).to(device)
+    make = instantiate(cfg.zero_shot)  # StableSeg from its config node, as stage 0 builds it
+    # one picture at a time: no head maps to store (the stored sites stay: they are captured as in stage 0)
+    return make(backbone, site_weights=None if learned is None else dict(learned.weights), store_head_maps=False).to(device)
 
 
 def main(argv: list[str] | None = None) -> list[Path]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from stableseg_pp.backbones.base import AttentionStore, DiffusionBackbone
+from stableseg_pp.backbones.base import AttentionStore, CaptureRequest, DiffusionBackbone, ModulationState
 from stableseg_pp.backbones.capture import CrossAttentionMapProcessor, SelfAttentionQKProcessor
 from stableseg_pp.methods.stableseg import StableSeg
 
@@ -109,6 +109,23 @@ def test_sites_without_maps_keep_the_fused_processor(random_backbone):
     assert all(s.side == 8 for s in seg.cross_sites)
     others = [p for n, p in procs.items() if n.removesuffix(".processor") not in captured]
     assert others and all(isinstance(p, AttnProcessor2_0) for p in others)
+
+
+def test_the_installer_refuses_unknown_sites_and_skips_a_repeated_install(random_backbone):
+    import pytest
+
+    with pytest.raises(ValueError, match=r"capture request names sites this U-Net does not have: \['nowhere.attn2'\]"):
+        random_backbone.install_capture(CaptureRequest(class_maps=("nowhere.attn2",)), AttentionStore())
+    with pytest.raises(ValueError, match=r"emerdiff.site names sites this U-Net does not have: \['nowhere'\]"):
+        random_backbone.install_modulation(ModulationState(), "nowhere")
+    image_only = next(s.id for s in random_backbone.sites(64) if s.kind == "self")
+    with pytest.raises(ValueError, match=rf"site {image_only} attends to the image only"):
+        random_backbone.install_capture(CaptureRequest(class_maps=(image_only,)), AttentionStore())
+    seg = StableSeg(random_backbone, resolution=64, cross_scales=[8], stored_cross_scales=[8], mode="ca")
+    before = dict(random_backbone.unet.attn_processors)
+    random_backbone.install_capture(seg.capture, seg.store)  # the same request and store: nothing replaced
+    assert all(random_backbone.unet.attn_processors[n] is p for n, p in before.items())
+    random_backbone.remove_capture()
 
 
 def test_unknown_scale_is_a_clear_error(random_backbone):

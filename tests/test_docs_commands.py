@@ -83,14 +83,14 @@ def _check_fit(args: list[str], root: Path) -> None:
     if "--config-dir" in args:
         overrides.append(f"hydra.searchpath=[file://{_user_config_dir(root)}]")
     cfg = compose_config([*overrides, f"paths.root_dir={root}"])
-    check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
+    check_stage_splits(cfg.stage, list(cfg.stage0.splits))
     check_zero_shot_settings(cfg)
-    check_segmenter(cfg.stage, cfg.zero_shot.segmenter)
+    check_segmenter(cfg.stage, cfg.stage0.segmenter)
     refinement.check_refine(cfg.refine)
     check_emerdiff_settings(cfg, refines=resolve_stages(cfg.stage) != ["0"])  # its site against the backbone
     assert stage_chain(cfg.stage)
     try:
-        dataset = describe_dataset(cfg.data, list(cfg.zero_shot.splits))
+        dataset = describe_dataset(cfg.data, list(cfg.stage0.splits))
     except DatasetLayoutError:
         return  # a real dataset (VOC, ...) is not on this machine: its layout is tested on fixtures
     if Path(cfg.diffusion.pretrained).is_absolute() and not Path(cfg.diffusion.pretrained).exists():

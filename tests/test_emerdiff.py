@@ -23,7 +23,7 @@ from tests.conftest import killed_after_records
 
 SITE = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"  # 8x8 in the miniature architecture at 64 px
 FAST = ["emerdiff.sampler_steps=10", "emerdiff.timestep=201", "emerdiff.runs_per_forward=5"]  # t_m 201: 3 steps
-SMALL = ["data.limit=3", "data.batch_size=2", "data.generate.n_train=6", "data.generate.n_val=3", "zero_shot.n_overlays=1"]
+SMALL = ["data.limit=3", "data.batch_size=2", "data.generate.n_train=6", "data.generate.n_val=3", "stage0.n_overlays=1"]
 
 
 def _layers(backbone) -> dict[str, Attention]:
@@ -165,7 +165,7 @@ def test_batched_runs_equal_one_run_at_a_time(random_backbone):
 
 def test_refine_emerdiff_writes_masks_and_scores_and_resumes_after_a_kill(compose_fit, miniature_model, monkeypatch):
     cfg = compose_fit("stage=1", "refine=emerdiff", *SMALL, *FAST)
-    dataset = describe_dataset(cfg.data, list(cfg.zero_shot.splits))
+    dataset = describe_dataset(cfg.data, list(cfg.stage0.splits))
     s0 = stage0.run(cfg, dataset)
     with killed_after_records(monkeypatch, 2) as calls:
         emerdiff.run(cfg, dataset, s0)
@@ -188,7 +188,7 @@ def test_refine_emerdiff_writes_masks_and_scores_and_resumes_after_a_kill(compos
 
 
 def test_unsupervised_segments_on_the_composed_config(compose_fit, miniature_model):
-    cfg = compose_fit("stage=0", "zero_shot.segmenter=emerdiff", "emerdiff.clusters=3", *SMALL, *FAST)
+    cfg = compose_fit("stage=0", "stage0.segmenter=emerdiff", "emerdiff.clusters=3", *SMALL, *FAST)
     out = run(cfg)["0"]
     assert out.name.startswith("segments-") and (out / "centroids.npy").exists()
     metrics = json.loads((out / "metrics.json").read_text())
@@ -208,7 +208,7 @@ def test_emerdiff_settings_errors(compose_fit):
 
     with pytest.raises(ConfigError, match="refine=dense: use one of crf, emerdiff, emerdiff\\+crf, none"):
         refinement.check_refine("dense")
-    with pytest.raises(ConfigError, match="zero_shot.segmenter=emerdiff writes class-agnostic segments"):
+    with pytest.raises(ConfigError, match="stage0.segmenter=emerdiff writes class-agnostic segments"):
         check_segmenter("all", "emerdiff")
     with pytest.raises(ConfigError, match="emerdiff.site is not set for diffusion=sd3_medium"):
         emerdiff.emerdiff_settings(compose_fit("diffusion=sd3_medium"))
@@ -221,7 +221,7 @@ def test_emerdiff_settings_errors(compose_fit):
         emerdiff.check_emerdiff_settings(
             compose_fit("refine=emerdiff", "emerdiff.site=down_blocks.0.attentions.0.transformer_blocks.0.attn1"), True
         )
-    mmdit = compose_fit("zero_shot.segmenter=emerdiff", "diffusion=miniature_mmdit", "emerdiff.site=transformer_blocks.2.attn")
+    mmdit = compose_fit("stage0.segmenter=emerdiff", "diffusion=miniature_mmdit", "emerdiff.site=transformer_blocks.2.attn")
     with pytest.raises(ConfigError, match="does not implement GenerativeBackbone"):
         emerdiff.check_emerdiff_settings(mmdit, False)
     emerdiff.check_emerdiff_settings(compose_fit("refine=emerdiff", "emerdiff.site=nowhere"), False)  # not used

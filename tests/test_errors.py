@@ -79,10 +79,10 @@ def test_fit_user_errors_are_one_line(tmp_path, overrides, message):
 
 @pytest.mark.slow
 def test_bad_image_in_error_mode_is_one_line(tmp_path):
-    done = _fit(tmp_path, "zero_shot.splits=[val]")  # writes the miniature world
+    done = _fit(tmp_path, "stage0.splits=[val]")  # writes the miniature world
     assert done.returncode == 0, done.stderr[-2000:]
     (tmp_path / "data" / "miniature" / "JPEGImages" / "val_00003.jpg").write_bytes(b"not a picture")
-    done = _fit(tmp_path, "zero_shot.splits=[val]", "force=true")
+    done = _fit(tmp_path, "stage0.splits=[val]", "force=true")
     assert done.returncode == 2 and "Traceback" not in done.stderr
     (line,) = _error_lines(done.stderr)
     assert "val_00003.jpg cannot be read" in line and "data.on_bad_input=skip" in line
@@ -218,7 +218,7 @@ def test_bad_data_read_by_loader_workers_is_one_line_naming_the_file(tmp_path):
     _voc_fixture_from_the_miniature_world(root)
     bad = root / "JPEGImages" / "2012_000002.jpg"
     bad.write_bytes(bad.read_bytes()[:300])  # a truncated JPEG: its header still reads
-    done = _fit(tmp_path, "data=voc", "data.num_workers=2", "zero_shot.splits=[train]")
+    done = _fit(tmp_path, "data=voc", "data.num_workers=2", "stage0.splits=[train]")
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
     (line,) = _error_lines(done.stderr)
     assert "2012_000002.jpg cannot be read" in line and "data.on_bad_input=skip" in line

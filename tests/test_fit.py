@@ -21,7 +21,7 @@ SMALL = [
     "stage=0",
     "data.limit=6",
     "data.batch_size=2",
-    "zero_shot.n_overlays=2",
+    "stage0.n_overlays=2",
     "data.generate.n_train=12",
     "data.generate.n_val=6",
 ]
@@ -165,7 +165,7 @@ def test_every_preset_has_the_splits_its_stages_need(compose_fit, preset):
     from stableseg_pp.stages import check_stage_splits, stage_chain
 
     cfg = compose_fit(f"experiment={preset}")
-    check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))  # no "run the earlier stages first" half-way
+    check_stage_splits(cfg.stage, list(cfg.stage0.splits))  # no "run the earlier stages first" half-way
     chain = stage_chain(cfg.stage)
     zero_shot_only = preset.endswith(("_stableseg", "_seg4diff"))  # the papers' zero-shot reproductions
     assert chain == (["0"] if zero_shot_only else ["0", "1", "2"])
@@ -178,8 +178,8 @@ def test_training_stages_without_train_pseudo_masks_are_refused(compose_fit):
     from stableseg_pp.stages import check_stage_splits
 
     cfg = compose_fit("experiment=voc_stableseg", "stage=all")
-    with pytest.raises(ConfigError, match=r"stage=all trains DeepLabV3\+ .* train split.*zero_shot.splits=\['val'\]"):
-        check_stage_splits(cfg.stage, list(cfg.zero_shot.splits))
+    with pytest.raises(ConfigError, match=r"stage=all trains DeepLabV3\+ .* train split.*stage0.splits=\['val'\]"):
+        check_stage_splits(cfg.stage, list(cfg.stage0.splits))
 
 
 @pytest.mark.parametrize("preset", ["voc_stableseg_pp", "context59_stableseg_pp"])
@@ -198,7 +198,7 @@ def test_table5_presets_start_from_imagenet_and_say_how_to_cache_it(compose_fit,
 @pytest.mark.slow
 def test_annotation_free_protocol_with_150_class_names(compose_fit, miniature_model):
     """data.labels=all with an ADE20K-sized class list: the prompt is split, every image gets a mask."""
-    cfg = compose_fit(*SMALL, "zero_shot.splits=[val]", "data.labels=all", "data.limit=3")
+    cfg = compose_fit(*SMALL, "stage0.splits=[val]", "data.labels=all", "data.limit=3")
     cfg.data.class_names = list(cfg.data.class_names) + [f"thing {i}" for i in range(143)]
     out = run(cfg)["0"]
     masks = sorted((out / "val" / "masks").glob("*.png"))

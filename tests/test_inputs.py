@@ -67,7 +67,7 @@ def test_stage0_default_config_reads_every_mode(tmp_path, compose_fit, miniature
     for split in ("train", "val"):
         (root / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(ids) + "\n")
     names = ",".join(f"'{n}'" for n in CLASS_NAMES)
-    cfg = compose_fit("stage=0", "data=voc", f"data.class_names=[{names}]", "diffusion=miniature_sd", "zero_shot.splits=[val]",
+    cfg = compose_fit("stage=0", "data=voc", f"data.class_names=[{names}]", "diffusion=miniature_sd", "stage0.splits=[val]",
                       "data.batch_size=5", "data.num_workers=0")  # fmt: skip
     cfg.data.prompt_names = {}
     out = run(cfg)["0"]

@@ -9,6 +9,7 @@ import torch
 
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, head_map_id, parse_map_id
 from stableseg_pp.backbones.capture import CrossAttentionMapProcessor
+from stableseg_pp.methods.background import BackgroundRule
 from stableseg_pp.methods.map_weights import MapExample, fit_map_weights
 from stableseg_pp.stages.layers import ALL_SITES, MapScorer, analysis_table
 
@@ -39,7 +40,7 @@ def constructed_images(n: int = 24, seed: int = 0):
 
 
 def test_analysis_ranks_the_informative_site_and_head_first():
-    scorer = MapScorer(n_classes=3, resolution=16, threshold=0.55, background_index=0)
+    scorer = MapScorer(n_classes=3, resolution=16, background=BackgroundRule(), background_index=0)
     for maps, gt in constructed_images():
         means = {ALL_SITES: dict.fromkeys((s.id for s in SITES), 1.0)}
         scorer.add_image(maps, means, [1, 2], gt.numpy().astype(np.uint8))
@@ -58,7 +59,7 @@ def test_per_head_learner_gives_the_informative_head_the_largest_weight():
         names = names or heads
         stack = torch.stack([torch.from_numpy(maps[n]) for n in heads])
         examples.append(MapExample(maps=stack, target=gt))
-    model, history = fit_map_weights(examples, names, background_threshold=0.55, epochs=60, lr=0.1, batch_size=8)
+    model, history = fit_map_weights(examples, names, BackgroundRule(), epochs=60, lr=0.1, batch_size=8)
     weights = model.as_dict()
     assert max(weights, key=weights.get) == head_map_id(EXPERT, EXPERT_HEAD)
     assert len(weights) == 12 and history[-1] < history[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from stableseg_pp.methods.background import BackgroundRule
 from stableseg_pp.methods.map_weights import MapExample, fit_map_weights
 
 
@@ -28,7 +29,7 @@ def _examples(n=40, seed=0):
 
 def test_learned_weights_rank_informative_maps_first():
     names = ["good", "fair", "noise_a", "noise_b"]
-    model, history = fit_map_weights(_examples(), names, background_threshold=0.55, epochs=60, lr=0.1, batch_size=16)
+    model, history = fit_map_weights(_examples(), names, BackgroundRule(), epochs=60, lr=0.1, batch_size=16)
     w = model.as_dict()
     assert abs(sum(w.values()) - 1) < 1e-5
     assert w["good"] > w["fair"] > max(w["noise_a"], w["noise_b"])
@@ -80,7 +81,7 @@ def test_learning_without_a_background_class_stays_finite():
     examples = _examples(n=16)
     for e in examples:  # targets name only the two classes (channels 1, 2) or are ignored
         e.target[e.target == 0] = 255
-    model, history = fit_map_weights(examples, ["good", "fair", "noise_a", "noise_b"], None, epochs=20, lr=0.1)
+    model, history = fit_map_weights(examples, ["good", "fair", "noise_a", "noise_b"], BackgroundRule("none"), epochs=20, lr=0.1)
     w = model.as_dict()
     assert all(torch.isfinite(torch.tensor(list(w.values())))) and all(torch.isfinite(torch.tensor(history)))
     assert w["good"] > max(w["noise_a"], w["noise_b"])

@@ -8,11 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
 from stableseg_pp.backbones.base import AttentionStore, CaptureRequest
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed, pack_prompts
+from stableseg_pp.backbones.joint_capture import (
+    DIRECTIONS,
+    IMAGE_FIRST,
+    TEXT_FIRST,
+    JointAttentionMapProcessor,
+    joint_attention_maps,
+)
 from stableseg_pp.backbones.prompts import map_class_tokens
 from stableseg_pp.backbones.sd3_mmdit import SD3Backbone
 from stableseg_pp.methods.stableseg import StableSeg
@@ -136,6 +144,42 @@ def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directi
         if i == 0:
             logits = ((q @ ck.transpose(-1, -2)) / q.shape[-1] ** 0.5).mean(1) @ weights
             torch.testing.assert_close(store.text_logits[sites[0]].flatten(2).transpose(1, 2), logits.detach())
+
+
+@pytest.mark.parametrize("directions", DIRECTIONS)
+def test_joint_math_with_text_first_layout_is_the_full_softmax(pipe, directions):
+    """A text-first family (FLUX: [text; image]) reuses the joint math: output and class maps equal the full softmax
+    over the text-first sequence, computed explicitly; the maps do not depend on the order."""
+    torch.manual_seed(3)
+    b, heads, n, t, d, c = 2, 3, 6, 5, 8, 4
+    image = tuple(torch.randn(b, heads, n, d) for _ in range(3))
+    text = tuple(torch.randn(b, heads, t, d) for _ in range(3))
+    weights, scale = torch.rand(b, t, c), d**-0.5
+    out, maps, per_head = joint_attention_maps(image, text, weights, scale, TEXT_FIRST, directions, per_head=True)
+    q, k, v = (torch.cat([tx, im], 2) for im, tx in zip(image, text, strict=True))
+    probs = (q @ k.transpose(-1, -2) * scale).softmax(-1)  # (B, heads, T + N, T + N)
+    torch.testing.assert_close(out, probs @ v)
+    expected = probs[:, :, t:, :t] @ weights[:, None]  # image queries over text keys, normalised over all keys
+    if directions == "both":
+        expected = (expected + probs[:, :, :t, t:].transpose(-1, -2) @ weights[:, None]) / 2
+    torch.testing.assert_close(per_head, expected)
+    torch.testing.assert_close(maps, expected.mean(1))
+    first_out, first_maps, _ = joint_attention_maps(image, text, weights, scale, IMAGE_FIRST, directions)
+    torch.testing.assert_close(first_maps, maps)
+    torch.testing.assert_close(first_out, torch.cat([out[:, :, t:], out[:, :, :t]], 2))
+
+    # through the processor on a real joint block: the layout changes neither its outputs nor its maps
+    attn = pipe.transformer.transformer_blocks[1].attn
+    hs, ehs = torch.randn(2, 16, 32), torch.randn(2, 7, 32)
+    stores = {layout: AttentionStore() for layout in (IMAGE_FIRST, TEXT_FIRST)}
+    with torch.no_grad():
+        stock = JointAttnProcessor2_0()(attn, hs, ehs)
+        for layout, store in stores.items():
+            store.reset(torch.rand(2, 7, 3, generator=torch.Generator().manual_seed(4)), (4, 4))
+            got = JointAttentionMapProcessor(store, "s", directions=directions, layout=layout)(attn, hs, ehs)
+            for part, ref in zip(got, stock, strict=True):
+                torch.testing.assert_close(part, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stores[TEXT_FIRST].cross["s"], stores[IMAGE_FIRST].cross["s"])
 
 
 def test_sar_on_joint_attention_equals_the_dense_image_attention(pipe):

@@ -17,7 +17,7 @@ FLOOR_MMDIT = 0.70
 @pytest.mark.slow
 @pytest.mark.parametrize(("diffusion", "floor"), [("miniature_sd", FLOOR_SD), ("miniature_mmdit", FLOOR_MMDIT)])
 def test_stage0_beats_trivial_baselines_on_val(compose_fit, miniature_model, diffusion, floor):
-    cfg = compose_fit("stage=0", "zero_shot.splits=[val]", f"diffusion={diffusion}")
+    cfg = compose_fit("stage=0", "stage0.splits=[val]", f"diffusion={diffusion}")
     out = run(cfg)["0"]
     miou = json.loads((out / "metrics.json").read_text())["val"]["miou"]
     base = baselines(cfg.data.root, "val")

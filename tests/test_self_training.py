@@ -29,7 +29,7 @@ from tests.conftest import killed_after_records
 SMALL = [
     "data.generate.n_train=16",
     "data.generate.n_val=6",
-    "zero_shot.n_overlays=1",
+    "stage0.n_overlays=1",
     "segmenter.train.max_epochs=2",
     "segmenter.train.batch_size=8",
     "map_weights.epochs=3",
@@ -61,7 +61,7 @@ def test_stage1_then_all_then_nothing_to_do(compose_fit, miniature_model):
     assert (run_dir / "results.md").read_text().startswith("| step | val mIoU |")
 
     for step in (crf_dir, seg_dir, final):  # every mask-producing step draws a few val overlays
-        assert len(list((step / "val" / "overlays").glob("*.png"))) == 1  # zero_shot.n_overlays=1
+        assert len(list((step / "val" / "overlays").glob("*.png"))) == 1  # stage0.n_overlays=1
     picture = figure_main([f"paths.root_dir={run_dir.parent.parent}", "trainer.accelerator=cpu", *SMALL,
                            "--out", str(run_dir.parent.parent / "pipeline.png"), "--images", "2"])  # fmt: skip
     assert Image.open(picture).size[0] > 5 * 128  # image, pseudo-masks, CRF, ++, ground truth side by side

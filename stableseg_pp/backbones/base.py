@@ -14,14 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from stableseg_pp.runtime.errors import ConfigError
-
-if TYPE_CHECKING:
-    from stableseg_pp.backbones.modulation import ModulationState
 
 SITE_KINDS = ("self", "cross", "joint")
 
@@ -153,6 +150,20 @@ class AttentionStore:
         for site, heads in self.cross_heads.items():
             maps.update({head_map_id(site, i): heads[:, i] for i in range(heads.shape[1])})
         return maps
+
+
+@dataclass
+class ModulationState:
+    """What the processors of one batched EmerDiff forward read (shared by every layer).
+
+    Args:
+        reference: (B,) the batch index of each run's reference run (a reference points to itself); None: no
+            injection (every run attends with its own Q and K, as the stock processor).
+        offset: (B, N) added to the modulated layer's output (N: its image tokens); None: no modulation.
+    """
+
+    reference: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
 
 
 @runtime_checkable

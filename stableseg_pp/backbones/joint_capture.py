@@ -1,6 +1,7 @@
 """Capture processors for MM-DiT joint attention (diffusers ``JointAttnProcessor2_0`` path, SD3 / SD3.5).
 
-A joint block attends over one sequence ``[image tokens, text tokens]``. The
+A joint block attends over one sequence of image and text tokens (SD3:
+``[image; text]``, FLUX: ``[text; image]``: :class:`JointLayout`). The
 class maps StableSeg needs are the **image-to-text** probabilities, normalised
 over the *whole* joint key set exactly as the model computes them. They come
 out of the same fused ``F.scaled_dot_product_attention`` call that computes the
@@ -17,6 +18,8 @@ image-to-text logits (with gradients, for MAGNET).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
@@ -24,6 +27,31 @@ from diffusers.models.attention_processor import Attention
 from stableseg_pp.backbones.base import AttentionStore
 
 DIRECTIONS = ("image_to_text", "both")
+
+
+@dataclass(frozen=True)
+class JointLayout:
+    """Where a family puts the image and the text tokens in its joint sequence."""
+
+    text_first: bool = False
+
+    def join(self, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Per-head tensors (B, heads, n, d) of both parts -> the joint sequence."""
+        return torch.cat([text, image] if self.text_first else [image, text], 2)
+
+    def ranges(self, n_image: int, n_text: int) -> tuple[slice, slice]:
+        """(image, text) positions in the joint sequence."""
+        if self.text_first:
+            return slice(n_text, n_text + n_image), slice(0, n_text)
+        return slice(0, n_image), slice(n_image, n_image + n_text)
+
+    def key_weights(self, weights: torch.Tensor, n_image: int) -> torch.Tensor:
+        """(B, T, C) weights of the text tokens -> (B, L, C) weights of the joint keys (image keys weigh nothing)."""
+        return F.pad(weights, (0, 0, 0, n_image) if self.text_first else (0, 0, n_image, 0))
+
+
+IMAGE_FIRST = JointLayout(text_first=False)  # SD3 / SD3.5
+TEXT_FIRST = JointLayout(text_first=True)  # FLUX
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -46,11 +74,14 @@ def joint_projections(attn: Attention, hidden_states: torch.Tensor, encoder_hidd
     return (q, k, v), (cq, ck, cv)
 
 
-def joint_outputs(attn: Attention, out: torch.Tensor, n_image: int, dtype: torch.dtype):
+def joint_outputs(
+    attn: Attention, out: torch.Tensor, n_image: int, dtype: torch.dtype, layout: JointLayout = IMAGE_FIRST
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Split the joint output (B, heads, N + T, d) and project it, as ``JointAttnProcessor2_0`` does."""
     b, heads, n, d = out.shape
     out = out.transpose(1, 2).reshape(b, n, heads * d).to(dtype)
-    image, text = out[:, :n_image], out[:, n_image:]
+    image_range, text_range = layout.ranges(n_image, n - n_image)
+    image, text = out[:, image_range], out[:, text_range]
     if not attn.context_pre_only:
         text = attn.to_add_out(text)
     image = attn.to_out[1](attn.to_out[0](image))
@@ -77,6 +108,48 @@ def attention_with_class_maps(
     return out[..., :d], out[..., d : d + c]
 
 
+def joint_attention_maps(
+    image: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    text: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    weights: torch.Tensor,
+    scale: float,
+    layout: JointLayout,
+    directions: str = "image_to_text",
+    per_head: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Joint attention over ``layout.join(image, text)`` and its per-class maps, the image x image matrix never formed.
+
+    image, text: (q, k, v) per head (B, heads, n, d) of each part; weights: (B, T, C) per text token. Returns the
+    output (B, heads, N + T, d) in the layout's order, the head-mean class maps (B, N, C) and, with ``per_head``,
+    each head's (B, heads, N, C): image-to-text probabilities normalised over all joint keys (``directions="both"``:
+    averaged with the transposed text-to-image ones).
+    """
+    (q, k, v), (cq, ck, cv) = image, text
+    n_image = q.shape[2]
+    image_range, _ = layout.ranges(n_image, cq.shape[2])
+    k_all = layout.join(k, ck)
+    out, per_class = attention_with_class_maps(
+        layout.join(q, cq), k_all, layout.join(v, cv), layout.key_weights(weights, n_image), scale
+    )
+    heads = per_class[:, :, image_range].float()  # (B, heads, N, C): image-to-text, joint normalisation
+    maps = heads.mean(dim=1)
+    if directions == "both":
+        # text queries over the joint keys (T x (N + T) per head), their image columns, transposed
+        # logits in float32, as the fused kernel keeps them (bf16 would round them to 1/8 at 16)
+        probs = torch.matmul(cq.float() * scale, k_all.float().transpose(-1, -2)).softmax(dim=-1)
+        to_image = probs[..., image_range]  # (B, heads, T, N)
+        maps = (maps + torch.bmm(to_image.mean(dim=1).transpose(1, 2), weights.float())) / 2
+        if per_head:
+            heads = (heads + torch.matmul(to_image.transpose(-1, -2), weights.float()[:, None])) / 2
+    return out, maps, heads if per_head else None
+
+
+def image_to_text_logits(q: torch.Tensor, ck: torch.Tensor, weights: torch.Tensor, scale: float) -> torch.Tensor:
+    """Pre-softmax image-to-text logits, head mean, per class (B, N, C), in float32 and with gradients (MAGNET)."""
+    logits = torch.matmul(q.float() * scale, ck.float().transpose(-1, -2)).mean(dim=1)  # (B, N, T)
+    return torch.bmm(logits, weights.to(logits.device, torch.float32))
+
+
 class JointAttentionMapProcessor:
     """``JointAttnProcessor2_0`` that also records, for one block, what StableSeg and MAGNET read.
 
@@ -90,6 +163,7 @@ class JointAttentionMapProcessor:
             gradients, in ``store.text_logits``.
         directions: ``image_to_text`` (Seg4Diff) or ``both`` (the SD3 zero-shot paper).
         per_head: with ``class_maps``, also keep each head's class maps (B, heads, C, h, w) in ``store.cross_heads``.
+        layout: the order of the joint sequence (SD3: image first).
     """
 
     def __init__(
@@ -101,6 +175,7 @@ class JointAttentionMapProcessor:
         text_logits: bool = False,
         directions: str = "image_to_text",
         per_head: bool = False,
+        layout: JointLayout = IMAGE_FIRST,
     ):
         if directions not in DIRECTIONS:
             raise ValueError(f"directions={directions!r} is not one of {DIRECTIONS}")
@@ -111,57 +186,50 @@ class JointAttentionMapProcessor:
         self.text_logits = text_logits
         self.directions = directions
         self.per_head = per_head
+        self.layout = layout
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         if encoder_hidden_states is None:
             raise ValueError(f"{self.name}: JointAttentionMapProcessor installed on an image-only attention")
-        store = self.store
-        (q, k, v), (cq, ck, cv) = joint_projections(attn, hidden_states, encoder_hidden_states)
+        store, layout = self.store, self.layout
+        image, text = joint_projections(attn, hidden_states, encoder_hidden_states)
+        (q, k, v), (cq, ck, cv) = image, text
         n_image = q.shape[2]
-        q_all, k_all, v_all = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
         weights = store.token_weights
         if self.class_maps and weights is not None:
             h, w = store.map_shape(n_image)
             weights = weights.to(q.device)
-            key_weights = F.pad(weights, (0, 0, n_image, 0))  # image keys weigh nothing
-            out, per_class = attention_with_class_maps(q_all, k_all, v_all, key_weights, attn.scale)
-            heads = per_class[:, :, :n_image].float()  # (B, heads, N, C): image-to-text, joint normalisation
-            maps = heads.mean(dim=1)
-            if self.directions == "both":
-                # text queries over the joint keys (T x (N + T) per head), their image columns, transposed
-                # logits in float32, as the fused kernel keeps them (bf16 would round them to 1/8 at 16)
-                probs = torch.matmul(cq.float() * attn.scale, k_all.float().transpose(-1, -2)).softmax(dim=-1)
-                to_image = probs[..., :n_image]  # (B, heads, T, N)
-                maps = (maps + torch.bmm(to_image.mean(dim=1).transpose(1, 2), weights.float())) / 2
-                if self.per_head:
-                    heads = (heads + torch.matmul(to_image.transpose(-1, -2), weights.float()[:, None])) / 2
+            out, maps, heads = joint_attention_maps(image, text, weights, attn.scale, layout, self.directions, self.per_head)
             store.cross[self.name] = maps.transpose(1, 2).reshape(maps.shape[0], -1, h, w)
-            if self.per_head:
+            if heads is not None:
                 store.cross_heads[self.name] = heads.transpose(2, 3).reshape(*heads.shape[:2], -1, h, w)
         else:
+            q_all, k_all, v_all = layout.join(q, cq), layout.join(k, ck), layout.join(v, cv)
             out = F.scaled_dot_product_attention(q_all, k_all, v_all, dropout_p=0.0, is_causal=False)
         if self.query_keys:
             store.self_qk[self.name] = (q.detach(), k.detach())
         if self.text_logits and weights is not None:
             h, w = store.map_shape(n_image)
-            logits = torch.matmul(q.float() * attn.scale, ck.float().transpose(-1, -2)).mean(dim=1)  # (B, N, T)
-            per_class = torch.bmm(logits, weights.to(logits.device, torch.float32))
+            per_class = image_to_text_logits(q, ck, weights, attn.scale)
             store.text_logits[self.name] = per_class.transpose(1, 2).reshape(per_class.shape[0], -1, h, w)
-        return joint_outputs(attn, out, n_image, q.dtype)
+        return joint_outputs(attn, out, n_image, q.dtype, layout)
 
 
 class FullJointAttentionProcessor:
     """Seg4Diff's capture: the whole (N + T) x (N + T) joint probability matrix computed explicitly per head, its
     image-to-text block kept (head mean). Only for the benchmark: the image x image part is what ours never forms."""
 
-    def __init__(self, store: dict[str, torch.Tensor], name: str):
+    def __init__(self, store: dict[str, torch.Tensor], name: str, layout: JointLayout = IMAGE_FIRST):
         self.store = store
         self.name = name
+        self.layout = layout
 
     def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         (q, k, v), (cq, ck, cv) = joint_projections(attn, hidden_states, encoder_hidden_states)
+        layout = self.layout
         n_image = q.shape[2]
-        q_all, k_all, v_all = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        image_range, text_range = layout.ranges(n_image, cq.shape[2])
+        q_all, k_all, v_all = layout.join(q, cq), layout.join(k, ck), layout.join(v, cv)
         probs = (torch.matmul(q_all, k_all.transpose(-1, -2)) * attn.scale).softmax(dim=-1)
-        self.store[self.name] = probs[:, :, :n_image, n_image:].mean(dim=1)
-        return joint_outputs(attn, torch.matmul(probs, v_all), n_image, q.dtype)
+        self.store[self.name] = probs[:, :, image_range, text_range].mean(dim=1)
+        return joint_outputs(attn, torch.matmul(probs, v_all), n_image, q.dtype, layout)

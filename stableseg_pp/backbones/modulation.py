@@ -18,27 +18,11 @@ denoiser:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
-from stableseg_pp.backbones.capture import _finish, _project
-
-
-@dataclass
-class ModulationState:
-    """What the processors of one batched EmerDiff forward read (shared by every layer).
-
-    Args:
-        reference: (B,) the batch index of each run's reference run (a reference points to itself); None: no
-            injection (every run attends with its own Q and K, as the stock processor).
-        offset: (B, N) added to the modulated layer's output (N: its image tokens); None: no modulation.
-    """
-
-    reference: torch.Tensor | None = None
-    offset: torch.Tensor | None = None
+from stableseg_pp.backbones.attention_math import finish, project
+from stableseg_pp.backbones.base import ModulationState
 
 
 class ModulatedAttentionProcessor:
@@ -58,7 +42,7 @@ class ModulatedAttentionProcessor:
     def __call__(
         self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
     ):
-        q, k, v, mask, residual, shape = _project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        q, k, v, mask, residual, shape = project(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         reference = self.state.reference
         if reference is not None:
             reference = reference.to(q.device)
@@ -69,4 +53,4 @@ class ModulatedAttentionProcessor:
         offset = self.state.offset if self.modulated else None
         if offset is not None and offset.shape[1] != q.shape[2]:
             raise ValueError(f"{self.name}: modulation offset has {offset.shape[1]} tokens, the layer {q.shape[2]}")
-        return _finish(attn, out, q, residual, shape, offset=offset)
+        return finish(attn, out, q, residual, shape, offset=offset)

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 
 from stableseg_pp.backbones.base import (
     AttentionSite,
@@ -47,7 +48,8 @@ from stableseg_pp.backbones.base import (
 )
 from stableseg_pp.backbones.capture import SelfAttentionQKProcessor
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed
-from stableseg_pp.backbones.joint_capture import DIRECTIONS, JointAttentionMapProcessor
+from stableseg_pp.backbones.installer import ProcessorInstaller, SiteCapture
+from stableseg_pp.backbones.joint_capture import DIRECTIONS, IMAGE_FIRST, JointAttentionMapProcessor
 from stableseg_pp.backbones.loading import (
     LORA_FILE,
     apply_lora,
@@ -61,7 +63,6 @@ from stableseg_pp.backbones.loading import (
 from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt, map_class_tokens
 from stableseg_pp.runtime.errors import ConfigError, one_line
 
-PROCESSOR_SUFFIX = ".processor"
 CONDITIONINGS = ("per_class", "joined")
 EXAMPLE_HUB_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
 
@@ -156,7 +157,7 @@ class SD3Backbone:
         self.text_encoders: list = []  # CLIP-L, CLIP-G
         self.tokenizers: list = []
         self.text_encoder_3 = self.tokenizer_3 = None
-        self._installed: tuple[CaptureRequest, AttentionStore, dict[str, object]] | None = None
+        self._processors = ProcessorInstaller(JointAttnProcessor2_0, "this transformer")
         self._meta: SimpleNamespace | None = None
         self._schedule: tuple | None = None  # ((scheduler id, steps), the noising schedule)
         self._train_schedule: tuple | None = None  # (key, the schedule as trained)
@@ -525,36 +526,20 @@ class SD3Backbone:
     # -- capture ------------------------------------------------------------------------------------------------------
 
     def install_capture(self, request: CaptureRequest, store: AttentionStore) -> None:
-        from diffusers.models.attention_processor import JointAttnProcessor2_0
-
         self._require_loaded()
-        if self._installed and self._installed[0] == request and self._installed[1] is store:
-            current = self.transformer.attn_processors
-            if all(current[n] is p for n, p in self._installed[2].items()):
-                return
-        maps, qk, logits = set(request.class_maps), set(request.query_keys), set(request.text_logits)
-        names = {n.removesuffix(PROCESSOR_SUFFIX): n for n in self.transformer.attn_processors}
-        if unknown := (maps | qk | logits) - set(names):
-            raise ValueError(f"capture request names sites this transformer does not have: {sorted(unknown)}")
-        processors = {}
-        for site, name in names.items():
-            joint = site.endswith(".attn")
-            if joint and site in maps | qk | logits:
-                processors[name] = JointAttentionMapProcessor(
-                    store, site, site in maps, site in qk, site in logits, self.attention_maps, site in request.head_maps
-                )
-            elif site in qk:
-                processors[name] = SelfAttentionQKProcessor(store, site)
-            elif site in maps | logits:
-                raise ValueError(f"site {site} attends to the image only: it has no class maps")
-            else:
-                processors[name] = JointAttnProcessor2_0()
-        self._installed = (request, store, processors)
-        self.transformer.set_attn_processor(dict(processors))
+        sites = mmdit_sites(self.transformer, (0, 0))  # kinds only: the grids do not matter for installing
+        self._processors.install_capture(self.transformer, sites, request, store, self._capture_processor)
+
+    def _capture_processor(
+        self, site: AttentionSite, wants: SiteCapture, store: AttentionStore
+    ) -> JointAttentionMapProcessor | SelfAttentionQKProcessor:
+        if site.kind == "joint":
+            return JointAttentionMapProcessor(
+                store, site.id, wants.class_maps, wants.query_keys, wants.text_logits, self.attention_maps,
+                wants.head_maps, layout=IMAGE_FIRST,
+            )  # fmt: skip
+        return SelfAttentionQKProcessor(store, site.id)  # image-only (SD3.5's attn2): Q/K is all it gives
 
     def remove_capture(self) -> None:
-        from diffusers.models.attention_processor import JointAttnProcessor2_0
-
         self._require_loaded()
-        self._installed = None
-        self.transformer.set_attn_processor({n: JointAttnProcessor2_0() for n in self.transformer.attn_processors})
+        self._processors.remove(self.transformer)

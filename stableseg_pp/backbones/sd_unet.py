@@ -21,6 +21,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning, vae_latents
 from stableseg_pp.backbones.capture import CrossAttentionMapProcessor, SelfAttentionQKProcessor
+from stableseg_pp.backbones.installer import PROCESSOR_SUFFIX, ProcessorInstaller, SiteCapture
 from stableseg_pp.backbones.loading import (
     ALIASES,
     apply_lora,
@@ -36,7 +37,6 @@ from stableseg_pp.backbones.prompts import map_class_tokens
 from stableseg_pp.runtime.errors import ConfigError, one_line
 
 MINIATURE_MODEL = ALIASES["miniature"]
-PROCESSOR_SUFFIX = ".processor"
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -111,7 +111,7 @@ class SDUNetBackbone:
         self.add_noise = bool(add_noise)
         self.single_file_config = single_file_config
         self.vae = self.unet = self.text_encoder = self.tokenizer = self.scheduler = None
-        self._installed: tuple[CaptureRequest, AttentionStore, dict[str, object]] | None = None
+        self._processors = ProcessorInstaller(AttnProcessor2_0, "this U-Net")
         self._meta: tuple[Any, Any, Any] | None = None  # the structure read from the configs, before loading
         self._ddim = None  # EmerDiff's sampler
 
@@ -349,38 +349,35 @@ class SDUNetBackbone:
 
     def install_modulation(self, state: ModulationState, site: str) -> None:
         self._require_loaded()
-        names = {n.removesuffix(PROCESSOR_SUFFIX): n for n in self.unet.attn_processors}
-        if site not in names:
-            raise ValueError(f"modulation site {site!r}: this U-Net has no such attention layer")
-        self._installed = None
-        self.unet.set_attn_processor(
-            {name: ModulatedAttentionProcessor(state, path, modulated=path == site) for path, name in names.items()}
+        self._processors.install_all(
+            self.unet,
+            self._site_kinds(),
+            lambda s: ModulatedAttentionProcessor(state, s.id, modulated=s.id == site),
+            named=site,
+            what="emerdiff.site",
         )
 
     # -- capture ------------------------------------------------------------------------------------------------------
 
+    def _site_kinds(self) -> list[AttentionSite]:
+        """The site records that choose processors (only kinds and ids matter there, not grids: any latent size does)."""
+        return unet_sites(self.unet, (0, 0))
+
     def install_capture(self, request: CaptureRequest, store: AttentionStore) -> None:
         self._require_loaded()
-        if self._installed and self._installed[0] == request and self._installed[1] is store:
-            current = self.unet.attn_processors
-            if all(current[n] is p for n, p in self._installed[2].items()):
-                return  # already in place
-        maps, qk = set(request.class_maps), set(request.query_keys)
-        names = {n.removesuffix(PROCESSOR_SUFFIX): n for n in self.unet.attn_processors}
-        if unknown := (maps | qk) - set(names):
-            raise ValueError(f"capture request names sites this U-Net does not have: {sorted(unknown)}")
-        processors = {}
-        for site, name in names.items():
-            if site in maps:
-                processors[name] = CrossAttentionMapProcessor(store, site, per_head=site in request.head_maps)
-            elif site in qk:
-                processors[name] = SelfAttentionQKProcessor(store, site)
-            else:
-                processors[name] = AttnProcessor2_0()
-        self._installed = (request, store, processors)
-        self.unet.set_attn_processor(dict(processors))
+        self._processors.install_capture(self.unet, self._site_kinds(), request, store, unet_capture_processor)
 
     def remove_capture(self) -> None:
         self._require_loaded()
-        self._installed = None
-        self.unet.set_attn_processor({name: AttnProcessor2_0() for name in self.unet.attn_processors})
+        self._processors.remove(self.unet)
+
+
+def unet_capture_processor(
+    site: AttentionSite, wants: SiteCapture, store: AttentionStore
+) -> CrossAttentionMapProcessor | SelfAttentionQKProcessor:
+    """Cross-attention sites give class maps; Q/K (self-attention for SAR, or EmerDiff's Query features) on any."""
+    if wants.text_logits:
+        raise ValueError(f"site {site.id}: the U-Net family does not keep text logits (MAGNET needs an MM-DiT)")
+    if wants.class_maps:
+        return CrossAttentionMapProcessor(store, site.id, per_head=wants.head_maps)
+    return SelfAttentionQKProcessor(store, site.id)

@@ -65,7 +65,8 @@ def _measure(variant: str, resolution: int, repeats: int, device: str, threads: 
     from stableseg_pp.backbones.base import AttentionStore, CaptureRequest, select_sites
     from stableseg_pp.backbones.capture import FullAttentionStoreProcessor
     from stableseg_pp.backbones.sd_unet import PROCESSOR_SUFFIX, SDUNetBackbone, unet_sites
-    from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize, with_background
+    from stableseg_pp.methods.background import BackgroundRule
+    from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize
     from stableseg_pp.methods.sar import sar_probabilities
 
     if threads:
@@ -102,7 +103,7 @@ def _measure(variant: str, resolution: int, repeats: int, device: str, threads: 
             unet(x, t, encoder_hidden_states=emb)
             if variant == "ours_sar":
                 size = (resolution, resolution)
-                capm = with_background(minmax_normalize(aggregate_maps(store.cross, default_weights, size)), 0.55)
+                capm = BackgroundRule().prepend(minmax_normalize(aggregate_maps(store.cross, default_weights, size)))
                 qk = ((q, k, store.map_shape(q.shape[2])) for q, k in store.self_qk.values())
                 sar_probabilities(qk, capm.argmax(1), valid, size)
         if device.startswith("cuda"):

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", default="val")
     p.add_argument("overrides", nargs="*", help="fit config overrides, e.g. data.limit=20 emerdiff.sigma=1")
     args = p.parse_args(argv)
-    cfg = compose_checked([f"paths.root_dir={Path(args.root).resolve()}", f"zero_shot.splits=[{args.split}]",
+    cfg = compose_checked([f"paths.root_dir={Path(args.root).resolve()}", f"stage0.splits=[{args.split}]",
                            *args.overrides])  # fmt: skip
     dataset = describe_dataset(cfg.data, [args.split])
     rows: dict[str, dict] = {}

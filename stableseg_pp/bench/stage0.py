@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     from stableseg_pp.data.description import describe_dataset
     from stableseg_pp.data.prompted_images import collate_samples
     from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
-    from stableseg_pp.stages.stage0 import stableseg_settings
+    from stableseg_pp.stages.stage0 import build_stableseg
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = describe_dataset(cfg.data, ["val"])
     ids = dataset.split_ids("val")
     backbone = sd15_backbone("float16" if cuda else "float32") if model == "sd15" else build(cfg.diffusion, _convert_="all")
-    module = ZeroShotSegmenter(backbone, dataset, stableseg=stableseg_settings(cfg, dataset))
+    module = ZeroShotSegmenter(backbone, dataset, stableseg=build_stableseg(cfg, dataset))
     module.configure_model()
     module.to(args.device)
     instrument(ZeroShotSegmenter, Stage0Writer)

@@ -36,9 +36,3 @@ def minmax_normalize(maps: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     lo = flat.min(dim=2, keepdim=True).values
     hi = flat.max(dim=2, keepdim=True).values
     return ((flat - lo) / (hi - lo + eps)).view_as(maps)
-
-
-def with_background(class_maps: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Prepend a constant background channel: a pixel is background unless a class beats ``threshold``."""
-    bg = torch.full_like(class_maps[:, :1], threshold)
-    return torch.cat([bg, class_maps], dim=1)

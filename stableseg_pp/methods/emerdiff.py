@@ -187,7 +187,7 @@ def query_features(backbone: GenerativeBackbone, site: str, pixels: torch.Tensor
     backbone.install_capture(CaptureRequest(query_keys=(site,)), store)
     try:
         latents, time = backbone.noise(backbone.encode_images(pixels))
-        store.reset(None, tuple(latents.shape[-2:]))
+        store.reset(None, backbone.latent_grid(pixels.shape[-1]))
         backbone.denoise(latents, time, text.expand(pixels.shape[0]))
         q = store.self_qk[site][0]  # (B, heads, N, d)
     finally:

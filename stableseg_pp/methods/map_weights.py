@@ -1,7 +1,7 @@
 """Learning one weight per attention map (StableSeg++, docs/method.md, "Stage 2").
 
 The weighted aggregate of stage 0's stored per-layer class maps, normalised and
-compared with the background threshold exactly as stage 0 does, is fitted to
+given its background channel by stage 0's rule (methods/background.py), is fitted to
 pseudo ground truth (the DeepLabV3+ predictions) with cross-entropy. No
 diffusion forward is needed: the maps were stored by stage 0.
 """
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from stableseg_pp.data.palette import IGNORE_INDEX
+from stableseg_pp.methods.background import BackgroundRule
 from stableseg_pp.methods.capm import minmax_normalize
 
 
@@ -27,17 +28,22 @@ class MapExample:
 
 
 class AttentionMapWeights(torch.nn.Module):
-    """Positive weights (softplus) over L maps, plus a temperature for the logits."""
+    """Positive weights (softplus) over L maps, plus a temperature for the logits.
 
-    def __init__(
-        self, layer_names: Sequence[str], background_threshold: float | None = 0.55, init: Sequence[float] | None = None
-    ):
+    Args:
+        layer_names: the map ids, in the order of the examples' maps.
+        background: stage 0's background rule (a constant channel: ``threshold`` or ``none``).
+        init: the starting weights (default uniform).
+    """
+
+    def __init__(self, layer_names: Sequence[str], background: BackgroundRule | None = None, init: Sequence[float] | None = None):
         super().__init__()
         self.layer_names = list(layer_names)
         w0 = torch.tensor(init if init is not None else [1.0] * len(self.layer_names), dtype=torch.float32)
         self.raw = torch.nn.Parameter(torch.log(torch.expm1(w0.clamp(min=1e-3))))  # softplus^-1
         self.log_temperature = torch.nn.Parameter(torch.tensor(-2.0))
-        self.background_threshold = background_threshold
+        self.background = background or BackgroundRule()
+        self.background.prepend(torch.zeros(1, 1, 1, 1))  # a rule without a constant channel (word) fails here
 
     @property
     def weights(self) -> torch.Tensor:
@@ -48,13 +54,7 @@ class AttentionMapWeights(torch.nn.Module):
         """(B, L, C, h, w) -> (B, 1 + C, h, w) logits (channel 0 = background)."""
         agg = torch.einsum("l,blchw->bchw", self.weights, maps)
         norm = minmax_normalize(agg)
-        temperature = self.log_temperature.exp()
-        if self.background_threshold is None:
-            # no background class: the channel is there but can never win. A constant -inf logit, added after
-            # the temperature (dividing -inf by it would make the temperature's gradient 0 * inf = NaN)
-            return torch.cat([torch.full_like(norm[:, :1], float("-inf")), norm / temperature], dim=1)
-        bg = torch.full_like(norm[:, :1], self.background_threshold)
-        return torch.cat([bg, norm], dim=1) / temperature
+        return self.background.prepend(norm, self.log_temperature.exp())
 
     def as_dict(self) -> dict[str, float]:
         return {n: float(w) for n, w in zip(self.layer_names, self.weights.detach(), strict=True)}
@@ -75,7 +75,7 @@ def _batches(examples: Sequence[MapExample], batch_size: int, generator: torch.G
 def fit_map_weights(
     examples: Sequence[MapExample],
     layer_names: Sequence[str],
-    background_threshold: float | None = 0.55,
+    background: BackgroundRule | None = None,
     epochs: int = 30,
     lr: float = 0.05,
     batch_size: int = 64,
@@ -84,7 +84,7 @@ def fit_map_weights(
     """Fit the map weights to the examples' targets; returns the model and the loss per epoch."""
     if not examples:
         raise ValueError("no examples to learn attention-map weights from")
-    model = AttentionMapWeights(layer_names, background_threshold)
+    model = AttentionMapWeights(layer_names, background)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []

@@ -22,8 +22,9 @@ from stableseg_pp.backbones.base import (
     parse_map_id,
     select_sites,
 )
-from stableseg_pp.backbones.prompts import PromptTooLongError
-from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize, with_background
+from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt
+from stableseg_pp.methods.background import BackgroundRule, check_background_rule
+from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize
 from stableseg_pp.methods.sar import sar_probabilities
 from stableseg_pp.runtime.errors import ConfigError
 
@@ -41,6 +42,57 @@ class StableSegOutput:
     def labels(self) -> torch.Tensor:
         """(B, R, R) channel index per pixel (0 = background, c = c-th class of the image)."""
         return self.scores.masked_fill(~self.valid[:, :, None, None], float("-inf")).argmax(dim=1)
+
+
+def check_settings(
+    resolution: object = 512,
+    cross_scales: object = (8, 16),
+    self_scales: object = "all",
+    stored_cross_scales: object = "all",
+    cross_depths: object = None,
+    self_depths: object = None,
+    stored_cross_depths: object = None,
+    mode: object = "ca+sa",
+    background: object = "threshold",
+    prompt_template: object = "a photo of a {}",
+    joiner: object = " and ",
+    **_: object,
+) -> None:
+    """StableSeg's settings that need no backbone (the ``zero_shot`` node): checked by its constructor, and by ``fit``
+    before any weights load. A bad value is a :class:`ConfigError` naming the setting."""
+    if mode not in MODES:
+        raise ConfigError(f"zero_shot.mode={mode}: use one of {', '.join(MODES)}")
+    check_background_rule(background)
+    if not _whole(resolution, 1):
+        raise ConfigError(f"zero_shot.resolution={resolution}: give a positive image side in pixels, e.g. 512")
+    scales = {"cross_scales": cross_scales, "self_scales": self_scales, "stored_cross_scales": stored_cross_scales}
+    for key, value in scales.items():
+        if value != "all" and not (_is_list(value) and all(_whole(v, 1) for v in value)):
+            raise ConfigError(f"zero_shot.{key}={value}: give 'all' or a list of map sides, e.g. [8, 16]")
+    depths = {"cross_depths": cross_depths, "self_depths": self_depths, "stored_cross_depths": stored_cross_depths}
+    for key, value in depths.items():
+        if value is not None and not (_is_list(value) and value and all(_whole(v, 0) for v in value)):
+            raise ConfigError(f"zero_shot.{key}={value}: give null (every depth) or a list of block indices, e.g. [9]")
+    check_prompt_template(prompt_template, joiner)
+
+
+def _is_list(value: object) -> bool:
+    return isinstance(value, Sequence) and not isinstance(value, str)
+
+
+def _whole(value: object, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_prompt_template(template: object, joiner: object) -> None:
+    """``zero_shot.prompt_template``: a text with one ``{}`` where the class names go (no other braces)."""
+    if not isinstance(template, str) or template.count("{}") != 1:
+        raise ConfigError(f"zero_shot.prompt_template={template!r}: give a text with one {{}} for the class names, "
+                          "e.g. 'a photo of a {}'")  # fmt: skip
+    try:
+        build_prompt(["x"], template, str(joiner))
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigError(f"zero_shot.prompt_template={template!r}: {err}; write a literal brace as {{{{ or }}}}") from err
 
 
 class StableSeg(torch.nn.Module):
@@ -86,18 +138,18 @@ class StableSeg(torch.nn.Module):
         stored_cross_depths: Sequence[int] | None = None,
     ):
         super().__init__()
-        if mode not in MODES:
-            raise ConfigError(f"zero_shot.mode={mode!r} is not one of {MODES}")
-        if background not in ("threshold", "word", "none"):
-            raise ConfigError(f"zero_shot.background={background!r} must be 'threshold', 'word' or 'none' (datasets without one)")
+        check_settings(
+            resolution=resolution, cross_scales=cross_scales, self_scales=self_scales,
+            stored_cross_scales=stored_cross_scales, cross_depths=cross_depths, self_depths=self_depths,
+            stored_cross_depths=stored_cross_depths, mode=mode, background=background, prompt_template=prompt_template,
+            joiner=joiner,
+        )  # fmt: skip
         self.backbone = backbone
         # registered as submodules so that .to(device) and Lightning move them
         self.parts = torch.nn.ModuleDict(backbone.modules())
         self.resolution = resolution
         self.mode = mode
-        self.background = background
-        self.background_threshold = background_threshold
-        self.background_word = background_word
+        self.background = BackgroundRule(background, background_threshold, background_word)
         self.prompt_template = prompt_template
         self.joiner = joiner
         self.latent_grid = backbone.latent_grid(resolution)
@@ -130,7 +182,7 @@ class StableSeg(torch.nn.Module):
         backbone.install_capture(self.capture, self.store)
 
     def class_names_for_prompt(self, names: Sequence[str]) -> list[str]:
-        return list(names) + ([self.background_word] if self.background == "word" else [])
+        return self.background.prompt_names(names)
 
     def prompt_groups(self, names: Sequence[str]) -> list[list[int]]:
         """Indices of ``names`` split into consecutive groups whose prompts fit the text encoder (and hold at most
@@ -156,22 +208,22 @@ class StableSeg(torch.nn.Module):
         if all(len(g) == 1 for g in groups):  # every image's classes in one prompt: one forward per image
             text = backbone.encode_text(prompt_names, self.prompt_template, self.joiner)
             valid = text.valid
-            self.store.reset(text.token_weights, tuple(latents.shape[-2:]))
+            self.store.reset(text.token_weights, self.latent_grid)
             backbone.denoise(latents, time, text)
         else:
             valid = self._forward_prompt_groups(latents, time, prompt_names, groups)
         size = (self.resolution, self.resolution)
         cross = self.store.class_maps()
         class_maps = minmax_normalize(aggregate_maps(cross, self.site_weights, size))
-        if self.background == "word":
+        if self.background.kind == "word":
             # the word is the last valid channel of each image: move it to channel 0
             n_valid = valid.sum(dim=1)
             capm = self._background_word_first(class_maps, n_valid)
             # channel 0 = the word, 1..n-1 = the classes: the same count of valid channels
             valid = torch.arange(valid.shape[1], device=valid.device)[None] < n_valid[:, None]
         else:  # threshold; "none": the channel is there but can never win
-            capm = with_background(class_maps, self.background_threshold)
-            valid = torch.cat([torch.full_like(valid[:, :1], self.background != "none"), valid], dim=1)
+            capm = self.background.prepend(class_maps)
+            valid = torch.cat([torch.full_like(valid[:, :1], self.background.kind != "none"), valid], dim=1)
         capm = capm.masked_fill(~valid[:, :, None, None], 0.0)
         scores = capm
         if self.mode != "ca":
@@ -193,7 +245,7 @@ class StableSeg(torch.nn.Module):
         entries = [[names[i][j] for j in group] for i, image_groups in enumerate(groups) for group in image_groups]
         text = backbone.encode_text(entries, self.prompt_template, self.joiner)
         index = torch.tensor(image_of, device=latents.device)
-        store.reset(text.token_weights, tuple(latents.shape[-2:]))
+        store.reset(text.token_weights, self.latent_grid)
         backbone.denoise(latents[index], time[index], text)
         k = max(len(n) for n in names)
         first = torch.tensor([image_of.index(i) for i in range(len(names))], device=latents.device)

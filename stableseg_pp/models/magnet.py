@@ -191,7 +191,7 @@ class MagnetModule(L.LightningModule):
             latents = backbone.encode_images(batch["pixels"])
         text = self._encode(batch["names"], captions)
         sample = backbone.training_sample(latents, generator, **self.objective)
-        self.store.reset(None if captions else text.token_weights, tuple(latents.shape[-2:]))
+        self.store.reset(None if captions else text.token_weights, backbone.latent_grid(batch["pixels"].shape[-1]))
         pred = backbone.denoise(sample.noisy, sample.time, text)
         per_sample = (sample.weighting.float() * (pred.float() - sample.target.float()) ** 2).flatten(1).mean(1)
         return per_sample.mean()

@@ -6,8 +6,7 @@ stage 0 on several GPUs is a matter of trainer configuration.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import lightning as L
 import torch
@@ -27,7 +26,8 @@ class ZeroShotSegmenter(L.LightningModule):
     Args:
         backbone: the backbone, built from its config (loaded here, on each rank).
         dataset: the run's dataset (class names, prompt words, background class).
-        stableseg: keyword arguments of :class:`StableSeg` (resolution, scales, mode, background, ...).
+        stableseg: makes :class:`StableSeg` from the loaded backbone (its config node instantiated with
+            ``_partial_``, or the class itself with its defaults).
         site_weights: learned site weights (CAPM), or None for uniform.
     """
 
@@ -35,13 +35,13 @@ class ZeroShotSegmenter(L.LightningModule):
         self,
         backbone: DiffusionBackbone,
         dataset: DatasetDescription,
-        stableseg: Mapping[str, Any] | None = None,
+        stableseg: Callable[..., StableSeg] = StableSeg,
         site_weights: Mapping[str, float] | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         self.dataset = dataset
-        self.stableseg_kwargs = dict(stableseg or {})
+        self.make_stableseg = stableseg
         self.site_weights = dict(site_weights) if site_weights else None
         self.segmenter: StableSeg | None = None
         self.background_index = dataset.background_index
@@ -53,11 +53,11 @@ class ZeroShotSegmenter(L.LightningModule):
     def configure_model(self) -> None:
         if self.segmenter is not None:
             return
-        self.segmenter = StableSeg(self.backbone.load(), site_weights=self.site_weights, **self.stableseg_kwargs)
+        self.segmenter = self.make_stableseg(self.backbone.load(), site_weights=self.site_weights)
 
     @property
     def resolution(self) -> int:
-        return int(self.stableseg_kwargs.get("resolution", 512))
+        return int(getattr(self.make_stableseg, "keywords", {}).get("resolution", 512))
 
     def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> Stage0Batch:
         """StableSeg on the batch, then its post-processing batched on the device: the scores resized to each image's

@@ -18,8 +18,8 @@ SEGMENTERS = ("stableseg", "emerdiff")
 
 
 def run_stage0(cfg: DictConfig, dataset: DatasetDescription) -> Path:
-    """Stage 0 with ``zero_shot.segmenter``: StableSeg's class masks, or EmerDiff's class-agnostic segments."""
-    if cfg.zero_shot.get("segmenter", "stableseg") == "emerdiff":
+    """Stage 0 with ``stage0.segmenter``: StableSeg's class masks, or EmerDiff's class-agnostic segments."""
+    if cfg.stage0.get("segmenter", "stableseg") == "emerdiff":
         return segments.run(cfg, dataset)
     return stage0.run(cfg, dataset)
 
@@ -65,13 +65,13 @@ def stage_chain(stage: object) -> list[str]:
 
 
 def check_segmenter(stage: object, segmenter: object) -> None:
-    """``zero_shot.segmenter``: one of :data:`SEGMENTERS`; the class-agnostic one only for stage 0."""
+    """``stage0.segmenter``: one of :data:`SEGMENTERS`; the class-agnostic one only for stage 0."""
     if str(segmenter) not in SEGMENTERS:
-        raise ConfigError(f"zero_shot.segmenter={segmenter}: use one of {', '.join(SEGMENTERS)}")
+        raise ConfigError(f"stage0.segmenter={segmenter}: use one of {', '.join(SEGMENTERS)}")
     if str(segmenter) != "stableseg" and resolve_stages(stage) != ["0"]:
         raise ConfigError(
-            f"zero_shot.segmenter={segmenter} writes class-agnostic segments, which stage={stage} cannot train on: "
-            "run it with stage=0, or use zero_shot.segmenter=stableseg (refine=emerdiff refines StableSeg's masks)"
+            f"stage0.segmenter={segmenter} writes class-agnostic segments, which stage={stage} cannot train on: "
+            "run it with stage=0, or use stage0.segmenter=stableseg (refine=emerdiff refines StableSeg's masks)"
         )
 
 
@@ -82,5 +82,5 @@ def check_stage_splits(stage: object, splits: list[str]) -> None:
         if missing:
             raise ConfigError(
                 f"stage={stage} trains DeepLabV3+ on stage 0's pseudo-masks of the {'/'.join(missing)} split, but "
-                f"zero_shot.splits={splits}: add {'/'.join(missing)} to zero_shot.splits, or run stage=0"
+                f"stage0.splits={splits}: add {'/'.join(missing)} to stage0.splits, or run stage=0"
             )

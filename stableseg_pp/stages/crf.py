@@ -67,7 +67,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
         _compute(cfg, dataset, stage0_dir, out, key)
-        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.stage0.splits else {}
         tracking.track_results(record, dataset, out, masks)
 
     return STEP.run(cfg, key, [stage0_dir], compute)
@@ -82,7 +82,7 @@ def crf_workers(cfg: DictConfig) -> int:
 def _compute(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, out: Path, key: dict) -> None:
     params = crf_params(cfg.crf)
     splits, todo = {}, {}
-    for split in cfg.zero_shot.splits:
+    for split in cfg.stage0.splits:
         source = MaskSetLayout(stage0_dir / split)
         target = MaskSetLayout(out / split)
         ids = [sid for sid in dataset.split_ids(split) if source.is_done(sid)]
@@ -105,7 +105,7 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, out
                 atomic_save(target.mask_path(sid), lambda t, m=mask: save_palette_png(m, t, dataset.palette))
     seconds = time.perf_counter() - start  # this rank's refinement, the pool's start included
     distributed.barrier()  # every rank's masks are written
-    n = cfg.zero_shot.n_overlays
+    n = cfg.stage0.n_overlays
     distributed.on_main(lambda: [write_overlays(dataset, s, ids[:n], t, "CRF masks") for s, (ids, t) in splits.items()])
     evaluate_and_finish(
         out,

@@ -222,7 +222,7 @@ def _compute(
         run_lightning(predictor.predict, module, loader, return_predictions=False)
     splits = (("train", train_ids), ("val", val_ids))
     distributed.barrier()  # every rank's predictions are written
-    n = cfg.zero_shot.n_overlays
+    n = cfg.stage0.n_overlays
     distributed.on_main(lambda: [write_overlays(dataset, s, ids[:n], layouts[s], "DeepLabV3+") for s, ids in splits])
 
     def report() -> dict[str, dict]:

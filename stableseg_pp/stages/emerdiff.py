@@ -75,9 +75,9 @@ def score_side(cfg: DictConfig) -> int:
 
 def check_emerdiff_settings(cfg: DictConfig, refines: bool) -> None:
     """When the run uses EmerDiff (``refines``: it runs the refinement step, with ``refine`` naming EmerDiff; or
-    ``zero_shot.segmenter=emerdiff``): its settings, and its site against the backbone's structure, before any
+    ``stage0.segmenter=emerdiff``): its settings, and its site against the backbone's structure, before any
     weights load or rank starts (a clear one-line error, not a failure hours later)."""
-    uses = (refines and "emerdiff" in str(cfg.get("refine", "crf"))) or cfg.zero_shot.get("segmenter") == "emerdiff"
+    uses = (refines and "emerdiff" in str(cfg.get("refine", "crf"))) or cfg.stage0.get("segmenter") == "emerdiff"
     if not uses:
         return
     settings = emerdiff_settings(cfg)
@@ -143,7 +143,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
         _compute(cfg, dataset, backbone, stage0_dir, out, key)
-        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.stage0.splits else {}
         tracking.track_results(record, dataset, out, masks)
 
     return STEP.run(cfg, key, [stage0_dir], compute)
@@ -154,13 +154,13 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, stage0_dir:
                                score_side=score_side(cfg))  # fmt: skip
     splits: dict[str, tuple[list[str], MaskSetLayout]] = {}
     loaders, layouts, overlay_ids = [], [], set()
-    for split in cfg.zero_shot.splits:
+    for split in cfg.stage0.splits:
         source, target = MaskSetLayout(stage0_dir / split), MaskSetLayout(out / split)
         ids = [sid for sid in dataset.split_ids(split) if source.is_done(sid)]
         splits[split] = (ids, target)
         todo = [sid for sid in ids if not target.is_done(sid)]
         log.info("emerdiff [%s]: %d masks, %d to refine", split, len(ids), len(todo))
-        overlay_ids.update(ids[: cfg.zero_shot.n_overlays])
+        overlay_ids.update(ids[: cfg.stage0.n_overlays])
         if todo:
             loaders.append(loader(cfg, StoredScoreImages(dataset, split, todo, source, cfg.zero_shot.resolution)))
             layouts.append(target)
@@ -168,7 +168,7 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, stage0_dir:
     seconds, images = 0.0, sum(len(dl.dataset) for dl in loaders)
     forwards_per_image = None
     if loaders:
-        writer = Stage0Writer(layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.zero_shot.writer_threads,
+        writer = Stage0Writer(layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.stage0.writer_threads,
                               class_names=dataset.class_names)  # fmt: skip
         seconds = predict(cfg, module, loaders, writer)
         if module.emerdiff is not None and images:

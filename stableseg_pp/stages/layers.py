@@ -29,13 +29,13 @@ from stableseg_pp.data.palette import IGNORE_INDEX
 from stableseg_pp.evaluation.mask_sets import ground_truth, protocol_result
 from stableseg_pp.evaluation.miou import scores_from_confusion
 from stableseg_pp.evaluation.site_plots import plot_site_heads
+from stableseg_pp.methods.background import BackgroundRule, background_rule
 from stableseg_pp.methods.capm import aggregate_maps, minmax_normalize
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_write_text, write_json
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.run_dir import write_record
 from stableseg_pp.stages.step import Step, build_backbone
-from stableseg_pp.stages.weights import background_threshold
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
@@ -51,24 +51,23 @@ class MapScorer:
     Args:
         n_classes: the dataset's number of classes.
         resolution: stage 0's square input side (maps are upsampled to it, as stage 0 does, then to the image).
-        threshold: the background threshold, or None when the dataset has no background class.
+        background: stage 0's background rule (a constant channel: ``threshold``, or ``none`` without a background
+            class).
         background_index: the dataset's background class (None: none).
     """
 
-    def __init__(self, n_classes: int, resolution: int, threshold: float | None, background_index: int | None):
+    def __init__(self, n_classes: int, resolution: int, background: BackgroundRule, background_index: int | None):
+        background.require_constant("the layer analysis scores each map")
         self.n_classes = n_classes
         self.resolution = resolution
-        self.threshold = threshold
+        self.background = background
         self.background_index = background_index
         self.confusion: dict[str, torch.Tensor] = {}
         self.empty = torch.zeros(n_classes, n_classes, dtype=torch.long)  # images with nothing prompted: every candidate
 
     def _scores(self, maps: torch.Tensor) -> torch.Tensor:
         """(M, C, R, R) class maps at the input resolution -> (M, 1 + C, R, R) scores as stage 0 makes them."""
-        norm = minmax_normalize(maps)
-        if self.threshold is None:
-            return torch.cat([torch.full_like(norm[:, :1], float("-inf")), norm], dim=1)
-        return torch.cat([torch.full_like(norm[:, :1], self.threshold), norm], dim=1)
+        return self.background.prepend(minmax_normalize(maps))
 
     def _count(self, names: Sequence[str], scores: torch.Tensor, gt: torch.Tensor, channels: ChannelClasses) -> torch.Tensor:
         scores = F.interpolate(scores, size=tuple(gt.shape), mode="bilinear", align_corners=False)
@@ -175,7 +174,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     key = {
         "maps": stage0_dir.name,
         "split": split,
-        "threshold": background_threshold(cfg, dataset),
+        "threshold": background_rule(cfg.zero_shot, dataset.has_background).constant,
         "resolution": cfg.zero_shot.resolution,
         "selection": {k: cfg.zero_shot.get(k) for k in ("cross_scales", "cross_depths")},
     }
@@ -193,7 +192,9 @@ def _analyse(cfg, dataset: DatasetDescription, stage0_dir: Path, split: str, out
     sites = build_backbone(cfg).sites(zs.resolution)
     selected = select_sites(sites, "text", zs.cross_scales, zs.get("cross_depths"))
     layout = MaskSetLayout(stage0_dir / split)
-    scorer = MapScorer(len(dataset.class_names), zs.resolution, background_threshold(cfg, dataset), dataset.background_index)
+    scorer = MapScorer(
+        len(dataset.class_names), zs.resolution, background_rule(zs, dataset.has_background), dataset.background_index
+    )
     images = 0
     for sid in dataset.split_ids(split):
         if not layout.maps_path(sid).exists() or (gt := ground_truth(dataset, split, sid)) is None:

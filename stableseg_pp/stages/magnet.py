@@ -201,7 +201,7 @@ def _train(cfg, dataset: DatasetDescription, module: MagnetModule, targets: Path
         raise ConfigError(f"magnet: no training image has a target mask in {layout.masks if layout else 'the ground truth'}")
     train_loader = _loader(cfg, dataset, "train", train_ids, layout, shuffle=True)
     val_loader = None
-    if "val" in cfg.zero_shot.splits and mg.train.val_images:
+    if "val" in cfg.stage0.splits and mg.train.val_images:
         val_ids = dataset.split_ids("val")[: mg.train.val_images]
         val_loader = _loader(cfg, dataset, "val", val_ids, None, shuffle=False)  # held out: its ground truth
     checkpoint = ModelCheckpoint(dirpath=out / "checkpoints", save_last="link", save_top_k=1,

@@ -1,4 +1,4 @@
-"""Unsupervised segmentation with EmerDiff (``stage=0 zero_shot.segmenter=emerdiff``; docs/emerdiff.md).
+"""Unsupervised segmentation with EmerDiff (``stage=0 stage0.segmenter=emerdiff``; docs/emerdiff.md).
 
 No class names: the Query features of the modulated site at t = 1 are
 clustered with k-means over the split (K = ``emerdiff.clusters``, the
@@ -75,12 +75,12 @@ def run(cfg: DictConfig, dataset: DatasetDescription) -> Path:
         **method_key(cfg, backbone),
         "clusters": clusters(cfg, dataset),
         "kmeans": {"images": em.get("kmeans_images"), "iterations": em.get("kmeans_iterations", 50)},
-        "splits": list(cfg.zero_shot.splits),
+        "splits": list(cfg.stage0.splits),
     }
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
         _compute(cfg, dataset, backbone, out, key)
-        masks = {"segments": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        masks = {"segments": out / "val" / "masks"} if "val" in cfg.stage0.splits else {}
         tracking.track_results(record, dataset, out, masks)
 
     return STEP.run(cfg, key, [], compute)
@@ -88,7 +88,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription) -> Path:
 
 def fit_split(cfg: DictConfig) -> str:
     """The split whose features fit the k-means: train when it is configured (the val split stays unseen)."""
-    splits = list(cfg.zero_shot.splits)
+    splits = list(cfg.stage0.splits)
     return "train" if "train" in splits else splits[0]
 
 
@@ -125,13 +125,13 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, 
     module = EmerDiffSegmenter(backbone, emerdiff_settings(cfg), cfg.zero_shot.resolution, cfg.seed, centroids)
     splits: dict[str, tuple[list[str], MaskSetLayout, MaskSetLayout]] = {}
     loaders, layouts, baselines, overlay_ids = [], [], [], set()
-    for split in cfg.zero_shot.splits:
+    for split in cfg.stage0.splits:
         target, baseline = MaskSetLayout(out / split), MaskSetLayout(out / BASELINE / split)
         ids = dataset.split_ids(split)
         splits[split] = (ids, target, baseline)
         todo = [sid for sid in ids if not target.is_done(sid)]
         log.info("emerdiff segments [%s]: %d images, %d to do", split, len(ids), len(todo))
-        overlay_ids.update(ids[: cfg.zero_shot.n_overlays])
+        overlay_ids.update(ids[: cfg.stage0.n_overlays])
         if todo:
             loaders.append(loader(cfg, dataset.prompted_images(split, todo, cfg.zero_shot.resolution)))
             layouts.append(target)
@@ -139,7 +139,7 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, 
     distributed.barrier()
     seconds, images = 0.0, sum(len(dl.dataset) for dl in loaders)
     if loaders:
-        writer = SegmentsWriter(layouts, baselines, overlay_ids, dataset.palette, cfg.zero_shot.writer_threads)
+        writer = SegmentsWriter(layouts, baselines, overlay_ids, dataset.palette, cfg.stage0.writer_threads)
         seconds = predict(cfg, module, loaders, writer)
     scored = dataclasses.replace(dataset, evaluation_protocol="unsupervised")  # segment ids: Hungarian matching
 

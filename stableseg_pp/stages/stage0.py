@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -21,11 +21,11 @@ from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, SiteWeights, Stage0Writer
 from stableseg_pp.backbones.base import DiffusionBackbone, select_sites
 from stableseg_pp.backbones.loading import offline_hint
-from stableseg_pp.backbones.prompts import build_prompt
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
-from stableseg_pp.methods.stableseg import MODES, split_into_prompts
+from stableseg_pp.methods.background import background_rule
+from stableseg_pp.methods.stableseg import StableSeg, check_settings, split_into_prompts
 from stableseg_pp.models.zero_shot_module import ZeroShotSegmenter
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import write_json
@@ -39,45 +39,18 @@ from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
 STEP = Step("stage0")
-# zero_shot settings that say what to compute where, not what each image's result is
-NOT_IN_KEY = ("n_overlays", "site_weights", "writer_threads", "segmenter")
 
 
 def check_zero_shot_settings(cfg: DictConfig) -> None:
-    """The stage-0 settings that can be checked without a model (before any rank starts or weights load)."""
-    zs = cfg.zero_shot
-    if zs.mode not in MODES:
-        raise ConfigError(f"zero_shot.mode={zs.mode}: use one of {', '.join(MODES)}")
-    if zs.background not in ("threshold", "word", "none"):
-        raise ConfigError(f"zero_shot.background={zs.background}: use threshold, word or none")
-    if not isinstance(zs.resolution, int) or zs.resolution <= 0:
-        raise ConfigError(f"zero_shot.resolution={zs.resolution}: give a positive image side in pixels, e.g. 512")
-    for key in ("cross_scales", "self_scales", "stored_cross_scales"):
-        value = zs.get(key)
-        if value != "all" and not (OmegaConf.is_list(value) and all(isinstance(v, int) and v > 0 for v in value)):
-            raise ConfigError(f"zero_shot.{key}={value}: give 'all' or a list of map sides, e.g. [8, 16]")
-    for key in ("cross_depths", "self_depths", "stored_cross_depths"):
-        value = zs.get(key)
-        if value is not None and not (OmegaConf.is_list(value) and value and all(isinstance(v, int) and v >= 0 for v in value)):
-            raise ConfigError(f"zero_shot.{key}={value}: give null (every depth) or a list of block indices, e.g. [9]")
+    """The stage-0 settings that can be checked without a model (before any rank starts or weights load): StableSeg's
+    own (its checker, :func:`~stableseg_pp.methods.stableseg.check_settings`), the run's and the data's."""
+    check_settings(**method_settings(cfg.zero_shot))
     if cfg.data.get("labels") not in ("oracle", "all"):
         raise ConfigError(f"data.labels={cfg.data.get('labels')}: use oracle (classes from the ground truth) or all")
     if cfg.data.get("on_bad_input") not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_input={cfg.data.get('on_bad_input')}: use error or skip")
-    if bad := [s for s in zs.splits if s not in ("train", "val")]:
-        raise ConfigError(f"zero_shot.splits={list(zs.splits)}: {bad} are not splits; use train and/or val")
-    check_prompt_template(zs.prompt_template, zs.joiner)
-
-
-def check_prompt_template(template: object, joiner: object) -> None:
-    """``zero_shot.prompt_template``: a text with one ``{}`` where the class names go (no other braces)."""
-    if not isinstance(template, str) or template.count("{}") != 1:
-        raise ConfigError(f"zero_shot.prompt_template={template!r}: give a text with one {{}} for the class names, "
-                          "e.g. 'a photo of a {}'")  # fmt: skip
-    try:
-        build_prompt(["x"], template, str(joiner))
-    except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(f"zero_shot.prompt_template={template!r}: {err}; write a literal brace as {{{{ or }}}}") from err
+    if bad := [s for s in cfg.stage0.splits if s not in ("train", "val")]:
+        raise ConfigError(f"stage0.splits={list(cfg.stage0.splits)}: {bad} are not splits; use train and/or val")
 
 
 def check_backbone_available(cfg: DictConfig) -> None:
@@ -117,24 +90,31 @@ def check_prompt_names(backbone: DiffusionBackbone, names: list[str], zs: DictCo
     """Every class name (and the background word, where stage 0 adds it) fits a prompt of the backbone's text
     encoder, read from its tokenizer before any weights: the list is split over as many prompts as it takes, but
     each name must fit one on its own."""
-    if has_background and zs.background == "word":
-        names = [*names, zs.background_word]
+    names = background_rule(zs, has_background).prompt_names(names)
     split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
 
 
+def method_settings(node: DictConfig) -> dict:
+    """A method's config node as its settings: the node without Hydra's own keys (``_target_``, ``_partial_``, ``_convert_``)."""
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not (k.startswith("_") and k.endswith("_"))}
+
+
 def stableseg_settings(cfg: DictConfig, dataset: DatasetDescription) -> dict:
-    """Keyword arguments of StableSeg from ``zero_shot``; a dataset without background never predicts one."""
-    zs = OmegaConf.to_container(cfg.zero_shot, resolve=True)
-    for k in ("splits", *NOT_IN_KEY):
-        zs.pop(k, None)
-    if not dataset.has_background:
-        zs["background"] = "none"
-    return zs
+    """StableSeg's settings for this dataset: ``zero_shot`` with the background rule a dataset without background
+    class gets (none)."""
+    settings = method_settings(cfg.zero_shot)
+    settings["background"] = background_rule(settings, dataset.has_background).kind
+    return settings
+
+
+def build_stableseg(cfg: DictConfig, dataset: DatasetDescription) -> Callable[..., StableSeg]:
+    """StableSeg from its config node (``zero_shot``), waiting for the loaded backbone."""
+    return instantiate(cfg.zero_shot, background=stableseg_settings(cfg, dataset)["background"])
 
 
 def configured_site_weights(cfg: DictConfig) -> SiteWeights | None:
-    """``zero_shot.site_weights``: a ``weights.json`` (or its folder) given by the user, else None."""
-    path = cfg.zero_shot.get("site_weights")
+    """``stage0.site_weights``: a ``weights.json`` (or its folder) given by the user, else None."""
+    path = cfg.stage0.get("site_weights")
     return SiteWeights.load(path) if path else None
 
 
@@ -143,7 +123,7 @@ def stage_key(cfg: DictConfig, dataset: DatasetDescription, backbone: DiffusionB
     return {
         "data": dataset.key(),
         "diffusion": diffusion_key(cfg, backbone),
-        "zero_shot": {**stableseg_settings(cfg, dataset), "splits": list(cfg.zero_shot.splits)},
+        "zero_shot": {**stableseg_settings(cfg, dataset), "splits": list(cfg.stage0.splits)},  # the run's splits
         "site_weights": None if weights is None else {"family": weights.family, "sites": dict(weights.weights)},
         "seed": cfg.seed if backbone.stochastic else None,  # only noise makes stage 0 random
     }
@@ -158,7 +138,7 @@ def run(
 ) -> Path:
     """Stage 0 on every configured split.
 
-    ``weights``: learned site weights (stage 2 passes its own; default ``zero_shot.site_weights`` or uniform);
+    ``weights``: learned site weights (stage 2 passes its own; default ``stage0.site_weights`` or uniform);
     ``inputs``: the folders they came from (for lineage); ``adapter``: a LoRA of the denoiser (a MAGNET step
     folder; default ``diffusion.lora``).
     """
@@ -168,7 +148,7 @@ def run(
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
         _compute(cfg, dataset, backbone, weights, out, key)
-        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.zero_shot.splits else {}
+        masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.stage0.splits else {}
         tracking.track_results(record, dataset, out, masks)
 
     return STEP.run(cfg, key, inputs, compute)
@@ -187,10 +167,10 @@ def _compute(
     module = ZeroShotSegmenter(
         backbone,
         dataset,
-        stableseg=stableseg_settings(cfg, dataset),
+        stableseg=build_stableseg(cfg, dataset),
         site_weights=None if weights is None else weights.weights,
     )
-    splits = list(cfg.zero_shot.splits)
+    splits = list(cfg.stage0.splits)
     layouts = {split: MaskSetLayout(out / split) for split in splits}
     all_ids = {split: dataset.split_ids(split) for split in splits}
     loaders, loader_layouts, overlay_ids = [], [], set()
@@ -198,7 +178,7 @@ def _compute(
         ids, layout = all_ids[split], layouts[split]
         todo = [sid for sid in ids if not layout.is_done(sid)]
         log.info("stage 0 [%s]: %d images, %d already done, %d to do", split, len(ids), len(ids) - len(todo), len(todo))
-        overlay_ids.update(ids[: cfg.zero_shot.n_overlays])
+        overlay_ids.update(ids[: cfg.stage0.n_overlays])
         if todo:
             loaders.append(
                 DataLoader(
@@ -216,7 +196,7 @@ def _compute(
     seconds = 0.0
     if loaders:
         writer = Stage0Writer(
-            loader_layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.zero_shot.get("writer_threads", 4),
+            loader_layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.stage0.get("writer_threads", 4),
             class_names=dataset.class_names,
         )  # fmt: skip
         trainer = instantiate(cfg.trainer, callbacks=[writer, ImagesPerSecondBar()], logger=False)

@@ -3,7 +3,7 @@
 Reads stage 0's per-site class maps of the training images and the DeepLabV3+
 predictions on them; needs no diffusion forward. Writes ``weights.json`` (the
 backbone family and site id -> weight; stage 2 passes it to the regenerated
-stage 0, ``zero_shot.site_weights=<folder>`` uses it by hand) and a bar plot.
+stage 0, ``stage0.site_weights=<folder>`` uses it by hand) and a bar plot.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from stableseg_pp.artifacts import ChannelClasses, MaskSetLayout, SiteWeights, l
 from stableseg_pp.backbones.base import parse_map_id
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.evaluation.site_plots import plot_site_bars, plot_site_heads
+from stableseg_pp.methods.background import background_rule
 from stableseg_pp.methods.map_weights import MapExample, fit_map_weights
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import ConfigError
@@ -84,19 +85,13 @@ def plot_weights(weights: dict[str, float], path: Path) -> None:
 
 
 def check_background(cfg: DictConfig) -> None:
-    """The map weights are fitted against stage 0's background threshold; with ``zero_shot.background=word`` stage 0
-    applies none (the word is a channel of its own), so stage 2 would learn weights for a rule it never uses: refused
+    """The map weights are fitted with stage 0's constant background channel; ``zero_shot.background=word`` has
+    none (the word is a channel of its own), so stage 2 would learn weights for a rule stage 0 never applies: refused
     before any weights load (a dataset without background class has no background rule at all, and is fine)."""
-    if str(cfg.zero_shot.background) == "word" and cfg.data.get("background_index") is not None:
-        raise ConfigError(
-            "zero_shot.background=word: stage 2 learns attention-map weights against stage 0's background threshold, "
-            "which background=word does not use; run stage 2 with zero_shot.background=threshold, or stop at stage=1"
-        )
-
-
-def background_threshold(cfg: DictConfig, dataset: DatasetDescription) -> float | None:
-    """Stage 0's background threshold; None when the dataset has no background class."""
-    return cfg.zero_shot.background_threshold if dataset.has_background else None
+    has_background = cfg.data.get("background_index") is not None
+    background_rule(cfg.zero_shot, has_background).require_constant(
+        "stage 2 learns attention-map weights", ", or stop at stage=1"
+    )
 
 
 def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, segmenter_dir: Path) -> Path:
@@ -104,7 +99,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path, segmente
         "maps": stage0_dir.name,
         "targets": segmenter_dir.name,
         "map_weights": OmegaConf.to_container(cfg.map_weights, resolve=True),
-        "threshold": background_threshold(cfg, dataset),
+        "threshold": background_rule(cfg.zero_shot, dataset.has_background).constant,
         "seed": cfg.seed,
     }
 
@@ -129,8 +124,8 @@ def _learn(
         dataset, MaskSetLayout(stage0_dir / "train"), MaskSetLayout(segmenter_dir / "train"), ids, cfg.map_weights.per_head
     )
     mw = cfg.map_weights
-    threshold = background_threshold(cfg, dataset)
-    model, history = fit_map_weights(examples, names, threshold, mw.epochs, mw.lr, mw.batch_size, cfg.seed)
+    rule = background_rule(cfg.zero_shot, dataset.has_background)
+    model, history = fit_map_weights(examples, names, rule, mw.epochs, mw.lr, mw.batch_size, cfg.seed)
     learned = SiteWeights(family=family or "unknown", weights=model.as_dict())
     learned.save(out)
     plot_weights(dict(learned.weights), out / "weights.png")

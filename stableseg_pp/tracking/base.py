@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import Logger
 
 from stableseg_pp.data.description import DatasetDescription
 
+
 def step_kind(folder: Path) -> str:
     """A step's kind (W&B job and artifact type): its folder prefix, which is also its module under ``stages/``."""
     return folder.name.split("-")[0]
