@@ -188,7 +188,7 @@ def test_refine_emerdiff_writes_masks_and_scores_and_resumes_after_a_kill(compos
 
 
 def test_unsupervised_segments_on_the_composed_config(compose_fit, miniature_model):
-    cfg = compose_fit("stage=0", "stage0.segmenter=emerdiff", "emerdiff.clusters=3", *SMALL, *FAST)
+    cfg = compose_fit("stage=0", "stage0.segmenter=emerdiff", "emerdiff_steps.clusters=3", *SMALL, *FAST)
     out = run(cfg)["0"]
     assert out.name.startswith("segments-") and (out / "centroids.npy").exists()
     metrics = json.loads((out / "metrics.json").read_text())

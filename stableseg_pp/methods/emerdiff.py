@@ -30,6 +30,38 @@ from stableseg_pp.backbones.base import AttentionStore, CaptureRequest, Generati
 from stableseg_pp.backbones.modulation import ModulationState
 from stableseg_pp.runtime.errors import ConfigError
 
+# EmerDiff's arguments that change how fast it runs, never its results (left out of content keys)
+SPEED_ONLY = ("runs_per_forward",)
+
+
+def check_settings(
+    site: object = None,
+    timestep: object = 281,
+    sampler_steps: object = 50,
+    strength: object = 10.0,
+    sigma: object = 1.0,
+    runs_per_forward: object = 16,
+    prompt: object = "",
+) -> None:
+    """EmerDiff's settings (the ``emerdiff`` node), checked by its constructor and by ``fit`` before any weights load;
+    a bad value is a :class:`ConfigError` naming the setting."""
+    if not site:
+        raise ConfigError(
+            "emerdiff.site is not set: give the id of the image-to-text attention site to modulate (the U-Net presets "
+            "set the first cross-attention of the 16x16 up block)"
+        )
+    for key, value in (("sampler_steps", sampler_steps), ("runs_per_forward", runs_per_forward)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "runs_per_forward" else 1):
+            raise ConfigError(f"emerdiff.{key}={value}: give a positive whole number (runs_per_forward >= 2)")
+    if isinstance(timestep, bool) or not isinstance(timestep, int) or not 0 < timestep < 1000:
+        raise ConfigError(f"emerdiff.timestep={timestep}: give t_m in the training schedule, e.g. 281")
+    if isinstance(strength, bool) or not isinstance(strength, int | float) or strength <= 0:
+        raise ConfigError(f"emerdiff.strength={strength}: give lambda > 0 (the paper: 10)")
+    if isinstance(sigma, bool) or not isinstance(sigma, int | float) or sigma < 0:
+        raise ConfigError(f"emerdiff.sigma={sigma}: give the smoothing in pixels, >= 0 (0: none)")
+    if not isinstance(prompt, str):
+        raise ConfigError(f'emerdiff.prompt={prompt}: give a text ("" for the unconditional embedding)')
+
 
 @dataclass(frozen=True)
 class EmerDiffRun:
@@ -121,6 +153,7 @@ class EmerDiff:
         runs_per_forward: int = 16,
         prompt: str = "",
     ):
+        check_settings(site, timestep, sampler_steps, strength, sigma, runs_per_forward, prompt)
         self.backbone = backbone
         self.site = site
         self.grid = tuple(grid)
@@ -201,7 +234,7 @@ def fit_centroids(features: np.ndarray, k: int, seed: int, iterations: int = 50)
     from scipy.cluster.vq import kmeans2
 
     if len(features) < k:
-        raise ConfigError(f"emerdiff.clusters={k}: only {len(features)} feature vectors to cluster; use fewer clusters")
+        raise ConfigError(f"emerdiff_steps.clusters={k}: only {len(features)} feature vectors to cluster; use fewer clusters")
     centroids, _ = kmeans2(features.astype(np.float64), k, iter=int(iterations), minit="++", seed=int(seed))
     norms = np.linalg.norm(centroids, axis=1, keepdims=True)
     return (centroids / np.maximum(norms, 1e-8)).astype(np.float32)

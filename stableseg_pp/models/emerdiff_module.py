@@ -10,9 +10,8 @@ loads the backbone itself (``configure_model``), as stage 0 does.
 from __future__ import annotations
 
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
 import lightning as L
 import numpy as np
@@ -77,7 +76,8 @@ class EmerDiffSegmenter(L.LightningModule):
 
     Args:
         backbone: the backbone, built from its config (loaded here, on each rank).
-        emerdiff: keyword arguments of :class:`EmerDiff` (site, timestep, sampler_steps, strength, sigma, ...).
+        emerdiff: makes :class:`EmerDiff` from the loaded backbone and its site's grid: its config node
+            instantiated with ``_partial_`` (a ``functools.partial`` that names the ``site``).
         resolution: the image side fed to the VAE.
         seed: with each image's id, seeds the noise that takes its latent to t_m (results do not depend on batching
             or ranks).
@@ -88,7 +88,7 @@ class EmerDiffSegmenter(L.LightningModule):
     def __init__(
         self,
         backbone: GenerativeBackbone,
-        emerdiff: Mapping[str, Any],
+        emerdiff: partial,
         resolution: int,
         seed: int = 0,
         centroids: np.ndarray | None = None,
@@ -98,7 +98,7 @@ class EmerDiffSegmenter(L.LightningModule):
         require_generative(backbone)
         self.score_side = int(score_side or resolution)
         self.backbone = backbone
-        self.settings = dict(emerdiff)
+        self.make_emerdiff = emerdiff
         self.resolution = int(resolution)
         self.seed = int(seed)
         self.centroids = None if centroids is None else torch.from_numpy(np.asarray(centroids, np.float32))
@@ -112,8 +112,8 @@ class EmerDiffSegmenter(L.LightningModule):
             return
         backbone = self.backbone.load()
         self.parts = torch.nn.ModuleDict(backbone.modules())  # registered: .to(device) and Lightning move them
-        site = self.settings["site"]
-        self.emerdiff = EmerDiff(backbone, grid=site_grid(backbone, site, self.resolution), **self.settings)
+        site = self.make_emerdiff.keywords["site"]
+        self.emerdiff = self.make_emerdiff(backbone, grid=site_grid(backbone, site, self.resolution))
 
     def noise(self, ids: list[str], shape: tuple[int, ...]) -> torch.Tensor:
         """One draw per image from (seed, id): the same noise whatever the batch or rank."""

@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, Stage0Writer, load_stored_maps
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.evaluation.mask_sets import report_split
+from stableseg_pp.methods.emerdiff import SPEED_ONLY, check_settings
 from stableseg_pp.models.emerdiff_module import EmerDiffItem, EmerDiffSegmenter, collate_items, require_generative, site_grid
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.cpus import loader_workers
@@ -30,46 +32,38 @@ from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import ImagesPerSecondBar
 from stableseg_pp.runtime.resume import run_lightning
 from stableseg_pp.runtime.run_dir import evaluate_and_finish
-from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, on_gpu
+from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, method_settings, on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
 STEP = Step("emerdiff")
-# emerdiff settings of the modulated denoising itself (EmerDiff's arguments)
-METHOD_KEYS = ("site", "timestep", "sampler_steps", "strength", "sigma", "runs_per_forward", "prompt")
-STORAGE_KEYS = ("score_side",)  # what the refinement stores beside its masks
-# settings that say how fast, not what: left out of content keys
-NOT_IN_KEY = ("runs_per_forward",)
 
 
 def emerdiff_settings(cfg: DictConfig) -> dict:
-    """EmerDiff's arguments from ``cfg.emerdiff``; a clear error when the backbone preset names no site."""
-    settings = {k: v for k, v in OmegaConf.to_container(cfg.emerdiff, resolve=True).items() if k in METHOD_KEYS}
+    """EmerDiff's settings (its ``emerdiff`` node), checked by its own checker; a missing site names the backbone
+    preset that should set it."""
+    settings = method_settings(cfg.emerdiff)
     if not settings.get("site"):
         raise ConfigError(
             f"emerdiff.site is not set for diffusion={cfg.diffusion.name}: give the id of the image-to-text attention "
             "site to modulate (the U-Net presets set the first cross-attention of the 16x16 up block)"
         )
-    for key in ("sampler_steps", "runs_per_forward"):
-        if not isinstance(settings[key], int) or settings[key] < (2 if key == "runs_per_forward" else 1):
-            raise ConfigError(f"emerdiff.{key}={settings[key]}: give a positive whole number (runs_per_forward >= 2)")
-    if not isinstance(settings["timestep"], int) or not 0 < settings["timestep"] < 1000:
-        raise ConfigError(f"emerdiff.timestep={settings['timestep']}: give t_m in the training schedule, e.g. 281")
-    if not isinstance(settings["strength"], int | float) or settings["strength"] <= 0:
-        raise ConfigError(f"emerdiff.strength={settings['strength']}: give lambda > 0 (the paper: 10)")
-    if not isinstance(settings["sigma"], int | float) or settings["sigma"] < 0:
-        raise ConfigError(f"emerdiff.sigma={settings['sigma']}: give the smoothing in pixels, >= 0 (0: none)")
-    if not isinstance(settings["prompt"], str):
-        raise ConfigError(f'emerdiff.prompt={settings["prompt"]}: give a text ("" for the unconditional embedding)')
+    check_settings(**settings)
     return settings
 
 
+def build_emerdiff(cfg: DictConfig) -> partial:
+    """EmerDiff from its config node, waiting for the loaded backbone and its site's grid."""
+    emerdiff_settings(cfg)
+    return instantiate(cfg.emerdiff)
+
+
 def score_side(cfg: DictConfig) -> int:
-    """Side of the per-channel scores stored with each refined mask (for a CRF after it): ``emerdiff.score_side``,
+    """Side of the per-channel scores stored with each refined mask (for a CRF after it): ``emerdiff_steps.score_side``,
     at most the decoded image's."""
-    side = cfg.emerdiff.get("score_side")
+    side = cfg.emerdiff_steps.get("score_side")
     if side is not None and (isinstance(side, bool) or not isinstance(side, int) or side < 1):
-        raise ConfigError(f"emerdiff.score_side={side}: give a side in pixels (null: zero_shot.resolution)")
+        raise ConfigError(f"emerdiff_steps.score_side={side}: give a side in pixels (null: zero_shot.resolution)")
     return min(side or cfg.zero_shot.resolution, cfg.zero_shot.resolution)
 
 
@@ -92,7 +86,7 @@ def check_emerdiff_settings(cfg: DictConfig, refines: bool) -> None:
 
 def method_key(cfg: DictConfig, backbone) -> dict:
     """What EmerDiff's outputs depend on: its settings, the backbone and the seed of its noise."""
-    settings = {k: v for k, v in emerdiff_settings(cfg).items() if k not in NOT_IN_KEY}
+    settings = {k: v for k, v in emerdiff_settings(cfg).items() if k not in SPEED_ONLY}
     return {
         "emerdiff": {**settings, "score_side": score_side(cfg)},
         "diffusion": diffusion_key(cfg, backbone),
@@ -150,7 +144,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
 
 
 def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, stage0_dir: Path, out: Path, key: dict) -> None:
-    module = EmerDiffSegmenter(backbone, emerdiff_settings(cfg), cfg.zero_shot.resolution, seed=cfg.seed,
+    module = EmerDiffSegmenter(backbone, build_emerdiff(cfg), cfg.zero_shot.resolution, seed=cfg.seed,
                                score_side=score_side(cfg))  # fmt: skip
     splits: dict[str, tuple[list[str], MaskSetLayout]] = {}
     loaders, layouts, overlay_ids = [], [], set()

@@ -1,8 +1,8 @@
 """Unsupervised segmentation with EmerDiff (``stage=0 stage0.segmenter=emerdiff``; docs/emerdiff.md).
 
 No class names: the Query features of the modulated site at t = 1 are
-clustered with k-means over the split (K = ``emerdiff.clusters``, the
-centroids fitted once on the first ``emerdiff.kmeans_images`` images and kept
+clustered with k-means over the split (K = ``emerdiff_steps.clusters``, the
+centroids fitted once on the first ``emerdiff_steps.kmeans_images`` images and kept
 in ``centroids.npy``, so a segment id means the same in every image), each
 image's low-resolution cluster map is refined by EmerDiff's modulated
 denoising, and the segment maps (ids 0..K-1) are written per split, with the
@@ -34,7 +34,7 @@ from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.run_dir import evaluate_and_finish
-from stableseg_pp.stages.emerdiff import emerdiff_settings, loader, method_key, predict
+from stableseg_pp.stages.emerdiff import build_emerdiff, emerdiff_settings, loader, method_key, predict
 from stableseg_pp.stages.step import Step, build_backbone, on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
@@ -59,17 +59,17 @@ class SegmentsWriter(Stage0Writer):
 
 
 def clusters(cfg: DictConfig, dataset: DatasetDescription) -> int:
-    k = cfg.emerdiff.get("clusters")
+    k = cfg.emerdiff_steps.get("clusters")
     k = len(dataset.class_names) if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= 255:
-        raise ConfigError(f"emerdiff.clusters={k}: give a number of segments from 2 to 255 (null: the class count)")
+        raise ConfigError(f"emerdiff_steps.clusters={k}: give a number of segments from 2 to 255 (null: the class count)")
     return k
 
 
 def run(cfg: DictConfig, dataset: DatasetDescription) -> Path:
     """Segment every configured split without class names; returns the content-addressed output folder."""
     backbone = build_backbone(cfg)
-    em = cfg.emerdiff
+    em = cfg.emerdiff_steps
     key = {
         "data": dataset.key(),
         **method_key(cfg, backbone),
@@ -96,7 +96,7 @@ def _fit(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, k: i
     """Fit the k-means on this rank (the main one) and write ``centroids.npy`` atomically."""
     settings = emerdiff_settings(cfg)
     split = fit_split(cfg)
-    limit = cfg.emerdiff.get("kmeans_images")
+    limit = cfg.emerdiff_steps.get("kmeans_images")
     ids = dataset.split_ids(split)[: int(limit)] if limit else dataset.split_ids(split)
     device = torch.device("cuda", torch.cuda.current_device()) if on_gpu(cfg) else torch.device("cpu")
     backbone.load()
@@ -113,7 +113,7 @@ def _fit(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, k: i
             features.append(query_features(backbone, settings["site"], pixels, text).flatten(0, 1).cpu().numpy())
     data = np.concatenate(features)
     log.info("emerdiff segments: k-means (K=%d) of %d feature vectors from %d %s images", k, len(data), len(ids), split)
-    centroids = fit_centroids(data, k, seed=cfg.seed, iterations=cfg.emerdiff.get("kmeans_iterations", 50))
+    centroids = fit_centroids(data, k, seed=cfg.seed, iterations=cfg.emerdiff_steps.get("kmeans_iterations", 50))
     atomic_save(out / CENTROIDS, lambda t: _save_npy(t, centroids))
 
 
@@ -122,7 +122,7 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, 
     # rank 0 alone decides and fits (every rank passes the same one barrier), then all read the file
     distributed.on_main(lambda: (out / CENTROIDS).exists() or _fit(cfg, dataset, backbone, out, k))
     centroids = np.load(out / CENTROIDS)
-    module = EmerDiffSegmenter(backbone, emerdiff_settings(cfg), cfg.zero_shot.resolution, cfg.seed, centroids)
+    module = EmerDiffSegmenter(backbone, build_emerdiff(cfg), cfg.zero_shot.resolution, cfg.seed, centroids)
     splits: dict[str, tuple[list[str], MaskSetLayout, MaskSetLayout]] = {}
     loaders, layouts, baselines, overlay_ids = [], [], [], set()
     for split in cfg.stage0.splits:

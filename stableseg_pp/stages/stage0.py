@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from stableseg_pp import tracking
@@ -34,7 +34,7 @@ from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import ImagesPerSecondBar
 from stableseg_pp.runtime.resume import run_lightning
 from stableseg_pp.runtime.run_dir import evaluate_and_finish
-from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, on_gpu
+from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, method_settings, on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
@@ -92,11 +92,6 @@ def check_prompt_names(backbone: DiffusionBackbone, names: list[str], zs: DictCo
     each name must fit one on its own."""
     names = background_rule(zs, has_background).prompt_names(names)
     split_into_prompts(backbone, names, zs.prompt_template, zs.joiner, zs.get("max_classes_per_prompt"))
-
-
-def method_settings(node: DictConfig) -> dict:
-    """A method's config node as its settings: the node without Hydra's own keys (``_target_``, ``_partial_``, ``_convert_``)."""
-    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not (k.startswith("_") and k.endswith("_"))}
 
 
 def stableseg_settings(cfg: DictConfig, dataset: DatasetDescription) -> dict:

@@ -49,6 +49,12 @@ class Step:
         return out
 
 
+def method_settings(node: DictConfig) -> dict:
+    """A method's config node as its settings (what its content key holds): the node without Hydra's own keys
+    (``_target_``, ``_partial_``, ``_convert_``)."""
+    return {k: v for k, v in OmegaConf.to_container(node, resolve=True).items() if not (k.startswith("_") and k.endswith("_"))}
+
+
 def on_gpu(cfg: DictConfig) -> bool:
     """Whether the trainer runs on GPUs (``gpu``/``cuda``, or ``auto`` on a machine that has one)."""
     accelerator = str(cfg.trainer.get("accelerator", "auto"))
