@@ -1,7 +1,8 @@
 """Where the shipped Hydra configs are, and composing them outside ``fit`` (``segment``, the SLURM launcher, tests).
 
-The configs ship inside the package, so an installed ``stableseg_pp`` finds
-them from any directory. Users add or override config groups from their own
+The configs stand at the top of the checkout (``configs/``) and ship inside the
+package as ``stableseg_pp.configs`` (setup.py maps the folder), so an installed
+``stableseg_pp`` finds them from any directory. Users add or override config groups from their own
 folder with Hydra's ``--config-dir`` (``fit``) or ``hydra.searchpath``
 (docs/configs.md).
 """
@@ -9,13 +10,24 @@ folder with Hydra's ``--config-dir`` (``fit``) or ``hydra.searchpath``
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-CONFIG_DIR = str(Path(__file__).resolve().parent / "configs")
+
+def _config_dir() -> str:
+    """``stableseg_pp.configs`` (a wheel, or an editable install mapping the checkout's ``configs/``); the
+    checkout's ``configs/`` when the project is only on ``PYTHONPATH`` (no install, no mapping)."""
+    try:
+        return str(resources.files("stableseg_pp.configs"))
+    except ModuleNotFoundError:
+        return str(Path(__file__).resolve().parent.parent / "configs")
+
+
+CONFIG_DIR = _config_dir()
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "fit") -> DictConfig:

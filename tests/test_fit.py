@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from stableseg_pp import artifacts
+from stableseg_pp.config import CONFIG_DIR
 from stableseg_pp.fit import run
 from stableseg_pp.runtime.atomic import atomic_save
 from stableseg_pp.runtime.run_dir import COMPLETE
@@ -102,7 +103,7 @@ def test_temporary_names_never_end_like_the_file(tmp_path):
 
 
 def test_stage_is_a_plain_value(compose_fit):
-    assert not (Path(__file__).parents[1] / "stableseg_pp" / "configs" / "stage").exists()
+    assert not (Path(CONFIG_DIR) / "stage").exists()
     assert compose_fit("stage=0").stage == 0
     assert resolve_stages("all") == ["2"] and resolve_stages(0) == ["0"]
     with pytest.raises(ValueError, match="stage='7' is not a stage"):
@@ -156,12 +157,13 @@ def test_presets_compose(compose_fit, overrides, expected):
         assert OmegaConf.select(cfg, key) == value, key
 
 
-PRESETS = sorted(p.stem for p in (Path(__file__).parents[1] / "stableseg_pp" / "configs" / "experiment").glob("*.yaml"))
+PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_has_the_splits_its_stages_need(compose_fit, preset):
     from stableseg_pp.launch import slurm
+
     from stableseg_pp.stages import check_stage_splits, stage_chain
 
     cfg = compose_fit(f"experiment={preset}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, head_map_id, parse_map_id
@@ -134,3 +135,21 @@ def test_analyze_layers_command(tmp_path):
     assert not (stage0 / "train").exists() and len(list((stage0 / "val" / "masks").glob("*.png"))) == 5
     stamp = (out / "layers.json").stat().st_mtime_ns
     assert main(args) == out and (out / "layers.json").stat().st_mtime_ns == stamp
+
+
+def test_scorers_of_stored_maps_refuse_the_background_word(tmp_path):
+    """The analysis and stage 2 score stored maps with stage 0's constant background channel; background=word has
+    none: one line before stage 0 runs; a dataset without background class has no rule to mismatch."""
+    from stableseg_pp.analyze import analysis_config
+    from stableseg_pp.runtime.errors import ConfigError
+
+    root = f"paths.root_dir={tmp_path}"
+    with pytest.raises(ConfigError, match="zero_shot.background=word: the layer analysis scores each map"):
+        analysis_config([root, "zero_shot.background=word"])
+    assert analysis_config([root, "zero_shot.background=word", "data.background_index=null"]).stage == 0
+    with pytest.raises(ConfigError, match="zero_shot.background=word: the layer analysis"):
+        MapScorer(n_classes=3, resolution=16, background=BackgroundRule("word"), background_index=0)
+    rule = BackgroundRule.for_dataset("word", 0.5, "background", has_background=False)
+    assert rule.kind == "none" and rule.constant is None
+    scores = rule.prepend(torch.rand(2, 3, 4, 4))
+    assert torch.isneginf(scores[:, 0]).all() and scores.shape == (2, 4, 4, 4)

@@ -42,7 +42,10 @@ def test_wheel_installs_and_runs_from_any_directory(tmp_path):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(src)], check=True)
     (wheel,) = wheels.glob("stableseg_pp-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
+    # configs/ and launch/ stand at the top of the checkout and ship inside the package
+    assert (REPO / "configs" / "fit.yaml").exists() and not (REPO / "stableseg_pp" / "configs").exists()
     assert "stableseg_pp/configs/fit.yaml" in names and "stableseg_pp/launch/templates/stage.sbatch" in names
+    assert "stableseg_pp/configs/experiment/voc_stableseg_pp.yaml" in names and "stableseg_pp/launch/slurm.py" in names
     assert any(n.startswith("stableseg_pp/assets/miniature_sd/") for n in names)
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)

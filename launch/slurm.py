@@ -1,7 +1,7 @@
 """Write SLURM batch scripts for the pipeline stages and submit them as a chain of jobs.
 
 ``python -m stableseg_pp.launch.slurm [--submit] [--stages 0 1 2] <fit overrides>`` composes
-the same config ``fit`` will, fills ``stableseg_pp/launch/templates/stage.sbatch`` once per stage (nodes =
+the same config ``fit`` will, fills ``launch/templates/stage.sbatch`` once per stage (nodes =
 ``trainer.num_nodes``, one task and one GPU per ``trainer.devices``) into
 ``<run_dir>/slurm/stage<k>.sbatch`` and, with ``--submit``, queues them so that each stage
 starts only when the one before ended well (``--dependency=afterok``). Each later stage finds

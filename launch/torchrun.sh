@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # A stage (or the whole pipeline) on all GPUs of a machine without SLURM: torchrun starts one
 # rank per GPU; every rank runs `fit`, stage 0 shards the images, the trainings use DDP.
-#   bash stableseg_pp/launch/torchrun.sh stage=0 experiment=voc_stableseg paths.data_dir=/data
+#   bash launch/torchrun.sh stage=0 experiment=voc_stableseg paths.data_dir=/data
 # Several machines: run it on each with NNODES, NODE_RANK and MASTER_ADDR set, e.g.
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash stableseg_pp/launch/torchrun.sh stage=1
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 bash launch/torchrun.sh stage=1
 set -euo pipefail
 GPUS=${GPUS:-$(nvidia-smi -L | wc -l)}
 NNODES=${NNODES:-1}
