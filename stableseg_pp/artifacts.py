@@ -3,8 +3,8 @@
 * :class:`ChannelClasses`: the one mapping between a prediction's channels
   (0 = "no prompted class", c = the c-th prompted class) and dataset class ids;
 * :class:`MaskSetLayout`: where a split's masks, stored maps and overlays live;
-* :class:`Stage0Record`: stage 0's result for one image (mask, per-site class
-  maps, scores), written by :class:`Stage0Writer` and read back by
+* :class:`MaskRecord`: stage 0's result for one image (mask, per-site class
+  maps, scores), written by :class:`MaskSetWriter` and read back by
   :func:`load_stored_maps`;
 * :class:`SegmenterMaskWriter`: DeepLabV3+ predictions (mask + confidence);
 * :class:`SiteWeights`: learned attention-map weights (``weights.json``).
@@ -44,10 +44,10 @@ __all__ = [
     "Pictures",
     "SegmenterMaskWriter",
     "SiteWeights",
-    "Stage0Batch",
-    "Stage0Image",
-    "Stage0Record",
-    "Stage0Writer",
+    "MaskBatch",
+    "MaskImage",
+    "MaskRecord",
+    "MaskSetWriter",
     "StoredMaps",
     "check_legend",
     "check_output_folder",
@@ -139,8 +139,8 @@ class MaskSetLayout:
 
 
 @dataclass
-class Stage0Record:
-    """Stage 0's result for one image.
+class MaskRecord:
+    """One image's pseudo-mask with what it was made from (stage 0's, or EmerDiff's).
 
     Args:
         id: the image id.
@@ -163,8 +163,8 @@ class Stage0Record:
 
 
 @dataclass
-class Stage0Image:
-    """What a stage-0 record needs besides the arrays: the image's id, classes, and (for the overlay) pixels."""
+class MaskImage:
+    """What a mask record needs besides the arrays: the image's id, classes, and (for the overlay) pixels."""
 
     id: str
     channels: ChannelClasses
@@ -173,41 +173,39 @@ class Stage0Image:
 
 
 @dataclass
-class Stage0Batch:
-    """Stage 0's results for one batch, packed: every array in one host buffer (:class:`HostBatch`, copied from the
-    device in one transfer that may still be in flight), turned into :class:`Stage0Record` objects by the writer.
+class MaskBatch:
+    """One batch's mask records, packed: every array in one host buffer (:class:`HostBatch`, copied from the
+    device in one transfer that may still be in flight), turned into :class:`MaskRecord` objects by the writer.
 
     ``host`` holds ``mask/<i>`` ((H, W) uint8 class ids), ``map/<site>`` ((B, K, h, w) float16, one row per image with
     classes) and ``scores`` ((B, 1 + K, h, w) float16); ``rows[i]`` is image i's row in them (None: no class).
     """
 
-    images: list[Stage0Image]
+    images: list[MaskImage]
     rows: list[int | None]
     family: str
     host: HostBatch | None
 
-    def records(self) -> list[Stage0Record]:
+    def records(self) -> list[MaskRecord]:
         arrays = self.host.arrays() if self.host is not None else {}
         maps = {k[len("map/") :]: v for k, v in arrays.items() if k.startswith("map/")}
         records = []
         for i, (image, row) in enumerate(zip(self.images, self.rows, strict=True)):
             if row is None:  # nothing to look for: all background
                 mask = np.full(image.image.shape[:2], image.channels.empty_label, dtype=np.uint8)
-                records.append(
-                    Stage0Record(image.id, mask, image.channels, self.family, {}, None, image.image, image.ground_truth)
-                )
+                records.append(MaskRecord(image.id, mask, image.channels, self.family, {}, None, image.image, image.ground_truth))
                 continue
             n = len(image.channels.class_ids)
             site_maps = {k: v[row, :n] for k, v in maps.items()}
             scores = arrays["scores"][row, : n + 1]
-            records.append(Stage0Record(image.id, arrays[f"mask/{i}"], image.channels, self.family, site_maps, scores,
+            records.append(MaskRecord(image.id, arrays[f"mask/{i}"], image.channels, self.family, site_maps, scores,
                                         image.image, image.ground_truth))  # fmt: skip
         return records
 
 
 @dataclass
 class StoredMaps:
-    """What :class:`Stage0Writer` stored for one image."""
+    """What :class:`MaskSetWriter` stored for one image."""
 
     class_ids: list[int]  # dataset ids of channels 1.. (channel 0 = no prompted class)
     family: str | None  # backbone family of the site ids (None: written before families were recorded)
@@ -215,7 +213,7 @@ class StoredMaps:
     scores: np.ndarray | None  # (1 + C, h, w) final scores at the latent resolution
 
 
-def stage0_maps_bytes(record: Stage0Record) -> bytes:
+def stage0_maps_bytes(record: MaskRecord) -> bytes:
     buf = io.BytesIO()
     arrays = {f"map/{k}": v for k, v in record.site_maps.items()}
     if record.scores is not None:
@@ -227,7 +225,7 @@ def stage0_maps_bytes(record: Stage0Record) -> bytes:
 
 
 def load_stored_maps(path: str | Path) -> StoredMaps:
-    """Read back what :class:`Stage0Writer` stored for one image."""
+    """Read back what :class:`MaskSetWriter` stored for one image."""
     with np.load(path) as data:
         maps = {k[len("map/") :]: data[k] for k in data.files if k.startswith("map/")}
         scores = data["scores"] if "scores" in data.files else None
@@ -364,8 +362,9 @@ def write_picture_masks(
     return written
 
 
-class Stage0Writer(BasePredictionWriter):
-    """Writes each image's stored maps (float16 npz), then its palette PNG mask, atomically, off the main thread.
+class MaskSetWriter(BasePredictionWriter):
+    """Writes a mask set (stage 0's, EmerDiff's): each image's stored maps (float16 npz), then its palette PNG mask,
+    atomically, off the main thread.
 
     ``layouts[i]`` is where the predictions of dataloader ``i`` go. A bounded pool of
     ``threads`` writer threads encodes and writes the batches (zlib and PNG encoding
@@ -403,7 +402,7 @@ class Stage0Writer(BasePredictionWriter):
     def written(self) -> int:
         return sum(len(ids) for ids in self.written_ids)
 
-    def write_record(self, record: Stage0Record, layout: MaskSetLayout) -> None:
+    def write_record(self, record: MaskRecord, layout: MaskSetLayout) -> None:
         atomic_write_bytes(layout.maps_path(record.id), stage0_maps_bytes(record))
         if record.id in self.overlay_ids:
             img = overlay_png(
@@ -413,8 +412,8 @@ class Stage0Writer(BasePredictionWriter):
             atomic_save(layout.overlay_path(record.id), lambda t, im=img: im.save(t, format="PNG"))
         atomic_save(layout.mask_path(record.id), lambda t: save_palette_png(record.mask, t, self.palette))
 
-    def _write_batch(self, prediction: Stage0Batch | Sequence[Stage0Record], dataloader_idx: int) -> None:
-        records = prediction.records() if isinstance(prediction, Stage0Batch) else prediction
+    def _write_batch(self, prediction: MaskBatch | Sequence[MaskRecord], dataloader_idx: int) -> None:
+        records = prediction.records() if isinstance(prediction, MaskBatch) else prediction
         for record in records:
             self.write_record(record, self.layouts[dataloader_idx])
             self.written_ids[dataloader_idx].append(record.id)

@@ -36,6 +36,13 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "fit") -> D
         return compose(config_name=config_name, overrides=list(overrides))
 
 
+# run settings that left the methods' nodes (2026-12): a user's old override is told where the key went
+MOVED = {
+    **{f"zero_shot.{k}": f"stage0.{k}" for k in ("splits", "segmenter", "site_weights", "n_overlays", "writer_threads")},
+    **{f"emerdiff.{k}": f"emerdiff_steps.{k}" for k in ("clusters", "kmeans_images", "kmeans_iterations", "score_side")},
+}
+
+
 def compose_checked(overrides: Sequence[str] = (), config_name: str = "fit") -> DictConfig:
     """:func:`compose_config`, with a bad override (an unknown config group option, a key that does not exist, a
     value that does not parse) as one :class:`~stableseg_pp.runtime.errors.ConfigError` line (Hydra's hint kept)."""
@@ -50,6 +57,9 @@ def compose_checked(overrides: Sequence[str] = (), config_name: str = "fit") -> 
         message = "; ".join(lines[:2]) if len(lines) <= 2 else one_line(err)  # Hydra's hint (e.g. "use +key=...")
         if isinstance(err, MissingConfigException) and err.options:
             message += f"; available: {', '.join(err.options)}"
+        for item in overrides:
+            if (key := item.lstrip("+~").split("=")[0]) in MOVED:
+                message += f"; {key} is now {MOVED[key]}"
         raise ConfigError(message) from err
 
 

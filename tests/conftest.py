@@ -69,7 +69,7 @@ def file_stamps(folder: Path) -> dict[str, int]:
 def killed_after_records(monkeypatch, n: int) -> Iterator[list[str]]:
     """Within the block, stage-0-style writers die (``RuntimeError("killed")``) on the record after the first ``n``,
     as a killed run would; the block must end with that error. Yields the ids of the records written."""
-    original = artifacts.Stage0Writer.write_record
+    original = artifacts.MaskSetWriter.write_record
     written: list[str] = []
 
     def dying(self, record, layout):
@@ -78,9 +78,9 @@ def killed_after_records(monkeypatch, n: int) -> Iterator[list[str]]:
         written.append(record.id)
         original(self, record, layout)
 
-    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", dying)
+    monkeypatch.setattr(artifacts.MaskSetWriter, "write_record", dying)
     try:
         with pytest.raises(RuntimeError, match="killed"):
             yield written
     finally:
-        monkeypatch.setattr(artifacts.Stage0Writer, "write_record", original)
+        monkeypatch.setattr(artifacts.MaskSetWriter, "write_record", original)

@@ -53,6 +53,10 @@ def _error_lines(stderr: str) -> list[str]:
         (["trainer.accelerator=gpu", "trainer.devices=2"], "trainer.accelerator=gpu, but this machine has no GPU"),
         (["segmenter.train.log_every=0"], "segmenter.train.log_every=0: the steps between logged values"),
         (["stage=2", "zero_shot.background=word"], "zero_shot.background=word: stage 2 learns attention-map weights"),
+        (["zero_shot.splits=[val]"], "zero_shot.splits is now stage0.splits"),
+        (["emerdiff.clusters=5"], "emerdiff.clusters is now emerdiff_steps.clusters"),
+        (["zero_shot.mode=sa+ca"], "zero_shot.mode=sa+ca: use one of ca, sa, ca+sa"),
+        (["stage0.segmenter=emerdiff", "emerdiff.strength=-1"], "emerdiff.strength=-1: give lambda > 0"),
         (["paths.data_dir=/nonexistent", "data.generate=null"], "dataset folder /nonexistent/miniature does not exist"),
         (
             [

@@ -67,7 +67,7 @@ def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, mo
     cfg = compose_fit(*SMALL)
     with killed_after_records(monkeypatch, 3) as calls:
         run(cfg)
-    original = artifacts.Stage0Writer.write_record
+    original = artifacts.MaskSetWriter.write_record
     out = Path(cfg.paths.run_dir).glob("stage0-*").__next__()
     assert not (out / COMPLETE).exists()
     done = _files(out / "train" / "masks")
@@ -84,7 +84,7 @@ def test_killed_run_resumes_without_recomputing(compose_fit, miniature_model, mo
         seen.append(p.id)
         original(self, p, layout)
 
-    monkeypatch.setattr(artifacts.Stage0Writer, "write_record", recording)
+    monkeypatch.setattr(artifacts.MaskSetWriter, "write_record", recording)
     run(compose_fit(*SMALL))
     assert not set(seen) & set(calls)
     assert len(seen) == 12 - len(calls)

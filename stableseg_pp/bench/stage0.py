@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     from lightning import Trainer
     from torch.utils.data import DataLoader
 
-    from stableseg_pp.artifacts import MaskSetLayout, Stage0Writer
+    from stableseg_pp.artifacts import MaskSetLayout, MaskSetWriter
     from stableseg_pp.config import build, compose_config
     from stableseg_pp.data.description import describe_dataset
     from stableseg_pp.data.prompted_images import collate_samples
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     module = ZeroShotSegmenter(backbone, dataset, stableseg=build_stableseg(cfg, dataset))
     module.configure_model()
     module.to(args.device)
-    instrument(ZeroShotSegmenter, Stage0Writer)
+    instrument(ZeroShotSegmenter, MaskSetWriter)
     images = dataset.prompted_images("val", ids, module.resolution)
     template, joiner = cfg.zero_shot.prompt_template, cfg.zero_shot.joiner
 
@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> dict:
             torch.cuda.synchronize()
 
     def full(samples, out: Path):
-        threaded = "threads" in inspect.signature(Stage0Writer).parameters  # (the code before the writer pool had none)
+        threaded = "threads" in inspect.signature(MaskSetWriter).parameters  # (the code before the writer pool had none)
         extra = {"threads": args.writer_threads} if threaded else {}
-        writer = Stage0Writer([MaskSetLayout(out)], ids[:8], dataset.palette, dataset.background_index, **extra)
+        writer = MaskSetWriter([MaskSetLayout(out)], ids[:8], dataset.palette, dataset.background_index, **extra)
         trainer = Trainer(accelerator="gpu" if cuda else "cpu", devices=1, logger=False, callbacks=[writer],
                           enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
         loader = DataLoader(samples, batch_size=None, collate_fn=lambda b: b, pin_memory=cuda)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stableseg_pp.artifacts import ChannelClasses, Stage0Record
+from stableseg_pp.artifacts import ChannelClasses, MaskRecord
 from stableseg_pp.backbones.base import GenerativeBackbone
 from stableseg_pp.data.prompted_images import Sample
 from stableseg_pp.methods.emerdiff import (
@@ -72,7 +72,7 @@ def require_generative(backbone) -> None:
 
 
 class EmerDiffSegmenter(L.LightningModule):
-    """EmerDiff on a backbone that can sample; ``predict_step`` returns :class:`Stage0Record` objects for the writer.
+    """EmerDiff on a backbone that can sample; ``predict_step`` returns :class:`MaskRecord` objects for the writer.
 
     Args:
         backbone: the backbone, built from its config (loaded here, on each rank).
@@ -150,10 +150,10 @@ class EmerDiffSegmenter(L.LightningModule):
             return self._segment_unsupervised(batch)
         return self._refine(batch)
 
-    def _refine(self, batch: list[EmerDiffItem]) -> list[Stage0Record]:
+    def _refine(self, batch: list[EmerDiffItem]) -> list[MaskRecord]:
         """Refine each image's stage-0 classes: segments = the classes winning at the modulated layer's grid."""
         grid = self.emerdiff.grid
-        records: list[Stage0Record] = []
+        records: list[MaskRecord] = []
         with_scores = [item for item in batch if item.scores is not None]
         segments = []
         for item in with_scores:
@@ -165,13 +165,13 @@ class EmerDiffSegmenter(L.LightningModule):
             s = item.sample
             if item.scores is None:
                 mask = np.full(s.image.shape[:2], item.channels.empty_label, dtype=np.uint8)
-                records.append(Stage0Record(s.id, mask, item.channels, self.backbone.family, {}, None, s.image, s.mask))
+                records.append(MaskRecord(s.id, mask, item.channels, self.backbone.family, {}, None, s.image, s.mask))
                 continue
             change, segs = changes[id(item)], seg_of[id(item)]
             labels = self._labels(change, segs, s.image.shape[:2])
             mask = item.channels.to_classes(labels.astype(np.uint8))
             scores = self._channel_scores(change, segs, item.scores)
-            records.append(Stage0Record(s.id, mask, item.channels, self.backbone.family, {}, scores, s.image, s.mask))
+            records.append(MaskRecord(s.id, mask, item.channels, self.backbone.family, {}, scores, s.image, s.mask))
         return records
 
     def _channel_scores(self, change: dict[int, torch.Tensor], segments: torch.Tensor, stage0: np.ndarray) -> np.ndarray:
@@ -191,7 +191,7 @@ class EmerDiffSegmenter(L.LightningModule):
             out[s] = smoothed[j]
         return out.astype(np.float16)
 
-    def _segment_unsupervised(self, batch: list[Sample]) -> tuple[list[Stage0Record], list[Stage0Record]]:
+    def _segment_unsupervised(self, batch: list[Sample]) -> tuple[list[MaskRecord], list[MaskRecord]]:
         """k-means segments of each image -> (EmerDiff's pixel-level segment maps, the same segments upsampled)."""
         seg = self.emerdiff
         if not batch:  # every image of the batch skipped for bad input
@@ -208,6 +208,6 @@ class EmerDiffSegmenter(L.LightningModule):
             labels = self._labels(change, segments, size).astype(np.uint8)
             near = F.interpolate(segments[None, None].float(), size=size, mode="nearest")[0, 0].to(torch.uint8)
             family = self.backbone.family
-            refined.append(Stage0Record(s.id, labels, channels, family, {}, None, s.image, s.mask))
-            upsampled.append(Stage0Record(s.id, near.cpu().numpy(), channels, family, {}, None, s.image, s.mask))
+            refined.append(MaskRecord(s.id, labels, channels, family, {}, None, s.image, s.mask))
+            upsampled.append(MaskRecord(s.id, near.cpu().numpy(), channels, family, {}, None, s.image, s.mask))
         return refined, upsampled

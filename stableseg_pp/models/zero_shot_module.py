@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from stableseg_pp.artifacts import ChannelClasses, Stage0Batch, Stage0Image
+from stableseg_pp.artifacts import ChannelClasses, MaskBatch, MaskImage
 from stableseg_pp.backbones.base import DiffusionBackbone
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import Sample
@@ -21,7 +21,7 @@ from stableseg_pp.runtime.transfer import HostBatch
 
 
 class ZeroShotSegmenter(L.LightningModule):
-    """StableSeg on any diffusion backbone; ``predict_step`` returns a batch's results packed (:class:`Stage0Batch`).
+    """StableSeg on any diffusion backbone; ``predict_step`` returns a batch's results packed (:class:`MaskBatch`).
 
     Args:
         backbone: the backbone, built from its config (loaded here, on each rank).
@@ -59,16 +59,16 @@ class ZeroShotSegmenter(L.LightningModule):
     def resolution(self) -> int:
         return int(getattr(self.make_stableseg, "keywords", {}).get("resolution", 512))
 
-    def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> Stage0Batch:
+    def predict_step(self, batch: list[Sample], batch_idx: int, dataloader_idx: int = 0) -> MaskBatch:
         """StableSeg on the batch, then its post-processing batched on the device: the scores resized to each image's
         size (one resize per distinct size), argmax and channel -> class ids (a lookup table per image), the pooled
         scores and the stored maps; everything reaches the host in one transfer (:class:`HostBatch`). The writer
         turns the result into files on its own threads."""
-        images = [Stage0Image(s.id, ChannelClasses(tuple(s.class_ids), self.background_index), s.image, s.mask) for s in batch]
+        images = [MaskImage(s.id, ChannelClasses(tuple(s.class_ids), self.background_index), s.image, s.mask) for s in batch]
         with_classes = [i for i, s in enumerate(batch) if s.class_ids]
         rows: list[int | None] = [None] * len(batch)
         if not with_classes:
-            return Stage0Batch(images, rows, self.backbone.family, None)
+            return MaskBatch(images, rows, self.backbone.family, None)
         self.configure_model()
         seg = self.segmenter
         pixels = torch.stack([batch[i].pixels for i in with_classes]).to(self.device, non_blocking=True)
@@ -95,4 +95,4 @@ class ZeroShotSegmenter(L.LightningModule):
         # channels that cannot win (no background class) are stored as -1e4: softmax 0 in the CRF
         kept = out.scores.float().masked_fill(~valid[:, :, None, None], -1e4)
         tensors["scores"] = F.adaptive_avg_pool2d(kept, seg.latent_grid).to(torch.float16)
-        return Stage0Batch(images, rows, self.backbone.family, HostBatch(tensors))
+        return MaskBatch(images, rows, self.backbone.family, HostBatch(tensors))

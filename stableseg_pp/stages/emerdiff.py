@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from stableseg_pp import tracking
-from stableseg_pp.artifacts import MaskSetLayout, Stage0Writer, load_stored_maps
+from stableseg_pp.artifacts import MaskSetLayout, MaskSetWriter, load_stored_maps
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.methods.emerdiff import SPEED_ONLY, check_settings
@@ -162,7 +162,7 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, stage0_dir:
     seconds, images = 0.0, sum(len(dl.dataset) for dl in loaders)
     forwards_per_image = None
     if loaders:
-        writer = Stage0Writer(layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.stage0.writer_threads,
+        writer = MaskSetWriter(layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.stage0.writer_threads,
                               class_names=dataset.class_names)  # fmt: skip
         seconds = predict(cfg, module, loaders, writer)
         if module.emerdiff is not None and images:

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from stableseg_pp import tracking
-from stableseg_pp.artifacts import MaskSetLayout, Stage0Writer
+from stableseg_pp.artifacts import MaskSetLayout, MaskSetWriter
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
@@ -44,7 +44,7 @@ CENTROIDS = "centroids.npy"
 BASELINE = "upsampled"
 
 
-class SegmentsWriter(Stage0Writer):
+class SegmentsWriter(MaskSetWriter):
     """Writes the upsampled baseline of each image, then its EmerDiff segment map (the map last: it means done)."""
 
     def __init__(self, layouts, baseline_layouts, overlay_ids, palette, threads: int = 4):

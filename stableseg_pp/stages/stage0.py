@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
 from stableseg_pp import tracking
-from stableseg_pp.artifacts import MaskSetLayout, SiteWeights, Stage0Writer
+from stableseg_pp.artifacts import MaskSetLayout, MaskSetWriter, SiteWeights
 from stableseg_pp.backbones.base import DiffusionBackbone, select_sites
 from stableseg_pp.backbones.loading import offline_hint
 from stableseg_pp.data.description import DatasetDescription
@@ -190,7 +190,7 @@ def _compute(
     distributed.barrier()  # every rank has listed the same images to do before any is written
     seconds = 0.0
     if loaders:
-        writer = Stage0Writer(
+        writer = MaskSetWriter(
             loader_layouts, overlay_ids, dataset.palette, dataset.background_index, cfg.stage0.get("writer_threads", 4),
             class_names=dataset.class_names,
         )  # fmt: skip
