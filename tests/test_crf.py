@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from stableseg_pp.methods.dense_crf import CRFParams, refine, refine_many
+from stableseg_pp.methods.dense_crf import CRFParams, CRFPool, refine
 
 
 def _case(seed=0, size=48):
@@ -44,7 +44,9 @@ def test_low_confidence_pixels_are_ignored():
 def test_pool_matches_single_process():
     jobs = [(i, *_case(seed=i)[:2]) for i in range(4)]
     params = CRFParams(bilateral_sxy=10, bilateral_srgb=20)
-    single = dict(refine_many(jobs, params, workers=1))
-    pooled = dict(refine_many(jobs, params, workers=2, chunk=3))
+    with CRFPool(1) as pool:
+        single = dict(pool.refine(jobs, params))
+    with CRFPool(2) as pool:
+        pooled = dict(pool.refine(jobs, params, chunk=3))
     assert sorted(pooled) == [0, 1, 2, 3]
     assert all(np.array_equal(single[k], pooled[k]) for k in single)

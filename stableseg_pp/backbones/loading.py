@@ -12,8 +12,10 @@ from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.hashing import file_fingerprint, folder_fingerprint
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-#: the models shipped in the package, by the name a config gives as ``diffusion.pretrained``
-ALIASES = {"miniature": ASSETS / "miniature_sd", "miniature_mmdit": ASSETS / "miniature_mmdit"}
+#: the models shipped in the package (``assets/<name>/model_index.json``), by the name a config gives as
+#: ``diffusion.pretrained``: a new shipped model is found by its folder; ``miniature`` is the U-Net's older name
+ALIASES = {path.parent.name: path.parent for path in sorted(ASSETS.glob("*/model_index.json"))}
+ALIASES["miniature"] = ASSETS / "miniature_sd"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: the file name diffusers' ``save_lora_weights`` writes and ``load_lora_weights`` reads from a folder
 LORA_FILE = "pytorch_lora_weights.safetensors"

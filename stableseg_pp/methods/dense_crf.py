@@ -115,11 +115,3 @@ class CRFPool:
             return
         while batch := list(islice(tasks, chunk)):
             yield from self._pool.imap(_refine_job, batch, chunksize=max(1, len(batch) // (4 * self.workers)))
-
-
-def refine_many(
-    jobs: Iterable[tuple[object, np.ndarray, np.ndarray]], params: CRFParams, workers: int = 1, chunk: int = 32
-) -> Iterator[tuple[object, np.ndarray]]:
-    """Refine (key, image, probs) jobs in a pool of ``workers`` processes (1 = this process); yields (key, labels)."""
-    with CRFPool(workers) as pool:
-        yield from pool.refine(jobs, params, chunk)
