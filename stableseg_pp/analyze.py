@@ -41,11 +41,6 @@ def analysis_config(overrides: list[str]) -> DictConfig:
         raise ConfigError(f"analyze.split={split}: use train or val")
     if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
         raise ConfigError(f"analyze.images={images}: give a number of images (>= 1) or null for the whole split")
-    from stableseg_pp.methods.background import background_rule
-
-    # the analysis scores each stored map with stage 0's constant background channel, before stage 0 runs
-    has_background = cfg.data.get("background_index") is not None
-    background_rule(cfg.zero_shot, has_background).require_constant("the layer analysis scores each map")
     cfg.stage = 0
     cfg.stage0.splits = [split]
     cfg.zero_shot.store_head_maps = True

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from stableseg_pp.config import CONFIG_DIR, compose_checked, config_groups
+from stableseg_pp.config import CONFIG_DIR, build, compose_checked, config_groups
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.errors import USAGE_EXIT, ConfigError, report_errors
 
@@ -113,6 +113,13 @@ def check_settings(cfg: DictConfig) -> None:
     check_log_every(cfg.magnet.train.log_every, "magnet.train.log_every")
     if "magnet" in resolve_stages(cfg.stage) or cfg.self_training.get("magnet"):
         magnet.check_targets(cfg.magnet.targets)
+        if cfg.data.get("labels") == "predicted":
+            raise ConfigError(
+                "data.labels=predicted: MAGNET prompts with each image's classes and does not read predicted labels "
+                "yet; train MAGNET with data.labels=oracle or all, or run stage 0-2 without it"
+            )
+    if cfg.data.get("labels") == "predicted":
+        build(cfg.labeler)  # the labeler's constructor checks its settings before any work
     if "2" in resolve_stages(cfg.stage) and int(cfg.self_training.rounds) > 1:
         weights.check_background(cfg)
 

@@ -137,16 +137,18 @@ def test_analyze_layers_command(tmp_path):
     assert main(args) == out and (out / "layers.json").stat().st_mtime_ns == stamp
 
 
-def test_scorers_of_stored_maps_refuse_the_background_word(tmp_path):
-    """The analysis and stage 2 score stored maps with stage 0's constant background channel; background=word has
-    none: one line before stage 0 runs; a dataset without background class has no rule to mismatch."""
+def test_stored_maps_are_scored_under_one_stated_background_rule(tmp_path, caplog):
+    """Stage 2 refuses background=word (tested in test_errors); the analysis, which only ranks maps, scores them
+    against the constant threshold and says so; a rule without a constant channel is refused by the scorer."""
     from stableseg_pp.analyze import analysis_config
+    from stableseg_pp.data.description import describe_dataset
     from stableseg_pp.runtime.errors import ConfigError
+    from stableseg_pp.stages.layers import scoring_rule
 
-    root = f"paths.root_dir={tmp_path}"
-    with pytest.raises(ConfigError, match="zero_shot.background=word: the layer analysis scores each map"):
-        analysis_config([root, "zero_shot.background=word"])
-    assert analysis_config([root, "zero_shot.background=word", "data.background_index=null"]).stage == 0
+    cfg = analysis_config([f"paths.root_dir={tmp_path}", "zero_shot.background=word", "zero_shot.background_threshold=0.4"])
+    dataset = describe_dataset(cfg.data, ["val"])
+    rule = scoring_rule(cfg, dataset)
+    assert (rule.kind, rule.constant) == ("threshold", 0.4) and "word's map is not stored" in caplog.text
     with pytest.raises(ConfigError, match="zero_shot.background=word: the layer analysis"):
         MapScorer(n_classes=3, resolution=16, background=BackgroundRule("word"), background_index=0)
     rule = BackgroundRule.for_dataset("word", 0.5, "background", has_background=False)

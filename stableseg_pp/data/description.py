@@ -11,7 +11,7 @@ import logging
 import math
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,8 @@ class DatasetDescription:
         background_index: the class that means "no object", or None (Context-59, ADE20K, ...).
         palette: flat RGB palette of the written masks (None: VOC colours).
         eval_background: whether mIoU counts the background class.
-        labels: ``oracle`` (classes from the ground truth) or ``all`` (every class in every prompt).
+        labels: ``oracle`` (classes from the ground truth), ``all`` (every class in every prompt) or ``predicted``
+            (the classes a labels step names, no ground truth).
         require_masks / on_bad_input / convert_to_rgb: how images and masks are read.
         limit: first N images of each split (None: all).
         settings: the resolved ``cfg.data`` (class names filled in), for content keys.
@@ -135,8 +136,11 @@ class DatasetDescription:
             setting["segments"] = "hungarian"  # masks hold segment ids, matched to classes over the split
         return setting
 
-    def prompted_images(self, split: str, ids: Sequence[str], resolution: int) -> PromptedImages:
-        """The images of ``ids`` resized for a diffusion model, with the classes to prompt for."""
+    def prompted_images(
+        self, split: str, ids: Sequence[str], resolution: int, predicted: Mapping[str, Sequence[int]] | None = None
+    ) -> PromptedImages:
+        """The images of ``ids`` resized for a diffusion model, with the classes to prompt for (``predicted``: each
+        image's classes from a labels step, for ``labels=predicted``)."""
         return PromptedImages(
             layout=self.layout,
             split=split,
@@ -148,6 +152,7 @@ class DatasetDescription:
             convert_to_rgb=self.convert_to_rgb,
             ids=ids,
             background_index=self.background_index,
+            predicted=predicted,
         )
 
 

@@ -6,7 +6,7 @@ Reads any dataset through its :class:`~stableseg_pp.data.layouts.DatasetLayout`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +18,9 @@ from stableseg_pp.data.files import BadInputError, load_rgb
 from stableseg_pp.data.layouts import DatasetLayout
 from stableseg_pp.data.palette import IGNORE_INDEX
 from stableseg_pp.runtime.errors import ConfigError
+
+# where stage 0's prompts take each image's classes from (data.labels)
+LABELS = ("oracle", "all", "predicted")
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +48,9 @@ class PromptedImages(Dataset):
     """One split of a dataset as stage 0 reads it.
 
     ``labels="oracle"`` prompts for the classes present in the ground truth (the
-    papers' setting); ``"all"`` prompts for every class of the dataset.
+    papers' setting); ``"all"`` prompts for every class of the dataset;
+    ``"predicted"`` for the classes ``predicted`` names for each image (a labels
+    step's output, no ground truth; an image it names nothing for gets none).
     ``background_index``: the class that means "no object" (never prompted for);
     None for datasets without one (Context-59, ADE20K, Cityscapes, COCO-Stuff).
     With ``on_bad_input="skip"`` an unusable image or mask is logged and the
@@ -64,9 +69,12 @@ class PromptedImages(Dataset):
         convert_to_rgb: bool = True,
         ids: Sequence[str] | None = None,
         background_index: int | None = 0,
+        predicted: Mapping[str, Sequence[int]] | None = None,
     ):
-        if labels not in ("oracle", "all"):
-            raise ConfigError(f"data.labels={labels!r}: use 'oracle' (classes from the ground truth) or 'all'")
+        if labels not in LABELS:
+            raise ConfigError(f"data.labels={labels!r}: use one of {', '.join(LABELS)}")
+        if labels == "predicted" and predicted is None:
+            raise ValueError("data.labels=predicted: the predicted classes of each image are needed (a labels step)")
         if on_bad_input not in ("error", "skip"):
             raise ConfigError(f"data.on_bad_input={on_bad_input!r}: use 'error' or 'skip'")
         if labels == "oracle" and not require_masks:
@@ -80,6 +88,7 @@ class PromptedImages(Dataset):
         self.on_bad_input = on_bad_input
         self.convert_to_rgb = convert_to_rgb
         self.background_index = background_index
+        self.predicted = predicted
         self.ids = list(ids) if ids is not None else layout.split_ids(split)
         self.skipped: list[tuple[str, str]] = []
 
@@ -100,6 +109,8 @@ class PromptedImages(Dataset):
         not_prompted = {self.background_index, IGNORE_INDEX}
         if self.labels == "oracle":
             class_ids = [int(c) for c in np.unique(mask) if c not in not_prompted]
+        elif self.labels == "predicted":
+            class_ids = [int(c) for c in self.predicted.get(sid, ()) if c not in not_prompted]
         else:
             class_ids = [c for c in range(len(self.class_names)) if c not in not_prompted]
         return Sample(sid, to_model_pixels(image, self.resolution), image, mask, class_ids)

@@ -99,7 +99,7 @@ class StoredScoreImages(Dataset):
     """The images of ``ids`` with the stage-0 scores and channel classes stored for them (read in the workers)."""
 
     def __init__(self, dataset: DatasetDescription, split: str, ids: list[str], source: MaskSetLayout, resolution: int):
-        self.images = dataset.prompted_images(split, ids, resolution)
+        self.images = dataset.prompted_images(split, ids, resolution, predicted={})  # classes: the stored maps'
         self.source = source
         self.background_index = dataset.background_index
 

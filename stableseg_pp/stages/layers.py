@@ -174,7 +174,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     key = {
         "maps": stage0_dir.name,
         "split": split,
-        "threshold": background_rule(cfg.zero_shot, dataset.has_background).constant,
+        "threshold": scoring_rule(cfg, dataset).constant,
         "resolution": cfg.zero_shot.resolution,
         "selection": {k: cfg.zero_shot.get(k) for k in ("cross_scales", "cross_depths")},
     }
@@ -187,14 +187,27 @@ def run(cfg: DictConfig, dataset: DatasetDescription, stage0_dir: Path) -> Path:
     return STEP.run(cfg, key, [stage0_dir], compute)
 
 
+def scoring_rule(cfg: DictConfig, dataset: DatasetDescription) -> BackgroundRule:
+    """Stage 0's background rule, as each stored map is scored. ``word`` (the SD3 presets) makes the word's map the
+    background, but stage 0 stores the class maps only: the maps are scored against ``background_threshold`` instead,
+    and the analysis says so (the site ranking compares maps under one rule; its absolute mIoU is not stage 0's)."""
+    rule = background_rule(cfg.zero_shot, dataset.has_background)
+    if rule.kind != "word":
+        return rule
+    log.warning(
+        "zero_shot.background=word: the word's map is not stored, so each map is scored against a constant "
+        "background of %s (zero_shot.background_threshold); the ranking holds, the absolute mIoU is not stage 0's",
+        rule.threshold,
+    )
+    return BackgroundRule("threshold", rule.threshold)
+
+
 def _analyse(cfg, dataset: DatasetDescription, stage0_dir: Path, split: str, out: Path, key: dict, record) -> None:
     zs = cfg.zero_shot
     sites = build_backbone(cfg).sites(zs.resolution)
     selected = select_sites(sites, "text", zs.cross_scales, zs.get("cross_depths"))
     layout = MaskSetLayout(stage0_dir / split)
-    scorer = MapScorer(
-        len(dataset.class_names), zs.resolution, background_rule(zs, dataset.has_background), dataset.background_index
-    )
+    scorer = MapScorer(len(dataset.class_names), zs.resolution, scoring_rule(cfg, dataset), dataset.background_index)
     images = 0
     for sid in dataset.split_ids(split):
         if not layout.maps_path(sid).exists() or (gt := ground_truth(dataset, split, sid)) is None:

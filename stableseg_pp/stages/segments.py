@@ -104,7 +104,8 @@ def _fit(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, k: i
         module.to(device)
     text = backbone.encode_captions([settings.get("prompt", "")])
     workers = loader_workers(cfg.data.num_workers, "data.num_workers")
-    images = DataLoader(dataset.prompted_images(split, ids, cfg.zero_shot.resolution), batch_size=cfg.data.batch_size,
+    pictures = dataset.prompted_images(split, ids, cfg.zero_shot.resolution, predicted={})  # no class names
+    images = DataLoader(pictures, batch_size=cfg.data.batch_size,
                         num_workers=workers, collate_fn=collate_samples)  # fmt: skip
     features = []
     for batch in images:
@@ -133,7 +134,7 @@ def _compute(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, 
         log.info("emerdiff segments [%s]: %d images, %d to do", split, len(ids), len(todo))
         overlay_ids.update(ids[: cfg.stage0.n_overlays])
         if todo:
-            loaders.append(loader(cfg, dataset.prompted_images(split, todo, cfg.zero_shot.resolution)))
+            loaders.append(loader(cfg, dataset.prompted_images(split, todo, cfg.zero_shot.resolution, predicted={})))  # no names
             layouts.append(target)
             baselines.append(baseline)
     distributed.barrier()

@@ -11,6 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -22,7 +23,7 @@ from stableseg_pp.artifacts import MaskSetLayout, MaskSetWriter, SiteWeights
 from stableseg_pp.backbones.base import DiffusionBackbone, select_sites
 from stableseg_pp.backbones.loading import offline_hint
 from stableseg_pp.data.description import DatasetDescription
-from stableseg_pp.data.prompted_images import collate_samples
+from stableseg_pp.data.prompted_images import LABELS, collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
 from stableseg_pp.methods.background import background_rule
 from stableseg_pp.methods.stableseg import StableSeg, check_settings, split_into_prompts
@@ -34,6 +35,8 @@ from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.progress import ImagesPerSecondBar
 from stableseg_pp.runtime.resume import run_lightning
 from stableseg_pp.runtime.run_dir import evaluate_and_finish
+from stableseg_pp.stages import labels
+from stableseg_pp.stages.labels import read_labels
 from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, method_settings, on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
@@ -45,8 +48,11 @@ def check_zero_shot_settings(cfg: DictConfig) -> None:
     """The stage-0 settings that can be checked without a model (before any rank starts or weights load): StableSeg's
     own (its checker, :func:`~stableseg_pp.methods.stableseg.check_settings`), the run's and the data's."""
     check_settings(**method_settings(cfg.zero_shot))
-    if cfg.data.get("labels") not in ("oracle", "all"):
-        raise ConfigError(f"data.labels={cfg.data.get('labels')}: use oracle (classes from the ground truth) or all")
+    if cfg.data.get("labels") not in LABELS:
+        raise ConfigError(
+            f"data.labels={cfg.data.get('labels')}: use oracle (classes from the ground truth), all (every class) or "
+            "predicted (the labeler's, no ground truth)"
+        )
     if cfg.data.get("on_bad_input") not in ("error", "skip"):
         raise ConfigError(f"data.on_bad_input={cfg.data.get('on_bad_input')}: use error or skip")
     if bad := [s for s in cfg.stage0.splits if s not in ("train", "val")]:
@@ -81,7 +87,7 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
     )  # fmt: skip
     if zs.mode != "ca":
         select_sites(sites, "image", zs.self_scales, depths["self_depths"], "zero_shot.self_scales", "zero_shot.self_depths")
-    if dataset.labels == "all":
+    if dataset.labels in ("all", "predicted"):  # predicted: the labeler's evidence prompts for every class
         names = [dataset.prompt_name(c) for c in range(len(dataset.class_names)) if c != dataset.background_index]
         check_prompt_names(backbone, names, zs, dataset.has_background)
 
@@ -140,13 +146,25 @@ def run(
     weights = weights or configured_site_weights(cfg)
     backbone = build_backbone(cfg, adapter)
     key = stage_key(cfg, dataset, backbone, weights)
+    predicted = None
+    if dataset.labels == "predicted":
+        labels_dir = predict_labels(cfg, dataset)
+        key["labels"], inputs = labels_dir.name, [*inputs, labels_dir]
+        predicted = read_labels(labels_dir)
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
-        _compute(cfg, dataset, backbone, weights, out, key)
+        _compute(cfg, dataset, backbone, weights, out, key, predicted)
         masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.stage0.splits else {}
         tracking.track_results(record, dataset, out, masks)
 
     return STEP.run(cfg, key, inputs, compute)
+
+
+def predict_labels(cfg: DictConfig, dataset: DatasetDescription) -> Path:
+    """``data.labels=predicted``: the labels step on its evidence, stage 0 with every class in the prompt (the same
+    backbone and settings; content-addressed, so stage 2's regeneration reuses both)."""
+    every_class = replace(dataset, labels="all", settings={**dataset.settings, "labels": "all"})
+    return labels.run(cfg, dataset, run(cfg, every_class))
 
 
 def _compute(
@@ -156,6 +174,7 @@ def _compute(
     weights: SiteWeights | None,
     out: Path,
     key: dict,
+    predicted: dict[str, dict[str, list[int]]] | None = None,
 ) -> None:
     if weights is not None:
         weights.check_family(backbone.family)  # before any model is loaded; StableSeg checks the site ids
@@ -177,7 +196,7 @@ def _compute(
         if todo:
             loaders.append(
                 DataLoader(
-                    dataset.prompted_images(split, todo, module.resolution),
+                    dataset.prompted_images(split, todo, module.resolution, None if predicted is None else predicted[split]),
                     batch_size=cfg.data.batch_size,
                     num_workers=loader_workers(cfg.data.num_workers, "data.num_workers"),
                     collate_fn=collate_samples,

@@ -1,0 +1,162 @@
+"""data.labels=predicted: image-level labels from the pipeline's own models, set without ground truth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stableseg_pp.artifacts import load_stored_maps
+from stableseg_pp.evaluation.image_labels import label_metrics
+from stableseg_pp.fit import run
+from stableseg_pp.methods.labelers.diffusion import MapAreaLabeler, otsu_threshold
+from stableseg_pp.runtime.errors import ConfigError
+from stableseg_pp.stages import labels as labels_step
+
+SMALL = ["data.generate.n_train=8", "data.generate.n_val=6", "stage0.n_overlays=1", "data.batch_size=4", "data.num_workers=0"]
+
+
+def test_map_area_labeler_on_a_known_case():
+    """Two classes win a fifth of their images, two others a few stray pixels: Otsu's cut between them, on the
+    scores alone, names exactly the large ones."""
+    mask = np.zeros((20, 20), np.uint8)
+    mask[:8, :10] = 1  # 80 px: 20%
+    mask[10:18, 10:20] = 2  # 80 px
+    mask[19, 0] = 3  # 1 px: 0.25%
+    mask[19, 1:3] = 4  # 2 px
+    labeler = MapAreaLabeler()
+    scores = labeler.scores(mask, [1, 2, 3, 4, 5])
+    assert scores == {1: 0.2, 2: 0.2, 3: 0.0025, 4: 0.005, 5: 0.0}
+    others = [{1: 0.18, 3: 0.003}, {2: 0.22, 4: 0.004, 5: 0.001}, {1: 0.3, 2: 0.15}]
+    threshold = labeler.fit_threshold([scores, *others])
+    assert 0.005 < threshold <= 0.15
+    assert labeler.decide(scores, threshold, has_background=True) == [1, 2]
+    # nothing reaches it: background only, or (no background class) the top-scoring class
+    assert labeler.decide({1: 0.001, 2: 0.002}, threshold, has_background=True) == []
+    assert labeler.decide({1: 0.001, 2: 0.002}, threshold, has_background=False) == [2]
+    assert MapAreaLabeler(threshold=0.1).fit_threshold(others) == 0.1
+    assert otsu_threshold(np.array([0.0, 0.1, 0.2, 5.0, 5.1, 5.3])) == pytest.approx(2.65, abs=0.1)
+
+
+@pytest.mark.parametrize("settings", [{"threshold": 0}, {"threshold": 1.5}, {"threshold": "mean"}, {"min_pixels": 0}])
+def test_map_area_labeler_refuses_bad_settings(settings):
+    with pytest.raises(ConfigError, match="labeler."):
+        MapAreaLabeler(**settings)
+
+
+def test_label_metrics_on_a_hand_computed_example():
+    truth = np.array([[1, 0, 1], [1, 1, 0], [0, 0, 1], [1, 0, 0]], bool)
+    named = np.array([[1, 1, 1], [0, 1, 0], [0, 0, 0], [1, 0, 0]], bool)
+    scores = np.array([[0.9, 0.6, 0.8], [0.4, 0.7, 0.1], [0.2, 0.1, 0.3], [0.8, 0.2, 0.2]], np.float32)
+    m = label_metrics(truth, named, ["a", "b", "c"], scores)
+    # a: tp 2, fp 0, fn 1 -> P 1, R 2/3, F1 0.8; b: tp 1, fp 1 -> P 0.5, R 1, F1 2/3; c: tp 1, fn 1 -> P 1, R 0.5
+    assert m["per_class"]["a"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "images": 3, "named": 2})
+    assert m["per_class"]["b"]["f1"] == pytest.approx(2 / 3) and m["per_class"]["c"]["f1"] == pytest.approx(2 / 3)
+    assert m["mean_f1"] == pytest.approx((0.8 + 2 / 3 + 2 / 3) / 3)
+    assert m["exact_images"] == pytest.approx(0.25)  # only image 3 is named exactly
+    # AP: every class's positives hold its highest scores (a: .9 .8 .4; b: .7; c: .8 .3) -> 1; then swap two of b's
+    assert m["map"] == pytest.approx(1.0)
+    scores[1, 1], scores[0, 1] = 0.5, 0.6  # b's positive now ranks second: AP 1/2
+    assert label_metrics(truth, named, ["a", "b", "c"], scores)["map"] == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def _labels_json(folder: Path) -> dict:
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(folder.glob("*/labels.json"))}
+
+
+@pytest.mark.slow
+def test_predicted_labels_end_to_end_without_ground_truth(compose_fit, miniature_model, monkeypatch):
+    """stage 0 with data.labels=predicted: the labels step on stage 0's all-class masks, its quality where ground truth
+    exists, stage 0 prompting for the named classes; labels do not change when the ground truth does (no threshold
+    reads it); a killed labels step resumes to the same labels without rewriting finished images."""
+    cfg = compose_fit("stage=0", "data.labels=predicted", *SMALL)
+    out = run(cfg)["0"]
+    run_dir = out.parent
+    (folder,) = run_dir.glob("labels-*")
+    (evidence,) = [p for p in run_dir.glob("stage0-*") if p != out]
+    assert json.loads((out / "key.json").read_text())["labels"] == folder.name
+    first = _labels_json(folder)
+    assert set(first) == {"train", "val"} and len(first["val"]["labels"]) == 6
+    metrics = json.loads((folder / "metrics.json").read_text())["val"]
+    assert 0 <= metrics["mean_f1"] <= 1 and 0 <= metrics["map"] <= 1 and set(metrics["per_class"]) <= {
+        "circle", "square", "triangle", "star", "half moon", "cross"}  # fmt: skip
+    record = json.loads((folder / "_COMPLETE.json").read_text())["splits"]["val"]
+    assert record["images"] == 6 and record["no_class_named"] == sum(not c for c in first["val"]["labels"].values())
+    assert len(list((folder / "val" / "scores").glob("*.json"))) == 6
+    # stage 0 prompted for the named classes: its stored class ids are the labels
+    for sid, named in first["val"]["labels"].items():
+        assert list(load_stored_maps(out / "val" / "maps" / f"{sid}.npz").class_ids) == named
+    assert json.loads((out / "metrics.json").read_text())["val"]["protocol"]["labels"] == "predicted"
+
+    # the ground truth shuffled among the val images: the same labels (only metrics.json reads it)
+    masks = Path(cfg.data.root) / "SegmentationClass"
+    val_ids = sorted(first["val"]["labels"])
+    saved = {sid: (masks / f"{sid}.png").read_bytes() for sid in val_ids}
+    for sid, other in zip(val_ids, val_ids[1:] + val_ids[:1], strict=True):
+        (masks / f"{sid}.png").write_bytes(saved[other])
+    shutil.rmtree(folder)
+    assert labels_step.run(cfg, _dataset(cfg), evidence) == folder
+    assert _labels_json(folder) == first
+    for sid in val_ids:
+        (masks / f"{sid}.png").write_bytes(saved[sid])
+
+    # killed after three images' scores, then run again: the same labels, the finished files kept
+    shutil.rmtree(folder)
+    calls = {"n": 0}
+    real = labels_step.write_json
+
+    def dying(path, obj):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise KeyboardInterrupt("killed")
+        return real(path, obj)
+
+    monkeypatch.setattr(labels_step, "write_json", dying)
+    with pytest.raises(KeyboardInterrupt):
+        labels_step.run(cfg, _dataset(cfg), evidence)
+    monkeypatch.setattr(labels_step, "write_json", real)
+    kept = {p: p.stat().st_mtime_ns for p in folder.rglob("scores/*.json")}
+    assert len(kept) == 3 and not (folder / "_COMPLETE.json").exists()
+    assert labels_step.run(cfg, _dataset(cfg), evidence) == folder
+    assert _labels_json(folder) == first
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
+
+
+def _dataset(cfg):
+    from stableseg_pp.data.description import describe_dataset
+
+    return describe_dataset(cfg.data)
+
+
+def test_predicted_labels_settings_are_checked_before_work(compose_fit):
+    from stableseg_pp.fit import check_settings
+
+    with pytest.raises(ConfigError, match="labeler.threshold=2"):
+        check_settings(compose_fit("data.labels=predicted", "labeler.threshold=2"))
+    with pytest.raises(ConfigError, match="data.labels=predicted: MAGNET"):
+        check_settings(compose_fit("stage=magnet", "diffusion=miniature_mmdit", "data.labels=predicted"))
+    with pytest.raises(ConfigError, match="data.labels=guess: use oracle"):
+        check_settings(compose_fit("data.labels=guess"))
+
+
+def test_an_image_named_nothing_is_prompted_for_nothing(tmp_path):
+    """labels=predicted takes each image's classes from the labels, never from its mask; an image named nothing
+    gets no class (stage 0 writes it as background), and a missing labels map is an error, not silence."""
+    from stableseg_pp.data.layouts import FolderLayout
+    from stableseg_pp.data.prompted_images import PromptedImages
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder / "val").mkdir(parents=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "val" / "a.jpg")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "masks" / "val" / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "images" / "val" / "b.jpg")
+    Image.fromarray(np.ones((8, 8), np.uint8)).save(tmp_path / "masks" / "val" / "b.png")
+    layout = FolderLayout(tmp_path, image_dir="images/{split}", mask_dir="masks/{split}")
+    images = PromptedImages(layout, "val", ["background", "x", "y"], 16, labels="predicted", predicted={"a": [2]})
+    assert images.read("a").class_ids == [2] and images.read("b").class_ids == []
+    with pytest.raises(ValueError, match="predicted classes"):
+        PromptedImages(layout, "val", ["background", "x", "y"], 16, labels="predicted")
