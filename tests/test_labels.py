@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stableseg_pp.artifacts import load_stored_maps
@@ -69,15 +70,20 @@ def _labels_json(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_predicted_labels_end_to_end_without_ground_truth(compose_fit, miniature_model, monkeypatch):
-    """stage 0 with data.labels=predicted: the labels step on stage 0's all-class masks, its quality where ground truth
-    exists, stage 0 prompting for the named classes; labels do not change when the ground truth does (no threshold
-    reads it); a killed labels step resumes to the same labels without rewriting finished images."""
-    cfg = compose_fit("stage=0", "data.labels=predicted", *SMALL)
+@pytest.mark.parametrize("labeler", ["diffusion", "diffusion_maps"])
+def test_predicted_labels_end_to_end_without_ground_truth(compose_fit, miniature_model, monkeypatch, labeler):
+    """stage 0 with data.labels=predicted: the labels step (denoising errors, or stage 0's all-class masks), its
+    quality where ground truth exists, stage 0 prompting for the named classes; labels do not change when the ground
+    truth does (no threshold reads it); a killed labels step resumes to the same labels without rewriting finished
+    images."""
+    fewer_times = ["labeler.times=[200,600]"] if labeler == "diffusion" else []
+    cfg = compose_fit("stage=0", "data.labels=predicted", f"labeler={labeler}", *fewer_times, *SMALL)
     out = run(cfg)["0"]
     run_dir = out.parent
     (folder,) = run_dir.glob("labels-*")
-    (evidence,) = [p for p in run_dir.glob("stage0-*") if p != out]
+    evidences = [p for p in run_dir.glob("stage0-*") if p != out]  # stage 0 with every class: the maps' evidence
+    assert len(evidences) == (labeler == "diffusion_maps")
+    evidence = evidences[0] if evidences else None
     assert json.loads((out / "key.json").read_text())["labels"] == folder.name
     first = _labels_json(folder)
     assert set(first) == {"train", "val"} and len(first["val"]["labels"]) == 6
@@ -160,3 +166,63 @@ def test_an_image_named_nothing_is_prompted_for_nothing(tmp_path):
     assert images.read("a").class_ids == [2] and images.read("b").class_ids == []
     with pytest.raises(ValueError, match="predicted classes"):
         PromptedImages(layout, "val", ["background", "x", "y"], 16, labels="predicted")
+
+
+def test_the_results_table_names_the_label_protocol(compose_fit, tmp_path):
+    from stableseg_pp.data.description import describe_dataset
+    from stableseg_pp.stages.self_training import label_protocol, write_results
+
+    for labels, expected in (("oracle", "oracle"), ("all", "all"), ("predicted", "predicted (diffusion)")):
+        cfg = compose_fit(f"data.labels={labels}", "data.generate.n_train=2", "data.generate.n_val=2")
+        assert label_protocol(cfg, describe_dataset(cfg.data)) == expected
+    table = write_results(tmp_path, [("init (stage-0 masks)", tmp_path / "stage0-x")], [], "predicted (diffusion)")
+    assert table[0]["labels"] == "predicted (diffusion)" and table[0]["val_miou"] is None
+    assert "| init (stage-0 masks) | n/a | predicted (diffusion) | `stage0-x` |" in (tmp_path / "results.md").read_text()
+
+
+class _PromptedBackbone:
+    """A backbone whose denoiser predicts the noise exactly for the prompts of the classes its image holds (error 1
+    otherwise, 2 for the empty prompt): the labeler's answer is known. The image's row rides on its latent's value."""
+
+    def __init__(self, present: dict[int, set[str]]):
+        self.present = present
+
+    def encode_captions(self, prompts):
+        return list(prompts)
+
+    def noise_to(self, latents, time, noise):
+        return latents + noise
+
+    def prediction_target(self, latents, noise, time):
+        return noise
+
+    def time_input(self, time, batch, device):
+        return torch.full((batch,), time)
+
+    def denoise(self, noisy, time, prompts):
+        row = int(noisy[0].flatten()[0])  # the noise is 0 here (randn patched): the latent's value
+        errors = [0.0 if p and p.removeprefix("a photo of a ") in self.present[row] else (1.0 if p else 2.0) for p in prompts]
+        return torch.stack([torch.full_like(noisy[0], e) for e in errors])  # the noise (0) plus the error
+
+
+def test_denoising_labeler_names_the_classes_whose_prompts_denoise_best(monkeypatch):
+    from stableseg_pp.methods.labelers import diffusion
+
+    monkeypatch.setattr(diffusion.torch, "randn", lambda shape, generator=None: torch.zeros(shape))
+    backbone = _PromptedBackbone({0: {"circle"}, 1: {"square", "star"}, 2: set()})
+    labeler = diffusion.DenoisingLabeler(times=[100, 500])
+    latents = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 2).clone()
+    scores = labeler.scores(backbone, latents, ["a", "b", "c"], ["circle", "square", "star"])
+    # image 0: circle's prompt explains it (error 0), the others do not (1): circle above the mean, the others below
+    assert scores[0, 0] > 0 > scores[0, 1] and scores[0, 1] == scores[0, 2]
+    assert scores[1, 1] == scores[1, 2] > 0 > scores[1, 0]
+    assert torch.allclose(scores[2], torch.zeros(3))  # nothing explains image 2 better than the rest
+    rows = [dict(enumerate(r.tolist())) for r in scores]
+    threshold = labeler.fit_threshold(rows)
+    assert [labeler.decide(r, threshold, True) for r in rows] == [[0], [1, 2], []]
+    with pytest.raises(ConfigError, match="labeler.times"):
+        diffusion.DenoisingLabeler(times=[1000])
+    with pytest.raises(ConfigError, match="labeler=diffusion: SD3Backbone cannot noise"):
+        from stableseg_pp.backbones.sd3_mmdit import SD3Backbone
+
+        labeler.require(SD3Backbone())

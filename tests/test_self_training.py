@@ -58,7 +58,8 @@ def test_stage1_then_all_then_nothing_to_do(compose_fit, miniature_model):
     table = json.loads((run_dir / "results.json").read_text())
     assert [r["step"].split(" (")[0] for r in table][:3] == ["init", "init + CRF", "+"]
     assert len(table) == 6 and all(r["val_miou"] is not None for r in table)
-    assert (run_dir / "results.md").read_text().startswith("| step | val mIoU |")
+    assert (run_dir / "results.md").read_text().startswith("| step | val mIoU | labels |")
+    assert {r["labels"] for r in table} == {"oracle"}  # the label protocol of the run, a column of the table
 
     for step in (crf_dir, seg_dir, final):  # every mask-producing step draws a few val overlays
         assert len(list((step / "val" / "overlays").glob("*.png"))) == 1  # stage0.n_overlays=1

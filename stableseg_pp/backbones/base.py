@@ -291,6 +291,11 @@ class GenerativeBackbone(DiffusionBackbone, Protocol):
         """Clean latents noised to ``time`` with ``noise`` (as the training objective does)."""
         ...
 
+    def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, time: int) -> torch.Tensor:
+        """What the denoiser predicts at ``time`` for clean ``latents`` noised with ``noise`` (its training target:
+        the noise, or the velocity of a v-prediction model); the denoising error is measured against it."""
+        ...
+
     def sampler_step(self, prediction: torch.Tensor, time: int, latents: torch.Tensor) -> torch.Tensor:
         """One deterministic sampler step from ``time`` (the denoiser's ``prediction`` there) to the next time."""
         ...

@@ -334,6 +334,12 @@ class SDUNetBackbone:
         t = torch.full((latents.shape[0],), int(time), device=latents.device, dtype=torch.long)
         return self.scheduler.add_noise(latents, noise.to(latents), t)
 
+    def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, time: int) -> torch.Tensor:
+        if self.scheduler.config.prediction_type == "v_prediction":
+            t = torch.full((latents.shape[0],), int(time), device=latents.device, dtype=torch.long)
+            return self.scheduler.get_velocity(latents, noise.to(latents), t)
+        return noise.to(latents)
+
     def sampler_step(self, prediction: torch.Tensor, time: int, latents: torch.Tensor) -> torch.Tensor:
         return self._sampler().step(prediction.to(latents.dtype), int(time), latents, eta=0.0).prev_sample
 

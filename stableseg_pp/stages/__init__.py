@@ -7,6 +7,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.stages import magnet, refinement, segments, self_training, stage0
@@ -50,9 +51,12 @@ def resolve_stages(stage: object) -> list[str]:
 def planned_steps(cfg: DictConfig) -> int:
     """How many step folders ``fit`` opens for ``cfg.stage`` (the count behind "step k of N")."""
     key = resolve_stages(cfg.stage)[-1]
+    labeling = 0  # data.labels=predicted: the labels step first (and its evidence, stage 0 with every class)
+    if cfg.data.get("labels") == "predicted":
+        labeling = 2 if build(cfg.labeler).reads_evidence else 1
     if key == "0":
-        return 1
-    round1 = 1 + refinement.steps(cfg) + 1  # stage 0, refinement, DeepLabV3+ (magnet: ..., MAGNET)
+        return labeling + 1
+    round1 = labeling + 1 + refinement.steps(cfg) + 1  # stage 0, refinement, DeepLabV3+ (magnet: ..., MAGNET)
     if key in ("1", "magnet"):
         return round1
     later = 1 + int(bool(cfg.self_training.get("magnet"))) + round1  # map weights, (MAGNET), regenerate, refine, retrain

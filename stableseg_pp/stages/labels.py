@@ -1,7 +1,8 @@
 """Image-level labels predicted without ground truth (``data.labels=predicted``): which classes each image holds.
 
-Reads the evidence a labeler scores (the ``diffusion`` labeler: stage 0's masks
-with every class in the prompt), writes one scores file per image
+Scores each image with the labeler (``diffusion``: the backbone's denoising
+error per class prompt; ``diffusion_maps``: stage 0's masks with every class in
+the prompt, the labeler's evidence folder), writes one scores file per image
 (``<split>/scores/<id>.json``, atomically; finished images are kept on resume),
 then the split's threshold and labels (``<split>/labels.json``) and, where the
 dataset has ground truth, the labels' quality (``metrics.json``: per-class
@@ -15,6 +16,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -26,7 +28,7 @@ from stableseg_pp.evaluation.image_labels import label_metrics
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import write_json
 from stableseg_pp.runtime.run_dir import finish_stage
-from stableseg_pp.stages.step import Step, method_settings
+from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, method_settings, on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
@@ -34,17 +36,25 @@ STEP = Step("labels")
 LABELS_FILE = "labels.json"
 
 
-def run(cfg: DictConfig, dataset: DatasetDescription, evidence: Path) -> Path:
-    """Label every split of ``stage0.splits`` from the labeler's ``evidence`` folder; returns the step folder."""
+def run(cfg: DictConfig, dataset: DatasetDescription, evidence: Path | None = None) -> Path:
+    """Label every split of ``stage0.splits``: from the labeler's ``evidence`` folder (a labeler that reads stage 0's
+    outputs) or with the configured backbone; returns the step folder."""
     labeler = build(cfg.labeler)  # its constructor checks its settings before any work
-    key = {"evidence": evidence.name, "labeler": method_settings(cfg.labeler), "splits": list(cfg.stage0.splits)}
+    key: dict = {"labeler": method_settings(cfg.labeler), "splits": list(cfg.stage0.splits)}
+    backbone = None
+    if evidence is not None:
+        key["evidence"] = evidence.name
+    else:
+        backbone = build_backbone(cfg)
+        labeler.require(backbone)
+        key |= {"data": dataset.key(), "diffusion": diffusion_key(cfg, backbone), "resolution": cfg.zero_shot.resolution}
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
-        # rank 0 scores the stored evidence (no forward); the others wait, then read the labels
-        distributed.on_main(lambda: _label(cfg, dataset, labeler, evidence, out, key, record))
+        # rank 0 scores the images; the others wait, then read the labels
+        distributed.on_main(lambda: _label(cfg, dataset, labeler, backbone, evidence, out, key, record))
         distributed.barrier()
 
-    return STEP.run(cfg, key, [evidence], compute)
+    return STEP.run(cfg, key, [evidence] if evidence is not None else [], compute)
 
 
 def candidates(dataset: DatasetDescription) -> list[int]:
@@ -52,15 +62,48 @@ def candidates(dataset: DatasetDescription) -> list[int]:
     return [c for c in range(len(dataset.class_names)) if c != dataset.background_index]
 
 
-def _scores(labeler, dataset: DatasetDescription, evidence: MaskSetLayout, folder: Path, sid: str) -> dict[int, float]:
-    """One image's scores, read back when a previous run wrote them (the file is written whole or not at all)."""
-    path = folder / f"{sid}.json"
-    names = dataset.class_names
-    if path.exists():
-        return {names.index(n): float(v) for n, v in json.loads(path.read_text()).items()}
-    scores = labeler.scores(np.array(Image.open(evidence.mask_path(sid))), candidates(dataset))
-    write_json(path, {names[c]: round(v, 6) for c, v in scores.items()})
-    return {c: round(v, 6) for c, v in scores.items()}
+def _read_scores(dataset: DatasetDescription, path: Path) -> dict[int, float]:
+    return {dataset.class_names.index(n): float(v) for n, v in json.loads(path.read_text()).items()}
+
+
+def _write_scores(dataset: DatasetDescription, path: Path, scores: dict[int, float]) -> dict[int, float]:
+    """Write one image's scores (whole or not at all); returns them as read back on a resumed run."""
+    rounded = {c: round(float(v), 6) for c, v in scores.items()}
+    write_json(path, {dataset.class_names[c]: v for c, v in rounded.items()})
+    return rounded
+
+
+def _score_split(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path | None, split: str, folder: Path):
+    """Every image's scores for ``split`` (those a previous run wrote are read back); returns (ids, scores)."""
+    classes = candidates(dataset)
+    if evidence is not None:
+        source = MaskSetLayout(evidence / split)
+        ids = [sid for sid in dataset.split_ids(split) if source.is_done(sid)]
+    else:
+        ids = dataset.split_ids(split)
+    scores = {sid: _read_scores(dataset, folder / f"{sid}.json") for sid in ids if (folder / f"{sid}.json").exists()}
+    todo = [sid for sid in ids if sid not in scores]
+    if evidence is not None:
+        for sid in todo:
+            mask = np.array(Image.open(source.mask_path(sid)))
+            scores[sid] = _write_scores(dataset, folder / f"{sid}.json", labeler.scores(mask, classes))
+        return ids, scores
+    names = [dataset.prompt_name(c) for c in classes]
+    batch = max(1, int(cfg.data.batch_size))
+    for start in range(0, len(todo), batch):
+        images = dataset.prompted_images(split, todo[start : start + batch], cfg.zero_shot.resolution, predicted={})
+        samples = [s for s in (images[i] for i in range(len(images))) if s is not None]  # bad input: skipped, counted
+        if not samples:
+            continue
+        pixels = torch.stack([s.pixels for s in samples]).to(_device(backbone))
+        result = labeler.scores(backbone, backbone.encode_images(pixels), [s.id for s in samples], names).cpu()
+        for s, row in zip(samples, result.tolist(), strict=True):
+            scores[s.id] = _write_scores(dataset, folder / f"{s.id}.json", dict(zip(classes, row, strict=True)))
+    return [sid for sid in ids if sid in scores], scores
+
+
+def _device(backbone) -> torch.device:
+    return next(iter(backbone.modules().values())).device
 
 
 def _truth(dataset: DatasetDescription, split: str, ids: list[str]) -> np.ndarray | None:
@@ -75,12 +118,16 @@ def _truth(dataset: DatasetDescription, split: str, ids: list[str]) -> np.ndarra
     return np.array(rows, bool).reshape(len(ids), len(classes))
 
 
-def _label(cfg, dataset: DatasetDescription, labeler, evidence: Path, out: Path, key: dict, record: StepRecord) -> None:
+def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path | None, out: Path, key: dict,
+           record: StepRecord) -> None:  # fmt: skip
     splits, classes = {}, candidates(dataset)
+    if backbone is not None:
+        backbone.load()
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu(cfg) else torch.device("cpu")
+        for module in backbone.modules().values():
+            module.to(device)
     for split in cfg.stage0.splits:
-        source = MaskSetLayout(evidence / split)
-        ids = [sid for sid in dataset.split_ids(split) if source.is_done(sid)]
-        scores = {sid: _scores(labeler, dataset, source, out / split / "scores", sid) for sid in ids}
+        ids, scores = _score_split(cfg, dataset, labeler, backbone, evidence, split, out / split / "scores")
         threshold = labeler.fit_threshold(list(scores.values()))
         labels = {sid: labeler.decide(scores[sid], threshold, dataset.has_background) for sid in ids}
         empty = [sid for sid, named in labels.items() if not named]
@@ -97,7 +144,9 @@ def _label(cfg, dataset: DatasetDescription, labeler, evidence: Path, out: Path,
             quality = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("mean_f1", "map") if metrics[k] is not None)
         log.info("labels [%s]: %d images, threshold %.4f, %d with no class named (background only); %s",
                  split, len(ids), threshold, len(empty), quality)  # fmt: skip
-        splits[split] = {"metrics": metrics, "images": len(ids), "threshold": threshold, "no_class_named": len(empty)}
+        unscored = len(dataset.split_ids(split)) - len(ids)  # unreadable (data.on_bad_input=skip) or not in the evidence
+        splits[split] = {"metrics": metrics, "images": len(ids), "unscored": unscored, "threshold": threshold,
+                         "no_class_named": len(empty)}  # fmt: skip
     finish_stage(out, key, splits)
 
 

@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 
 from stableseg_pp import tracking
 from stableseg_pp.artifacts import SiteWeights
+from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.evaluation.mask_sets import val_miou
 from stableseg_pp.runtime import distributed
@@ -80,21 +81,30 @@ def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
             (f"++ (DeepLabV3+, round {r})", seg),
         ]
     run_dir = Path(cfg.paths.run_dir)
-    table = distributed.on_main(lambda: write_results(run_dir, rows, weight_dirs))
+    protocol = label_protocol(cfg, dataset)
+    table = distributed.on_main(lambda: write_results(run_dir, rows, weight_dirs, protocol))
     with tracking.active().step(run_dir / "results", inputs=[seg, *weight_dirs], log_output=False) as record:
         record.log_table("results", table or [])
         record.log_metrics({"results/final_val_miou": table[-1]["val_miou"]} if table and table[-1]["val_miou"] else {})
     return seg
 
 
-def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list[Path]) -> list[dict]:
-    """The paper's Table 5 layout: val mIoU at each step of the self-training."""
-    table = [{"step": name, "val_miou": val_miou(folder), "folder": folder.name, "warning": _fit_warning(folder)}
-             for name, folder in rows]  # fmt: skip
-    lines = ["| step | val mIoU | outputs |", "| --- | --- | --- |"]
+def label_protocol(cfg: DictConfig, dataset: DatasetDescription) -> str:
+    """Where the prompts' classes came from: ``oracle`` (the ground truth), ``all``, or ``predicted (<labeler>)``."""
+    if dataset.labels != "predicted":
+        return dataset.labels
+    return f"predicted ({build(cfg.labeler).name})"
+
+
+def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list[Path], labels: str = "oracle") -> list[dict]:
+    """The paper's Table 5 layout: val mIoU at each step of the self-training, and the label protocol of the run."""
+    table = [{"step": name, "val_miou": val_miou(folder), "labels": labels, "folder": folder.name,
+              "warning": _fit_warning(folder)} for name, folder in rows]  # fmt: skip
+    lines = ["| step | val mIoU | labels | outputs |", "| --- | --- | --- | --- |"]
     for row in table:
         v = "n/a" if row["val_miou"] is None else f"{100 * row['val_miou']:.1f}"
-        lines.append(f"| {row['step']}{' (**see warning**)' if row['warning'] else ''} | {v} | `{row['folder']}` |")
+        warned = " (**see warning**)" if row["warning"] else ""
+        lines.append(f"| {row['step']}{warned} | {v} | {row['labels']} | `{row['folder']}` |")
     for w in weight_dirs:
         lines.append(f"\nLearned attention-map weights: `{w.name}/weights.json`, plot `{w.name}/weights.png`")
     for row in table:

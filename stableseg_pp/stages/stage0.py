@@ -22,6 +22,7 @@ from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, MaskSetWriter, SiteWeights
 from stableseg_pp.backbones.base import DiffusionBackbone, select_sites
 from stableseg_pp.backbones.loading import offline_hint
+from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import LABELS, collate_samples
 from stableseg_pp.evaluation.mask_sets import report_split
@@ -161,8 +162,11 @@ def run(
 
 
 def predict_labels(cfg: DictConfig, dataset: DatasetDescription) -> Path:
-    """``data.labels=predicted``: the labels step on its evidence, stage 0 with every class in the prompt (the same
-    backbone and settings; content-addressed, so stage 2's regeneration reuses both)."""
+    """``data.labels=predicted``: the labels step, on its evidence where the labeler reads stage 0's outputs (stage 0
+    with every class in the prompt: the same backbone and settings); content-addressed, so stage 2's regeneration
+    reuses it."""
+    if not build(cfg.labeler).reads_evidence:
+        return labels.run(cfg, dataset)
     every_class = replace(dataset, labels="all", settings={**dataset.settings, "labels": "all"})
     return labels.run(cfg, dataset, run(cfg, every_class))
 

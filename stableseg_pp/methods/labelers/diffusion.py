@@ -1,19 +1,31 @@
-"""The ``diffusion`` labeler: the backbone's own class maps as evidence, no extra weights.
+"""The diffusion labelers: which classes an image holds, from the backbone itself (no extra weights, no labels).
 
-Stage 0 runs once with every class in the prompt; a class's score in an image
-is the fraction of its pixels that class wins there under stage 0's own rule
-(CAPM + SAR against the background threshold). A class is named when its score
-reaches a threshold set without labels: by default Otsu's split of the
-log-scores of every (image, class) pair the class won at least one pixel of,
-over the whole split (a dataset-level statistic), or a fixed fraction.
+Two readings of the same model (docs/labels.md compares them):
+
+* :class:`DenoisingLabeler` (``labeler=diffusion``, the default): the diffusion
+  model as a zero-shot classifier ("Your Diffusion Model is Secretly a
+  Zero-Shot Classifier", 2023). The image is noised at a few times; the
+  denoising error with each class's prompt is compared with the other
+  classes' (relative to the empty prompt's error, so images and times of
+  different difficulty compare): a class whose prompt explains the image
+  better than the average class scores above 0.
+* :class:`MapAreaLabeler` (``labeler=diffusion_maps``): stage 0 with every class
+  in the prompt; a class's score is the fraction of the image it wins there.
+
+Both name a class when its score reaches a threshold set without labels: by
+default Otsu's split of the split's scores (a dataset-level statistic).
 """
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 
+from stableseg_pp.backbones.base import GenerativeBackbone
+from stableseg_pp.backbones.prompts import build_prompt
 from stableseg_pp.runtime.errors import ConfigError
 
 
@@ -35,6 +47,89 @@ def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
     return float((edges[best[0] + 1] + edges[best[-1] + 1]) / 2)  # the middle of the gap
 
 
+def check_threshold(threshold: object, low: float = 0.0, high: float = 1.0) -> None:
+    if threshold != "otsu" and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
+                                or not low < threshold < high):  # fmt: skip
+        raise ConfigError(f"labeler.threshold={threshold}: use otsu or a number in ({low}, {high})")
+
+
+def decide(scores: Mapping[int, float], threshold: float, has_background: bool) -> list[int]:
+    """The classes named for one image: every score at or above ``threshold``; none named and no background class
+    to fall back on: the top-scoring class (an image always shows something)."""
+    named = sorted(c for c, v in scores.items() if v >= threshold)
+    if not named and not has_background and scores:
+        named = [max(scores, key=lambda c: (scores[c], -c))]
+    return named
+
+
+class DenoisingLabeler:
+    """The diffusion model as a zero-shot multi-label classifier: per class, how much better its prompt denoises the
+    image than the average class's prompt, relative to the empty prompt's error.
+
+    Args:
+        times: the noise levels (training-schedule times) the error is averaged over.
+        prompt_template: each class's prompt (one ``{}`` for its name).
+        threshold: ``otsu`` (Otsu's split of the split's scores) or a fixed score in (-1, 1).
+        seed: with each image's id, seeds its noise (the same scores whatever the batch).
+    """
+
+    name = "diffusion"
+    reads_evidence = False  # scores images with the backbone, not stage 0's outputs
+
+    def __init__(
+        self,
+        times: Sequence[int] = (50, 150, 250, 350, 450, 550, 650, 750),
+        prompt_template: str = "a photo of a {}",
+        threshold: str | float = "otsu",
+        seed: int = 0,
+    ):
+        if not times or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 1000 for t in times):
+            raise ConfigError(f"labeler.times={list(times)}: give training-schedule times in [0, 1000), e.g. [250, 500]")
+        if not isinstance(prompt_template, str) or prompt_template.count("{}") != 1:
+            raise ConfigError(f"labeler.prompt_template={prompt_template!r}: give a text with one {{}} for the class name")
+        check_threshold(threshold, -1.0, 1.0)
+        self.times = [int(t) for t in times]
+        self.prompt_template = prompt_template
+        self.threshold = threshold
+        self.seed = int(seed)
+
+    def require(self, backbone) -> None:
+        """The backbone must noise clean latents to a time (a :class:`GenerativeBackbone`)."""
+        if not isinstance(backbone, GenerativeBackbone):
+            raise ConfigError(
+                f"labeler=diffusion: {type(backbone).__name__} cannot noise an image to a chosen time yet (it does not "
+                "implement GenerativeBackbone); use labeler=diffusion_maps (stage 0's own maps) with this backbone"
+            )
+
+    @torch.no_grad()
+    def scores(
+        self, backbone: GenerativeBackbone, latents: torch.Tensor, ids: Sequence[str], names: Sequence[str]
+    ) -> torch.Tensor:
+        """(B, ...) clean latents of images ``ids`` -> (B, K) scores of the K class ``names``."""
+        text = backbone.encode_captions(["", *(build_prompt([n], self.prompt_template) for n in names)])
+        prompts = len(names) + 1
+        errors = latents.new_zeros(len(ids), prompts, dtype=torch.float32)
+        for i, sid in enumerate(ids):
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(sid.encode()))
+            clean = latents[i : i + 1]
+            for t in self.times:
+                noise = torch.randn(clean.shape, generator=gen).to(clean)
+                noisy = backbone.noise_to(clean, t, noise).expand(prompts, *clean.shape[1:])
+                target = backbone.prediction_target(clean, noise, t)
+                pred = backbone.denoise(noisy, backbone.time_input(t, prompts, noisy.device), text)
+                errors[i] += ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
+        empty, per_class = errors[:, :1], errors[:, 1:]
+        return (per_class.mean(1, keepdim=True) - per_class) / empty.clamp_min(1e-12)
+
+    def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> float:
+        if self.threshold != "otsu":
+            return float(self.threshold)
+        values = np.array([v for s in scores for v in s.values()])
+        return otsu_threshold(values) if values.size else 0.0
+
+    decide = staticmethod(decide)
+
+
 class MapAreaLabeler:
     """Names the classes that win enough of an image in stage 0's all-class masks.
 
@@ -43,12 +138,11 @@ class MapAreaLabeler:
         min_pixels: a class must win at least this many pixels of an image to count as evidence at all.
     """
 
-    name = "diffusion"
+    name = "diffusion_maps"
+    reads_evidence = True  # scores stage 0's masks with every class in the prompt
 
     def __init__(self, threshold: str | float = "otsu", min_pixels: int = 1):
-        if threshold != "otsu" and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
-                                    or not 0 < threshold < 1):  # fmt: skip
-            raise ConfigError(f"labeler.threshold={threshold}: use otsu or a fraction of the image in (0, 1)")
+        check_threshold(threshold)
         if isinstance(min_pixels, bool) or not isinstance(min_pixels, int) or min_pixels < 1:
             raise ConfigError(f"labeler.min_pixels={min_pixels}: give a whole number of pixels >= 1")
         self.threshold = threshold
@@ -70,11 +164,4 @@ class MapAreaLabeler:
             return 1.0  # no evidence anywhere: nothing is named
         return float(np.exp(otsu_threshold(np.log(positive))))
 
-    @staticmethod
-    def decide(scores: Mapping[int, float], threshold: float, has_background: bool) -> list[int]:
-        """The classes named for one image: every score at or above ``threshold``; none named and no background
-        class to fall back on: the top-scoring class (an image always shows something)."""
-        named = sorted(c for c, v in scores.items() if v >= threshold)
-        if not named and not has_background and scores:
-            named = [max(scores, key=lambda c: (scores[c], -c))]
-        return named
+    decide = staticmethod(decide)
