@@ -171,6 +171,22 @@ def check_evaluation_settings(data: DictConfig) -> tuple[float, str]:
     return tolerance, str(protocol)
 
 
+def check_class_names(names: Sequence[object], background_index: object) -> None:
+    """``data.class_names``: at least one class besides the background, each named once, as text."""
+    if bad := [n for n in names if not isinstance(n, str) or not n.strip()]:
+        raise ConfigError(f"data.class_names={list(names)}: {bad} are not class names; give each class as a word or phrase")
+    if len(names) - (background_index is not None) < 1:
+        raise ConfigError(
+            f"data.class_names={list(names)}: no class to segment; give the background first, then the classes, e.g. "
+            "data.class_names=[background,cat,dog]"
+        )
+    if repeated := sorted({n for n in names if list(names).count(n) > 1}):
+        raise ConfigError(f"data.class_names names {repeated} more than once: give each class once")
+    if background_index is not None and not (isinstance(background_index, int) and 0 <= background_index < len(names)):
+        raise ConfigError(f"data.background_index={background_index}: give the position of the background class in "
+                          f"data.class_names (0..{len(names) - 1}), or null for a dataset without one")  # fmt: skip
+
+
 def describe_dataset(data: DictConfig, splits: Sequence[str] = ("train", "val")) -> DatasetDescription:
     """Check the dataset folder for ``splits`` (writing the miniature world on first use) and describe it."""
     boundary_tolerance, evaluation_protocol = check_evaluation_settings(data)
@@ -188,6 +204,7 @@ def describe_dataset(data: DictConfig, splits: Sequence[str] = ("train", "val"))
         if not names:
             raise ConfigError(f"dataset {data.name}: set data.class_names (the dataset has no class list file)")
         settings["class_names"] = list(names)
+    check_class_names(settings["class_names"], settings.get("background_index", 0))
     prompt_names = dict(settings.get("prompt_names") or {})
     if unknown := sorted(set(prompt_names) - set(settings["class_names"])):
         raise ConfigError(f"data.prompt_names names unknown classes {unknown}; classes: {settings['class_names']}")

@@ -91,6 +91,9 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
     if dataset.labels in ("all", "predicted"):  # predicted: the labeler's evidence prompts for every class
         names = [dataset.prompt_name(c) for c in range(len(dataset.class_names)) if c != dataset.background_index]
         check_prompt_names(backbone, names, zs, dataset.has_background)
+        template = getattr(build(cfg.labeler), "prompt_template", None) if dataset.labels == "predicted" else None
+        if template is not None:  # a labeler with prompts of its own: each class's must fit the text encoder
+            split_into_prompts(backbone, names, template, zs.joiner, 1)
 
 
 def check_prompt_names(backbone: DiffusionBackbone, names: list[str], zs: DictConfig, has_background: bool) -> None:
