@@ -28,7 +28,7 @@ from stableseg_pp.evaluation.image_labels import label_metrics
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import write_json
 from stableseg_pp.runtime.run_dir import finish_stage
-from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, method_settings, on_gpu
+from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, load_on_device, method_settings
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
@@ -73,8 +73,10 @@ def _write_scores(dataset: DatasetDescription, path: Path, scores: dict[int, flo
     return rounded
 
 
-def _score_split(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path | None, split: str, folder: Path):
-    """Every image's scores for ``split`` (those a previous run wrote are read back); returns (ids, scores)."""
+def _score_split(cfg, dataset: DatasetDescription, scoring: tuple, split: str, folder: Path):
+    """Every image's scores for ``split`` (those a previous run wrote are read back); returns (ids, scores).
+    ``scoring``: the labeler, and the loaded backbone and its device, or the labeler's evidence folder."""
+    labeler, backbone, device, evidence = scoring
     classes = candidates(dataset)
     if evidence is not None:
         source = MaskSetLayout(evidence / split)
@@ -95,15 +97,11 @@ def _score_split(cfg, dataset: DatasetDescription, labeler, backbone, evidence: 
         samples = [s for s in (images[i] for i in range(len(images))) if s is not None]  # bad input: skipped, counted
         if not samples:
             continue
-        pixels = torch.stack([s.pixels for s in samples]).to(_device(backbone))
+        pixels = torch.stack([s.pixels for s in samples]).to(device)
         result = labeler.scores(backbone, backbone.encode_images(pixels), [s.id for s in samples], names).cpu()
         for s, row in zip(samples, result.tolist(), strict=True):
             scores[s.id] = _write_scores(dataset, folder / f"{s.id}.json", dict(zip(classes, row, strict=True)))
     return [sid for sid in ids if sid in scores], scores
-
-
-def _device(backbone) -> torch.device:
-    return next(iter(backbone.modules().values())).device
 
 
 def _truth(dataset: DatasetDescription, split: str, ids: list[str]) -> np.ndarray | None:
@@ -121,13 +119,10 @@ def _truth(dataset: DatasetDescription, split: str, ids: list[str]) -> np.ndarra
 def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path | None, out: Path, key: dict,
            record: StepRecord) -> None:  # fmt: skip
     splits, classes = {}, candidates(dataset)
-    if backbone is not None:
-        backbone.load()
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu(cfg) else torch.device("cpu")
-        for module in backbone.modules().values():
-            module.to(device)
+    device = load_on_device(cfg, backbone) if backbone is not None else None
     for split in cfg.stage0.splits:
-        ids, scores = _score_split(cfg, dataset, labeler, backbone, evidence, split, out / split / "scores")
+        scoring = (labeler, backbone, device, evidence)
+        ids, scores = _score_split(cfg, dataset, scoring, split, out / split / "scores")
         threshold = labeler.fit_threshold(list(scores.values()))
         labels = {sid: labeler.decide(scores[sid], threshold, dataset.has_background) for sid in ids}
         empty = [sid for sid, named in labels.items() if not named]

@@ -35,7 +35,7 @@ from stableseg_pp.runtime.cpus import loader_workers
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.runtime.run_dir import evaluate_and_finish
 from stableseg_pp.stages.emerdiff import build_emerdiff, emerdiff_settings, loader, method_key, predict
-from stableseg_pp.stages.step import Step, build_backbone, on_gpu
+from stableseg_pp.stages.step import Step, build_backbone, load_on_device
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
@@ -98,10 +98,7 @@ def _fit(cfg: DictConfig, dataset: DatasetDescription, backbone, out: Path, k: i
     split = fit_split(cfg)
     limit = cfg.emerdiff_steps.get("kmeans_images")
     ids = dataset.split_ids(split)[: int(limit)] if limit else dataset.split_ids(split)
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu(cfg) else torch.device("cpu")
-    backbone.load()
-    for module in backbone.modules().values():
-        module.to(device)
+    device = load_on_device(cfg, backbone)
     text = backbone.encode_captions([settings.get("prompt", "")])
     workers = loader_workers(cfg.data.num_workers, "data.num_workers")
     pictures = dataset.prompted_images(split, ids, cfg.zero_shot.resolution, predicted={})  # no class names

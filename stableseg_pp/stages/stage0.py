@@ -114,7 +114,7 @@ def stableseg_settings(cfg: DictConfig, dataset: DatasetDescription) -> dict:
 
 def build_stableseg(cfg: DictConfig, dataset: DatasetDescription) -> Callable[..., StableSeg]:
     """StableSeg from its config node (``zero_shot``), waiting for the loaded backbone."""
-    return instantiate(cfg.zero_shot, background=stableseg_settings(cfg, dataset)["background"])
+    return instantiate(cfg.zero_shot, background=background_rule(cfg.zero_shot, dataset.has_background).kind)
 
 
 def configured_site_weights(cfg: DictConfig) -> SiteWeights | None:

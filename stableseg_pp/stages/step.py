@@ -61,6 +61,15 @@ def on_gpu(cfg: DictConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def load_on_device(cfg: DictConfig, backbone: DiffusionBackbone) -> torch.device:
+    """Load ``backbone`` on this rank's device, for a step that runs it outside a Lightning loop; returns the device."""
+    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu(cfg) else torch.device("cpu")
+    backbone.load()
+    for module in backbone.modules().values():
+        module.to(device)
+    return device
+
+
 def build_backbone(cfg: DictConfig, adapter: Path | None = None) -> DiffusionBackbone:
     """The configured backbone (``diffusion._target_``), not loaded yet; ``adapter``: a LoRA (e.g. a MAGNET step
     folder) that replaces ``diffusion.lora``."""
