@@ -30,6 +30,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from stableseg_pp.data.files import BadInputError, load_rgb
+from stableseg_pp.data.layouts import IMAGE_SUFFIXES, find_images
 from stableseg_pp.data.palette import IGNORE_INDEX, save_palette_png
 from stableseg_pp.pictures import overlay_png
 from stableseg_pp.runtime.atomic import atomic_save, atomic_write_bytes, atomic_write_text, write_json
@@ -310,9 +311,20 @@ class Pictures:
 
 
 def check_pictures(images: Sequence[Path], strict: bool = False) -> Pictures:
-    """Read every input (missing files, folders, truncated or non-image files found now, not after the model has
-    loaded); none usable is a ``UserError`` before anything is written."""
-    pictures = Pictures([], [], len(images), strict)
+    """Read every input (missing files, truncated or non-image files found now, not after the model has loaded); a
+    folder stands for every picture in it and its sub-folders; none usable is a ``UserError`` before anything is
+    written."""
+    expanded: list[Path] = []
+    problems = []
+    for path in map(Path, images):
+        if not path.is_dir():
+            expanded.append(path)
+        elif found := list(find_images(path).values()):
+            expanded += found
+        else:
+            problems.append(f"{path}: a folder with no pictures ({', '.join(IMAGE_SUFFIXES)}) in it or below")
+    images = expanded
+    pictures = Pictures([], problems, len(images) + len(problems), strict)
     for path, stem in zip(images, unique_stems(images), strict=True):
         try:
             pictures.read(path)

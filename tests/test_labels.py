@@ -70,14 +70,19 @@ def _labels_json(folder: Path) -> dict:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("labeler", ["diffusion", "diffusion_maps"])
-def test_predicted_labels_end_to_end_without_ground_truth(compose_fit, miniature_model, monkeypatch, labeler):
-    """stage 0 with data.labels=predicted: the labels step (denoising errors, or stage 0's all-class masks), its
+@pytest.mark.parametrize(("labeler", "family"), [("diffusion", "miniature_sd"), ("diffusion_maps", "miniature_sd"),
+                                                 ("diffusion", "miniature_mmdit"), ("clip", "miniature_sd")])  # fmt: skip
+def test_predicted_labels_end_to_end_without_ground_truth(compose_fit, miniature_model, monkeypatch, tmp_path, labeler,
+                                                          family):  # fmt: skip
+    """stage 0 with data.labels=predicted: the labels step (denoising errors on either family, stage 0's all-class
+    masks, or a CLIP), its
     quality where ground truth exists, stage 0 prompting for the named classes; labels do not change when the ground
     truth does (no threshold reads it); a killed labels step resumes to the same labels without rewriting finished
     images."""
     fewer_times = ["labeler.times=[200,600]"] if labeler == "diffusion" else []
-    cfg = compose_fit("stage=0", "data.labels=predicted", f"labeler={labeler}", *fewer_times, *SMALL)
+    if labeler == "clip":  # a tiny random CLIP, offline
+        fewer_times = [f"labeler.model={_tiny_clip(tmp_path / 'clip')}"]
+    cfg = compose_fit("stage=0", "data.labels=predicted", f"labeler={labeler}", f"diffusion={family}", *fewer_times, *SMALL)
     out = run(cfg)["0"]
     run_dir = out.parent
     (folder,) = run_dir.glob("labels-*")
@@ -172,12 +177,14 @@ def test_the_results_table_names_the_label_protocol(compose_fit, tmp_path):
     from stableseg_pp.data.description import describe_dataset
     from stableseg_pp.stages.self_training import label_protocol, write_results
 
-    for labels, expected in (("oracle", "oracle"), ("all", "all"), ("predicted", "predicted (diffusion)")):
+    for labels, expected in (("oracle", "oracle"), ("all", "all"), ("predicted", "predicted (diffusion, then segmenter)")):
         cfg = compose_fit(f"data.labels={labels}", "data.generate.n_train=2", "data.generate.n_val=2")
         assert label_protocol(cfg, describe_dataset(cfg.data)) == expected
     table = write_results(tmp_path, [("init (stage-0 masks)", tmp_path / "stage0-x")], [], "predicted (diffusion)")
     assert table[0]["labels"] == "predicted (diffusion)" and table[0]["val_miou"] is None
-    assert "| init (stage-0 masks) | n/a | predicted (diffusion) | `stage0-x` |" in (tmp_path / "results.md").read_text()
+    text = (tmp_path / "results.md").read_text()
+    assert "| init (stage-0 masks) | no masks | predicted (diffusion) | `stage0-x` |" in text
+    assert "No val mIoU: no ground truth to score against" in text  # said plainly, with how to get a score
 
 
 class _PromptedBackbone:
@@ -222,7 +229,116 @@ def test_denoising_labeler_names_the_classes_whose_prompts_denoise_best(monkeypa
     assert [labeler.decide(r, threshold, True) for r in rows] == [[0], [1, 2], []]
     with pytest.raises(ConfigError, match="labeler.times"):
         diffusion.DenoisingLabeler(times=[1000])
-    with pytest.raises(ConfigError, match="labeler=diffusion: SD3Backbone cannot noise"):
-        from stableseg_pp.backbones.sd3_mmdit import SD3Backbone
+    with pytest.raises(ConfigError, match="labeler=diffusion: object cannot noise"):
+        labeler.require(object())
+    from stableseg_pp.backbones.sd3_mmdit import SD3Backbone
+    from stableseg_pp.backbones.sd_unet import SDUNetBackbone
 
-        labeler.require(SD3Backbone())
+    for family in (SDUNetBackbone, SD3Backbone):  # both families noise an image to a chosen time
+        labeler.require(family())
+
+
+def test_flow_matching_noise_to_a_time_is_the_schedulers_and_its_target_the_flow():
+    """The MM-DiT's noising for the labeler: ``scale_noise`` of its own scheduler at that time, and the target from
+    which the noisy latent goes back to the clean one (x0 = x_t - sigma * target)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from stableseg_pp.backbones.sd3_mmdit import SD3Backbone
+
+    backbone, schedule = SD3Backbone(), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    schedule.set_timesteps(10)
+    gen = torch.Generator().manual_seed(0)
+    clean, noise = torch.randn(2, 4, 8, 8, generator=gen), torch.randn(2, 4, 8, 8, generator=gen)
+    for index in (1, 5, 8):
+        time, sigma = schedule.timesteps[index], float(schedule.sigmas[index])
+        noisy = backbone.noise_to(clean, float(time), noise)
+        torch.testing.assert_close(noisy, schedule.scale_noise(clean, time[None], noise))
+        target = backbone.prediction_target(clean, noise, float(time))
+        torch.testing.assert_close(noisy - sigma * target, clean, atol=1e-5, rtol=0)
+        assert backbone.time_input(float(time), 2, torch.device("cpu")).tolist() == [float(time)] * 2
+
+
+def test_the_segmenter_labeler_labels_round_one_with_its_first_labeler(compose_fit, tmp_path):
+    """labeler=segmenter: round 1 (no segmenter yet) is labelled by first_round, the later rounds by the previous
+    round's DeepLabV3+ (the classes it predicts over enough of an image); a first round that itself needs a segmenter
+    is refused; the progress plan counts a labels step per round."""
+    from stableseg_pp.config import build
+    from stableseg_pp.methods.labelers.segmenter import SegmenterLabeler
+    from stableseg_pp.stages import planned_steps
+
+    cfg = compose_fit("data.labels=predicted", "labeler=segmenter")
+    assert build(labels_step.round_labeler(cfg)).name == "diffusion"
+    assert build(labels_step.round_labeler(cfg, tmp_path / "deeplab-x")).name == "segmenter"
+    maps_first = compose_fit("data.labels=predicted", "labeler=segmenter", "labeler@labeler.first_round=diffusion_maps")
+    assert build(labels_step.round_labeler(maps_first)).name == "diffusion_maps"
+    labeler = build(cfg.labeler)
+    mask = np.zeros((10, 10), np.uint8)
+    mask[:3, :3], mask[0, 9] = 2, 3  # class 2 on 9 % of the image, class 3 on one pixel
+    scores = labeler.scores(mask, [1, 2, 3])
+    assert scores == {1: 0.0, 2: 0.09, 3: 0.01}
+    assert labeler.decide(scores, 0.05, True) == [2]
+    with pytest.raises(ConfigError, match="labeler.first_round"):
+        SegmenterLabeler(first_round=labeler)
+    # steps: labels, stage 0, CRF, DeepLabV3+ | weights, labels (from the segmenter), stage 0, CRF, DeepLabV3+
+    assert planned_steps(compose_fit("stage=all", "data.labels=predicted", "labeler=segmenter")) == 9
+    # the maps labeler: its evidence (stage 0 with every class) and labels in round 1, reused in round 2
+    assert planned_steps(compose_fit("stage=all", "data.labels=predicted", "labeler=diffusion_maps")) == 11
+
+
+def _tiny_clip(folder: Path) -> Path:
+    """A randomly initialised CLIP with the miniature U-Net's tokenizer and a 32-pixel image processor."""
+    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from stableseg_pp.backbones.loading import resolve_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(Path(resolve_model_path("miniature_sd")) / "tokenizer")
+    small = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2}
+    config = CLIPConfig(
+        text_config={
+            **small,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={**small, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder
+
+
+def test_clip_labeler_scores_are_the_models_similarities_relative_to_the_classes(tmp_path):
+    """labeler=clip on a tiny random CLIP (offline): each score is the image-prompt cosine similarity minus its mean
+    over the classes, as the model's own processor and features give it."""
+    from transformers import AutoModel, AutoProcessor
+
+    from stableseg_pp.methods.labelers.clip import ClipLabeler
+
+    folder = _tiny_clip(tmp_path / "clip")
+    labeler = ClipLabeler(model=str(folder))
+    labeler.load(torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    pixels = torch.rand(3, 3, 32, 32, generator=gen) * 2 - 1  # already at the model's side: no resampling
+    names = ["circle", "square", "half moon"]
+    scores = labeler.score_pictures(pixels, ["a", "b", "c"], names)
+    assert scores.shape == (3, 3) and torch.allclose(scores.sum(1), torch.zeros(3), atol=1e-6)
+
+    model, processor = AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
+    pictures = [((p + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy() for p in pixels]
+    inputs = processor(text=[f"a photo of a {n}" for n in names], images=pictures, return_tensors="pt",
+                       padding="max_length")  # fmt: skip
+    with torch.no_grad():
+        image = model.get_image_features(pixel_values=inputs["pixel_values"])
+        text = model.get_text_features(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    image = image if isinstance(image, torch.Tensor) else image.pooler_output
+    text = text if isinstance(text, torch.Tensor) else text.pooler_output
+    cosine = torch.nn.functional.normalize(image, dim=-1) @ torch.nn.functional.normalize(text, dim=-1).T
+    torch.testing.assert_close(scores, cosine - cosine.mean(1, keepdim=True), atol=2e-3, rtol=0)  # 8-bit pictures
+    assert labeler.identity()["folder"] == "clip"
+    with pytest.raises(ConfigError, match="labeler.model=.*missing.*cannot load it"):
+        ClipLabeler(model=str(tmp_path / "missing")).load(torch.device("cpu"))

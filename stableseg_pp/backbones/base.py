@@ -274,34 +274,42 @@ class TrainableBackbone(DiffusionBackbone, Protocol):
 
 
 @runtime_checkable
-class GenerativeBackbone(DiffusionBackbone, Protocol):
-    """A backbone that also runs its sampler (EmerDiff): noise a clean latent to a chosen time, denoise it step by
-    step with attention injection and a modulated layer, decode the result."""
+class NoisingBackbone(DiffusionBackbone, Protocol):
+    """A backbone that noises a clean latent to a chosen time and says what its denoiser predicts there: enough to
+    read the denoising error of a prompt (the diffusion labeler) on either training objective."""
 
     def encode_captions(self, prompts: Sequence[str]) -> TextConditioning:
         """Plain prompts encoded as the pipeline encodes them for generation (no class maps)."""
         ...
+
+    def noise_to(self, latents: torch.Tensor, time: int, noise: torch.Tensor) -> torch.Tensor:
+        """Clean latents noised to ``time`` (training-schedule units, 0..1000) with ``noise``, as the training
+        objective does."""
+        ...
+
+    def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, time: int) -> torch.Tensor:
+        """What the denoiser predicts at ``time`` for clean ``latents`` noised with ``noise`` (its training target:
+        the noise, the velocity of a v-prediction model, or the flow ``noise - latents``); the denoising error is
+        measured against it."""
+        ...
+
+    def time_input(self, time: int, batch: int, device: torch.device) -> torch.Tensor:
+        """``time`` as :meth:`denoise` takes it for a batch."""
+        ...
+
+
+@runtime_checkable
+class GenerativeBackbone(NoisingBackbone, Protocol):
+    """A backbone that also runs its sampler (EmerDiff): noise a clean latent to a chosen time, denoise it step by
+    step with attention injection and a modulated layer, decode the result."""
 
     def sampling_times(self, start: int, steps: int) -> list[int]:
         """The times the sampler visits from ``start`` (in the training schedule's units) to the end, when its whole
         schedule has ``steps`` steps; the first is the latest time not after ``start``."""
         ...
 
-    def noise_to(self, latents: torch.Tensor, time: int, noise: torch.Tensor) -> torch.Tensor:
-        """Clean latents noised to ``time`` with ``noise`` (as the training objective does)."""
-        ...
-
-    def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, time: int) -> torch.Tensor:
-        """What the denoiser predicts at ``time`` for clean ``latents`` noised with ``noise`` (its training target:
-        the noise, or the velocity of a v-prediction model); the denoising error is measured against it."""
-        ...
-
     def sampler_step(self, prediction: torch.Tensor, time: int, latents: torch.Tensor) -> torch.Tensor:
         """One deterministic sampler step from ``time`` (the denoiser's ``prediction`` there) to the next time."""
-        ...
-
-    def time_input(self, time: int, batch: int, device: torch.device) -> torch.Tensor:
-        """``time`` as :meth:`denoise` takes it for a batch."""
         ...
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

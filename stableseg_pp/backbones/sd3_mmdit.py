@@ -499,6 +499,24 @@ class SD3Backbone:
         weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
         return TrainingSample(noisy=noisy.to(latents.dtype), time=time, target=noise - latents, weighting=weighting)
 
+    # -- noising to a chosen time (the diffusion labeler) ------------------------------------------------------------
+
+    @staticmethod
+    def _sigma(time: int, like: torch.Tensor) -> torch.Tensor:
+        """Flow matching's noise level at ``time``: the transformer is told ``sigma * 1000`` (the scheduler's shift
+        only decides which sigmas training and sampling visit)."""
+        return torch.tensor(float(time) / 1000.0, device=like.device, dtype=torch.float32)
+
+    def noise_to(self, latents: torch.Tensor, time: int, noise: torch.Tensor) -> torch.Tensor:
+        sigma = self._sigma(time, latents)
+        return ((1.0 - sigma) * latents.float() + sigma * noise.to(latents).float()).to(latents.dtype)
+
+    def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, time: int) -> torch.Tensor:
+        return noise.to(latents) - latents  # the flow (velocity) the transformer is trained to predict
+
+    def time_input(self, time: int, batch: int, device: torch.device) -> torch.Tensor:
+        return torch.full((batch,), float(time), device=device, dtype=torch.float32)
+
     def encode_captions(self, prompts: Sequence[str]) -> TextConditioning:
         embeddings, pooled = self.encode_prompts(list(prompts))
         b, length = embeddings.shape[:2]

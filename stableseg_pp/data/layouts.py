@@ -224,3 +224,95 @@ class FolderLayout(DatasetLayout):
 
 def _read_ids(path: Path) -> list[str]:
     return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+
+
+#: the picture formats a folder of photos is searched for (case-insensitive)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def find_images(folder: Path) -> dict[str, Path]:
+    """Every picture under ``folder`` (sub-folders too, hidden ones skipped) by id: its path below ``folder`` without
+    the suffix. Two files with one id (``a.jpg`` and ``a.png``) are an error naming both."""
+    found: dict[str, Path] = {}
+    for path in sorted(folder.rglob("*")):
+        rel = path.relative_to(folder)
+        if path.suffix.lower() not in IMAGE_SUFFIXES or any(p.startswith(".") for p in rel.parts) or not path.is_file():
+            continue
+        sid = rel.with_suffix("").as_posix()
+        if sid in found:
+            raise DatasetLayoutError(f"{found[sid]} and {path} have the same name but for the suffix: rename one")
+        found[sid] = path
+    return found
+
+
+class ImageFolderLayout(DatasetLayout):
+    """A folder of photos and nothing else (``data=images``): every picture under ``root``, in sub-folders too, in
+    any common format; no masks.
+
+    The val split is ``val_images`` (a folder of pictures, ``val_masks`` their
+    ground truth as ``<id>.png`` class ids to get a score) or, without it, every
+    ``val_every``-th picture of the folder held out (no masks: nothing is scored).
+
+    Args:
+        root: the folder of photos.
+        val_images: a folder of val pictures (default: held out from ``root``).
+        val_masks: their masks, ``<id>.png`` (class ids, 255 = ignore), ids as in ``val_images``.
+        val_every: without ``val_images``, every n-th picture (in name order) is val, at least one.
+    """
+
+    doc = "docs/guide.md"
+
+    def __init__(self, root, val_images: str | None = None, val_masks: str | None = None, val_every: int = 10, **kwargs):
+        super().__init__(root, **kwargs)
+        if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 2:
+            raise DatasetLayoutError(f"data.layout.val_every={val_every}: give a whole number >= 2 (every n-th picture is val)")
+        if val_masks and not val_images:
+            raise DatasetLayoutError("data.layout.val_masks needs data.layout.val_images: the pictures the masks belong to")
+        self.val_images = Path(val_images) if val_images else None
+        self.val_masks = Path(val_masks) if val_masks else None
+        self.val_every = val_every
+        self._index: dict[str, dict[str, Path]] | None = None
+
+    def describe(self) -> str:
+        text = f"    {self.root}/**/<id>{{{','.join(IMAGE_SUFFIXES)}}}   (any folder of pictures, no masks)"
+        if self.val_images:
+            text += f"\n    val: {self.val_images}/**/<id>.<suffix>"
+            text += f", masks {self.val_masks}/<id>.png (class ids, 255 = ignore)" if self.val_masks else ""
+        return text
+
+    def _splits(self) -> dict[str, dict[str, Path]]:
+        if self._index is None:
+            if not self.root.is_dir():
+                raise self.fail(f"picture folder {self.root} does not exist (set data.root to your folder of photos)")
+            pictures = find_images(self.root)
+            if self.val_images is not None:
+                if not self.val_images.is_dir():
+                    raise self.fail(f"data.layout.val_images={self.val_images} is not a folder")
+                val = find_images(self.val_images)
+                train = pictures
+            else:
+                held = set(list(pictures)[:: self.val_every])
+                val = {sid: p for sid, p in pictures.items() if sid in held}
+                train = {sid: p for sid, p in pictures.items() if sid not in held}
+            self._index = {"train": train, "val": val}
+        return self._index
+
+    def check(self, splits: list[str]) -> None:
+        index = self._splits()
+        if len(index["train"]) + len(index["val"]) == 0:
+            raise self.fail(f"{self.root} holds no pictures ({', '.join(IMAGE_SUFFIXES)})")
+        super().check(splits)
+
+    def split_ids(self, split: str) -> list[str]:
+        index = self._splits()
+        if split not in index:
+            raise self.fail(f"split {split!r}: a folder of photos has train and val")
+        return list(index[split])
+
+    def image_path(self, split: str, sid: str) -> Path:
+        return self._splits()[split][sid]
+
+    def mask_path(self, split: str, sid: str) -> Path:
+        if split == "val" and self.val_masks is not None:
+            return self.val_masks / f"{sid}.png"
+        return self.root / ".no-masks" / f"{sid}.png"  # photos have no ground truth: a path that never exists

@@ -75,6 +75,13 @@ def evaluate_masks(dataset: DatasetDescription, split: str, ids: list[str], mask
     return protocol_result(dataset, split, {**metrics.compute(), **boundary.compute()}, n)
 
 
+#: what a run on pictures without masks says instead of a score
+NO_GROUND_TRUTH = (
+    "no ground truth to score against (to get a score, add a few labelled pictures: data.layout.val_images=<folder> "
+    "data.layout.val_masks=<folder of <id>.png class ids>, docs/guide.md)"
+)
+
+
 def val_miou(step_folder: Path) -> float | None:
     """The val mIoU a step wrote to its ``metrics.json`` (None: no val split, no ground truth, or no metrics file)."""
     try:
@@ -91,4 +98,6 @@ def report_split(step: str, dataset: DatasetDescription, split: str, ids: list[s
         log.info("%s [%s]: mIoU %.4f, boundary F %.4f at %s px (%s labels%s)", step, split, metrics["miou"],
                  metrics["boundary_f"], metrics["boundary_tolerance_px"], metrics["labels"],
                  ", segments Hungarian-matched" if "assignment" in metrics else "")  # fmt: skip
+    elif split == "val" and ids:
+        log.info("%s [val]: %d pictures, %s", step, len(ids), NO_GROUND_TRUTH)
     return {"images": len(ids), **extra, "metrics": metrics}

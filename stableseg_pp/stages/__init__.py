@@ -51,15 +51,19 @@ def resolve_stages(stage: object) -> list[str]:
 def planned_steps(cfg: DictConfig) -> int:
     """How many step folders ``fit`` opens for ``cfg.stage`` (the count behind "step k of N")."""
     key = resolve_stages(cfg.stage)[-1]
-    labeling = 0  # data.labels=predicted: the labels step first (and its evidence, stage 0 with every class)
-    if cfg.data.get("labels") == "predicted":
-        labeling = 2 if build(cfg.labeler).reads_evidence else 1
+    labeling = relabeling = 0  # data.labels=predicted: each round's labels step (and its evidence, stage 0 with every
+    if cfg.data.get("labels") == "predicted":  # class; a segmenter labeler reads the previous round's DeepLabV3+)
+        from stableseg_pp.stages.labels import round_labeler
+
+        labeling = 2 if build(round_labeler(cfg)).evidence == "stage0" else 1
+        relabeling = 1 if build(cfg.labeler).evidence == "segmenter" else labeling
     if key == "0":
         return labeling + 1
     round1 = labeling + 1 + refinement.steps(cfg) + 1  # stage 0, refinement, DeepLabV3+ (magnet: ..., MAGNET)
     if key in ("1", "magnet"):
         return round1
-    later = 1 + int(bool(cfg.self_training.get("magnet"))) + round1  # map weights, (MAGNET), regenerate, refine, retrain
+    # map weights, (MAGNET), the round's labels, regenerate, refine, retrain
+    later = 1 + int(bool(cfg.self_training.get("magnet"))) + relabeling + round1 - labeling
     return round1 + (int(cfg.self_training.rounds) - 1) * later
 
 

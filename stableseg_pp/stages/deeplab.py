@@ -28,7 +28,7 @@ from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
 from stableseg_pp.evaluation.fit_check import check_segmenter_fit
-from stableseg_pp.evaluation.mask_sets import report_split
+from stableseg_pp.evaluation.mask_sets import NO_GROUND_TRUTH, report_split
 from stableseg_pp.pictures import write_overlays
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.cpus import loader_workers
@@ -163,14 +163,19 @@ def _compute(
         train_transform(plan["crop_size"], tuple(plan["scale"]), plan["base_size"]),
         dataset.convert_to_rgb,
     )
-    val_ds = ImageMaskPairs(
-        images("val", val_ids),
-        [layout.mask_path("val", i) for i in val_ids],
-        len(names),
-        eval_transform(),
-        dataset.convert_to_rgb,
-        read_mask=partial(layout.read_mask_file, n_classes=len(names)),
-    )
+    scored = bool(val_ids) and all(layout.has_mask("val", i) for i in val_ids)
+    val_ds = None
+    if scored:
+        val_ds = ImageMaskPairs(
+            images("val", val_ids),
+            [layout.mask_path("val", i) for i in val_ids],
+            len(names),
+            eval_transform(),
+            dataset.convert_to_rgb,
+            read_mask=partial(layout.read_mask_file, n_classes=len(names)),
+        )
+    else:
+        log.info("deeplab: the val pictures have no masks, so the training is not validated (%s)", NO_GROUND_TRUTH)
     # Pinned pages on a GPU: Lightning's copy to the device is then asynchronous, not a wait for the previous step.
     # Workers are started anew each epoch (not persistent): their random state then comes from the main process's,
     # which checkpoints hold, so a resumed training draws what the uninterrupted one drew (runtime/resume.py).
@@ -178,7 +183,7 @@ def _compute(
     loading = {"num_workers": workers, "pin_memory": on_gpu(cfg), "persistent_workers": False}
     train_loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, drop_last=len(train_ds) > t.batch_size,
                               **loading)  # fmt: skip
-    val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, **loading)
+    val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, **loading) if val_ds is not None else None
     # Seed here, not only at start-up: the result must not depend on which stages ran before in this process.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build(seg.model, class_names=names, _convert_="all")

@@ -2,7 +2,8 @@
 
 Scores each image with the labeler (``diffusion``: the backbone's denoising
 error per class prompt; ``diffusion_maps``: stage 0's masks with every class in
-the prompt, the labeler's evidence folder), writes one scores file per image
+the prompt; ``segmenter``: the previous round's DeepLabV3+ predictions; the
+last two read their evidence folder), writes one scores file per image
 (``<split>/scores/<id>.json``, atomically; finished images are kept on resume),
 then the split's threshold and labels (``<split>/labels.json``) and, where the
 dataset has ground truth, the labels' quality (``metrics.json``: per-class
@@ -28,7 +29,7 @@ from stableseg_pp.evaluation.image_labels import label_metrics
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import write_json
 from stableseg_pp.runtime.run_dir import finish_stage
-from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, load_on_device, method_settings
+from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, load_on_device, method_settings, this_device
 from stableseg_pp.tracking.base import StepRecord
 
 log = logging.getLogger(__name__)
@@ -36,18 +37,32 @@ STEP = Step("labels")
 LABELS_FILE = "labels.json"
 
 
-def run(cfg: DictConfig, dataset: DatasetDescription, evidence: Path | None = None) -> Path:
-    """Label every split of ``stage0.splits``: from the labeler's ``evidence`` folder (a labeler that reads stage 0's
-    outputs) or with the configured backbone; returns the step folder."""
-    labeler = build(cfg.labeler)  # its constructor checks its settings before any work
-    key: dict = {"labeler": method_settings(cfg.labeler), "splits": list(cfg.stage0.splits)}
+def round_labeler(cfg: DictConfig, segmenter: Path | None = None) -> DictConfig:
+    """The labeler node that labels a round: ``cfg.labeler``, or its ``first_round`` where it reads a segmenter
+    and none is trained yet (round 1)."""
+    if build(cfg.labeler).evidence == "segmenter" and segmenter is None:
+        return cfg.labeler.first_round
+    return cfg.labeler
+
+
+def run(cfg: DictConfig, dataset: DatasetDescription, evidence: Path | None = None, node: DictConfig | None = None) -> Path:
+    """Label every split of ``stage0.splits`` with the labeler ``node`` (default ``cfg.labeler``): from its
+    ``evidence`` folder (a mask set: stage 0 with every class, or a DeepLabV3+ step) or with the configured
+    backbone; returns the step folder."""
+    node = cfg.labeler if node is None else node
+    labeler = build(node)  # its constructor checks its settings before any work
+    key: dict = {"labeler": method_settings(node), "splits": list(cfg.stage0.splits)}
     backbone = None
     if evidence is not None:
         key["evidence"] = evidence.name
-    else:
-        backbone = build_backbone(cfg)
-        labeler.require(backbone)
-        key |= {"data": dataset.key(), "diffusion": diffusion_key(cfg, backbone), "resolution": cfg.zero_shot.resolution}
+    else:  # the labeler reads the pictures: with the diffusion backbone, or with a model of its own
+        key |= {"data": dataset.key(), "resolution": cfg.zero_shot.resolution}
+        if labeler.needs_backbone:
+            backbone = build_backbone(cfg)
+            labeler.require(backbone)
+            key["diffusion"] = diffusion_key(cfg, backbone)
+        else:
+            key["model"] = labeler.identity()
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
         # rank 0 scores the images; the others wait, then read the labels
@@ -98,7 +113,7 @@ def _score_split(cfg, dataset: DatasetDescription, scoring: tuple, split: str, f
         if not samples:
             continue
         pixels = torch.stack([s.pixels for s in samples]).to(device)
-        result = labeler.scores(backbone, backbone.encode_images(pixels), [s.id for s in samples], names).cpu()
+        result = labeler.score_pictures(pixels, [s.id for s in samples], names, backbone).cpu()
         for s, row in zip(samples, result.tolist(), strict=True):
             scores[s.id] = _write_scores(dataset, folder / f"{s.id}.json", dict(zip(classes, row, strict=True)))
     return [sid for sid in ids if sid in scores], scores
@@ -119,7 +134,10 @@ def _truth(dataset: DatasetDescription, split: str, ids: list[str]) -> np.ndarra
 def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path | None, out: Path, key: dict,
            record: StepRecord) -> None:  # fmt: skip
     splits, classes = {}, candidates(dataset)
-    device = load_on_device(cfg, backbone) if backbone is not None else None
+    device = None
+    if evidence is None:
+        device = load_on_device(cfg, backbone) if backbone is not None else this_device(cfg)
+        labeler.load(device)
     for split in cfg.stage0.splits:
         scoring = (labeler, backbone, device, evidence)
         ids, scores = _score_split(cfg, dataset, scoring, split, out / split / "scores")

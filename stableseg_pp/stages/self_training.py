@@ -23,7 +23,7 @@ from stableseg_pp import tracking
 from stableseg_pp.artifacts import SiteWeights
 from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
-from stableseg_pp.evaluation.mask_sets import val_miou
+from stableseg_pp.evaluation.mask_sets import NO_GROUND_TRUTH, val_miou
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import atomic_write_text, write_json
 from stableseg_pp.runtime.run_dir import COMPLETE
@@ -71,7 +71,7 @@ def run_stage2(cfg: DictConfig, dataset: DatasetDescription) -> Path:
             adapter = magnet.run(cfg, dataset, magnet.targets_of(cfg, steps))
             rows.append((f"MAGNET adapter (round {r})", adapter))
         s0 = stage0.run(cfg, dataset, weights=SiteWeights.load(wdir), inputs=[wdir, *([adapter] if adapter else [])],
-                           adapter=adapter)  # fmt: skip
+                           adapter=adapter, segmenter=seg)  # fmt: skip
         refined = refinement.run(cfg, dataset, s0)
         seg = deeplab.run(cfg, dataset, refined, init=seg if cfg.self_training.warm_start else None)
         steps = {"stage0": s0, "refined": refined, "deeplab": seg}
@@ -93,7 +93,9 @@ def label_protocol(cfg: DictConfig, dataset: DatasetDescription) -> str:
     """Where the prompts' classes came from: ``oracle`` (the ground truth), ``all``, or ``predicted (<labeler>)``."""
     if dataset.labels != "predicted":
         return dataset.labels
-    return f"predicted ({build(cfg.labeler).name})"
+    labeler = build(cfg.labeler)
+    first = getattr(labeler, "first_round", None)  # a labeler that starts from another one in round 1
+    return f"predicted ({first.name}, then {labeler.name})" if first is not None else f"predicted ({labeler.name})"
 
 
 def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list[Path], labels: str = "oracle") -> list[dict]:
@@ -102,11 +104,13 @@ def write_results(run_dir: Path, rows: list[tuple[str, Path]], weight_dirs: list
               "warning": _fit_warning(folder)} for name, folder in rows]  # fmt: skip
     lines = ["| step | val mIoU | labels | outputs |", "| --- | --- | --- | --- |"]
     for row in table:
-        v = "n/a" if row["val_miou"] is None else f"{100 * row['val_miou']:.1f}"
+        v = "no masks" if row["val_miou"] is None else f"{100 * row['val_miou']:.1f}"
         warned = " (**see warning**)" if row["warning"] else ""
         lines.append(f"| {row['step']}{warned} | {v} | {row['labels']} | `{row['folder']}` |")
     for w in weight_dirs:
         lines.append(f"\nLearned attention-map weights: `{w.name}/weights.json`, plot `{w.name}/weights.png`")
+    if all(row["val_miou"] is None for row in table):
+        lines.append(f"\nNo val mIoU: {NO_GROUND_TRUTH}.")
     for row in table:
         if row["warning"]:
             lines.append(f"\n**Warning ({row['step']}):** {row['warning']}")

@@ -91,7 +91,8 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
     if dataset.labels in ("all", "predicted"):  # predicted: the labeler's evidence prompts for every class
         names = [dataset.prompt_name(c) for c in range(len(dataset.class_names)) if c != dataset.background_index]
         check_prompt_names(backbone, names, zs, dataset.has_background)
-        template = getattr(build(cfg.labeler), "prompt_template", None) if dataset.labels == "predicted" else None
+        labeler = build(labels.round_labeler(cfg)) if dataset.labels == "predicted" else None
+        template = getattr(labeler, "prompt_template", None)
         if template is not None:  # a labeler with prompts of its own: each class's must fit the text encoder
             split_into_prompts(backbone, names, template, zs.joiner, 1)
 
@@ -140,19 +141,20 @@ def run(
     weights: SiteWeights | None = None,
     inputs: Sequence[Path] = (),
     adapter: Path | None = None,
+    segmenter: Path | None = None,
 ) -> Path:
     """Stage 0 on every configured split.
 
     ``weights``: learned site weights (stage 2 passes its own; default ``stage0.site_weights`` or uniform);
     ``inputs``: the folders they came from (for lineage); ``adapter``: a LoRA of the denoiser (a MAGNET step
-    folder; default ``diffusion.lora``).
+    folder; default ``diffusion.lora``); ``segmenter``: the previous round's DeepLabV3+ (for a labeler that reads it).
     """
     weights = weights or configured_site_weights(cfg)
     backbone = build_backbone(cfg, adapter)
     key = stage_key(cfg, dataset, backbone, weights)
     predicted = None
     if dataset.labels == "predicted":
-        labels_dir = predict_labels(cfg, dataset)
+        labels_dir = predict_labels(cfg, dataset, segmenter)
         key["labels"], inputs = labels_dir.name, [*inputs, labels_dir]
         predicted = read_labels(labels_dir)
 
@@ -164,14 +166,19 @@ def run(
     return STEP.run(cfg, key, inputs, compute)
 
 
-def predict_labels(cfg: DictConfig, dataset: DatasetDescription) -> Path:
-    """``data.labels=predicted``: the labels step, on its evidence where the labeler reads stage 0's outputs (stage 0
-    with every class in the prompt: the same backbone and settings); content-addressed, so stage 2's regeneration
-    reuses it."""
-    if not build(cfg.labeler).reads_evidence:
-        return labels.run(cfg, dataset)
+def predict_labels(cfg: DictConfig, dataset: DatasetDescription, segmenter: Path | None = None) -> Path:
+    """``data.labels=predicted``: the labels step of a round (``segmenter``: the previous round's DeepLabV3+ folder,
+    None in round 1), on the labeler's evidence: none (it runs the backbone), stage 0 with every class in the prompt
+    (the same backbone and settings), or that segmenter's predictions. Content-addressed: a labeler that does not read
+    a segmenter gives every round the same folder."""
+    node = labels.round_labeler(cfg, segmenter)
+    evidence = build(node).evidence
+    if evidence is None:
+        return labels.run(cfg, dataset, node=node)
+    if evidence == "segmenter":
+        return labels.run(cfg, dataset, segmenter, node=node)
     every_class = replace(dataset, labels="all", settings={**dataset.settings, "labels": "all"})
-    return labels.run(cfg, dataset, run(cfg, every_class))
+    return labels.run(cfg, dataset, run(cfg, every_class), node=node)
 
 
 def _compute(

@@ -61,9 +61,14 @@ def on_gpu(cfg: DictConfig) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
+def this_device(cfg: DictConfig) -> torch.device:
+    """This rank's device, for a step that runs a model outside a Lightning loop."""
+    return torch.device("cuda", torch.cuda.current_device()) if on_gpu(cfg) else torch.device("cpu")
+
+
 def load_on_device(cfg: DictConfig, backbone: DiffusionBackbone) -> torch.device:
     """Load ``backbone`` on this rank's device, for a step that runs it outside a Lightning loop; returns the device."""
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu(cfg) else torch.device("cpu")
+    device = this_device(cfg)
     backbone.load()
     for module in backbone.modules().values():
         module.to(device)

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-from stableseg_pp.backbones.base import GenerativeBackbone
+from stableseg_pp.backbones.base import NoisingBackbone
 from stableseg_pp.backbones.prompts import build_prompt
 from stableseg_pp.runtime.errors import ConfigError
 
@@ -74,7 +74,8 @@ class DenoisingLabeler:
     """
 
     name = "diffusion"
-    reads_evidence = False  # scores images with the backbone, not stage 0's outputs
+    evidence = None  # scores the pictures
+    needs_backbone = True  # with the diffusion backbone itself
 
     def __init__(
         self,
@@ -94,17 +95,27 @@ class DenoisingLabeler:
         self.seed = int(seed)
 
     def require(self, backbone) -> None:
-        """The backbone must noise clean latents to a time (a :class:`GenerativeBackbone`)."""
-        if not isinstance(backbone, GenerativeBackbone):
+        """The backbone must noise clean latents to a time (a :class:`NoisingBackbone`)."""
+        if not isinstance(backbone, NoisingBackbone):
             raise ConfigError(
                 f"labeler=diffusion: {type(backbone).__name__} cannot noise an image to a chosen time yet (it does not "
-                "implement GenerativeBackbone); use labeler=diffusion_maps (stage 0's own maps) with this backbone"
+                "implement NoisingBackbone); use labeler=diffusion_maps (stage 0's own maps) with this backbone"
             )
 
-    @torch.no_grad()
-    def scores(
-        self, backbone: GenerativeBackbone, latents: torch.Tensor, ids: Sequence[str], names: Sequence[str]
+    def load(self, device: torch.device) -> None:
+        """Nothing of its own to load: it reads the backbone the labels step loads."""
+
+    def identity(self) -> dict:
+        return {}  # the backbone's identity is in the step's key
+
+    def score_pictures(
+        self, pixels: torch.Tensor, ids: Sequence[str], names: Sequence[str], backbone: NoisingBackbone
     ) -> torch.Tensor:
+        """(B, 3, R, R) pictures in [-1, 1] -> (B, K) scores of the K class ``names``."""
+        return self.scores(backbone, backbone.encode_images(pixels), ids, names)
+
+    @torch.no_grad()
+    def scores(self, backbone: NoisingBackbone, latents: torch.Tensor, ids: Sequence[str], names: Sequence[str]) -> torch.Tensor:
         """(B, ...) clean latents of images ``ids`` -> (B, K) scores of the K class ``names``."""
         text = backbone.encode_captions(["", *(build_prompt([n], self.prompt_template) for n in names)])
         prompts = len(names) + 1
@@ -131,7 +142,7 @@ class DenoisingLabeler:
 
 
 class MapAreaLabeler:
-    """Names the classes that win enough of an image in stage 0's all-class masks.
+    """Names the classes that win enough of an image in a mask set (stage 0's all-class masks).
 
     Args:
         threshold: ``otsu`` (Otsu's split of the split's log-scores, no labels) or a fraction of the image in (0, 1).
@@ -139,7 +150,7 @@ class MapAreaLabeler:
     """
 
     name = "diffusion_maps"
-    reads_evidence = True  # scores stage 0's masks with every class in the prompt
+    evidence = "stage0"  # scores stage 0's masks with every class in the prompt (its own step folder)
 
     def __init__(self, threshold: str | float = "otsu", min_pixels: int = 1):
         check_threshold(threshold)
@@ -149,8 +160,7 @@ class MapAreaLabeler:
         self.min_pixels = min_pixels
 
     def scores(self, mask: np.ndarray, candidates: Sequence[int]) -> dict[int, float]:
-        """Each candidate class's fraction of the image in ``mask`` (stage 0's all-class mask; 0 below
-        ``min_pixels``)."""
+        """Each candidate class's fraction of the image in ``mask`` (0 below ``min_pixels``)."""
         counts = np.bincount(mask.ravel(), minlength=256)
         total = max(1, int(mask.size))
         return {int(c): (float(counts[c]) / total if counts[c] >= self.min_pixels else 0.0) for c in candidates}
