@@ -210,8 +210,8 @@ def test_emerdiff_settings_errors(compose_fit):
         refinement.check_refine("dense")
     with pytest.raises(ConfigError, match="stage0.segmenter=emerdiff writes class-agnostic segments"):
         check_segmenter("all", "emerdiff")
-    with pytest.raises(ConfigError, match="emerdiff.site is not set for diffusion=sd3_medium"):
-        emerdiff.emerdiff_settings(compose_fit("diffusion=sd3_medium"))
+    with pytest.raises(ConfigError, match="emerdiff.site is not set for diffusion=sd35_medium"):
+        emerdiff.emerdiff_settings(compose_fit("diffusion=sd35_medium"))
     with pytest.raises(ConfigError, match="emerdiff.timestep=0"):
         emerdiff.emerdiff_settings(compose_fit("emerdiff.timestep=0"))
     with pytest.raises(ConfigError, match="emerdiff.strength=0"):
@@ -221,7 +221,8 @@ def test_emerdiff_settings_errors(compose_fit):
         emerdiff.check_emerdiff_settings(
             compose_fit("refine=emerdiff", "emerdiff.site=down_blocks.0.attentions.0.transformer_blocks.0.attn1"), True
         )
-    mmdit = compose_fit("stage0.segmenter=emerdiff", "diffusion=miniature_mmdit", "emerdiff.site=transformer_blocks.2.attn")
+    emerdiff.check_emerdiff_settings(compose_fit("stage0.segmenter=emerdiff", "diffusion=miniature_mmdit"), False)
     with pytest.raises(ConfigError, match="does not implement GenerativeBackbone"):
-        emerdiff.check_emerdiff_settings(mmdit, False)
+        emerdiff.check_emerdiff_settings(compose_fit("stage0.segmenter=emerdiff", "diffusion=flux_schnell",
+                                                     "emerdiff.site=transformer_blocks.2.attn"), False)  # fmt: skip
     emerdiff.check_emerdiff_settings(compose_fit("refine=emerdiff", "emerdiff.site=nowhere"), False)  # not used

@@ -383,3 +383,89 @@ def test_stage_all_on_the_miniature_mmdit(compose_fit):
     assert set(weights["sites"]) == {f"transformer_blocks.{i}.attn" for i in range(5)}
     table = json.loads((run_dir / "results.json").read_text())
     assert len(table) == 6 and all(0 <= r["val_miou"] <= 1 for r in table)
+
+
+EMERDIFF_SITE = "transformer_blocks.1.attn"  # a joint block with one before it (block 0 has SD3.5's attn2 too)
+
+
+def _emerdiff_forward(bb: SD3Backbone, state):
+    """One denoiser forward of two identical runs (EmerDiff's processors installed when ``state``); every joint
+    attention's inputs and (image, text) outputs."""
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, 8, 8).expand(2, -1, -1, -1).clone()
+    text = bb.encode_captions([""]).expand(2)
+    seen, handles = {}, []
+    for i, block in enumerate(bb.transformer.transformer_blocks):
+
+        def hook(module, args, kwargs, output, name=f"transformer_blocks.{i}.attn"):
+            seen[name] = {"hidden": kwargs["hidden_states"], "context": kwargs["encoder_hidden_states"], "out": output}
+
+        handles.append(block.attn.register_forward_hook(hook, with_kwargs=True))
+    if state is not None:
+        bb.install_modulation(state, EMERDIFF_SITE)
+    try:
+        with torch.no_grad():
+            bb.denoise(latents, bb.time_input(281.0, 2, latents.device), text)
+    finally:
+        for h in handles:
+            h.remove()
+        bb.remove_capture()
+    return seen
+
+
+def test_emerdiff_modulates_only_the_image_stream_of_its_block_and_injects_the_joint_attention(pipe):
+    """EmerDiff on the MM-DiT: the modulated block's image output moves by exactly c * M_i (the text stream and the
+    blocks before it unchanged); after it every run attends with the reference run's Q and K over the whole joint
+    token set, applied to its own values (explicit softmax)."""
+    from stableseg_pp.backbones.joint_capture import IMAGE_FIRST, joint_outputs, joint_projections
+    from stableseg_pp.backbones.modulation import ModulationState
+    from stableseg_pp.methods.emerdiff import segment_offsets
+
+    bb = backbone(pipe)
+    segments = torch.zeros(4, 4, dtype=torch.long)
+    segments[1:3, 2:4] = 1
+    offsets = torch.stack([torch.zeros(16), segment_offsets(segments, 1, 10.0)])
+    seen = _emerdiff_forward(bb, ModulationState(reference=torch.tensor([0, 0]), offset=offsets))
+    order = list(seen)
+    site = order.index(EMERDIFF_SITE)
+    for name in order[:site]:
+        torch.testing.assert_close(seen[name]["out"][0][1], seen[name]["out"][0][0])
+    image, text = seen[EMERDIFF_SITE]["out"]
+    inside = segments.flatten().bool()
+    diff = image[1] - image[0]
+    torch.testing.assert_close(diff[inside], torch.full_like(diff[inside], 10.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(diff[~inside], torch.zeros_like(diff[~inside]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(text[1], text[0])  # the text stream is not modulated
+    for name in order[site + 1 :]:
+        attn, s = bb.transformer.get_submodule(name), seen[name]
+        with torch.no_grad():
+            (q, k, v), (cq, ck, cv) = joint_projections(attn, s["hidden"], s["context"])
+            q_all, k_all, v_all = IMAGE_FIRST.join(q, cq), IMAGE_FIRST.join(k, ck), IMAGE_FIRST.join(v, cv)
+            probs = (q_all[:1] @ k_all[:1].transpose(-1, -2) * attn.scale).softmax(-1)  # the reference's, explicit
+            expected = joint_outputs(attn, probs @ v_all[1:], q.shape[2], q.dtype)
+        torch.testing.assert_close(s["out"][0][1:], expected[0], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(s["out"][1][1:], expected[1], atol=2e-5, rtol=1e-4)
+    assert (seen[order[-1]]["hidden"][1] - seen[order[-1]]["hidden"][0]).abs().max() > 1e-3  # the change propagates
+    stock = _emerdiff_forward(bb, None)  # processors removed: the stock joint attention again
+    torch.testing.assert_close(stock[order[0]]["out"][0], seen[order[0]]["out"][0], atol=1e-5, rtol=1e-5)
+
+
+def test_flow_matching_sampler_runs_the_euler_steps_of_the_models_schedule(pipe):
+    """EmerDiff's sampler on the MM-DiT: the times from t_m on of the scheduler's own schedule, stateless Euler steps
+    equal to the scheduler's ``step``, the decoder undoing the VAE's shift and scale."""
+    bb = backbone(pipe)
+    times = bb.sampling_times(281, 50)
+    schedule = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    schedule.set_timesteps(50)
+    assert times == [float(t) for t in schedule.timesteps if t <= 281] and len(times) < 50
+    gen = torch.Generator().manual_seed(0)
+    z, v = torch.randn(1, 4, 8, 8, generator=gen), torch.randn(1, 4, 8, 8, generator=gen)
+    first = int((schedule.timesteps - times[0]).abs().argmin())
+    schedule._step_index = first
+    torch.testing.assert_close(bb.sampler_step(v, times[0], z), schedule.step(v, schedule.timesteps[first], z).prev_sample)
+    last = bb.sampler_step(v, times[-1], z)  # to sigma 0: the clean estimate x - sigma * v
+    torch.testing.assert_close(last, z - times[-1] / 1000 * v, atol=1e-5, rtol=0)
+    pixels = torch.rand(1, 3, 16, 16) * 2 - 1
+    decoded = bb.decode_latents(bb.encode_images(pixels))
+    expected = pipe.vae.decode(pipe.vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+    torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-5)

@@ -329,6 +329,13 @@ def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:
     return (latents - shift) * vae.config.scaling_factor
 
 
+def vae_pixels(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Latents as the denoiser takes them (scaled and shifted) -> (B, 3, R, R) pixels in [-1, 1]."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+    return pixels.float().clamp(-1, 1)
+
+
 def select_sites(
     sites: Iterable[AttentionSite],
     which: str,

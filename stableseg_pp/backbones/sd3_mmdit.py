@@ -42,11 +42,14 @@ from stableseg_pp.backbones.base import (
     AttentionSite,
     AttentionStore,
     CaptureRequest,
+    ModulationState,
     TextConditioning,
     TrainingSample,
     vae_latents,
+    vae_pixels,
 )
 from stableseg_pp.backbones.capture import SelfAttentionQKProcessor
+from stableseg_pp.backbones.flow_matching import FlowMatchingNoise
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed
 from stableseg_pp.backbones.installer import ProcessorInstaller, SiteCapture
 from stableseg_pp.backbones.joint_capture import DIRECTIONS, IMAGE_FIRST, JointAttentionMapProcessor
@@ -60,6 +63,7 @@ from stableseg_pp.backbones.loading import (
     parse_dtype,
     pipeline_folder_or_hub_id,
 )
+from stableseg_pp.backbones.modulation import ModulatedJointAttentionProcessor
 from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt, map_class_tokens
 from stableseg_pp.runtime.errors import ConfigError, one_line
 
@@ -91,7 +95,7 @@ def absent_components(index: dict[str, Any]) -> set[str]:
     return {k for k, v in index.items() if isinstance(v, list | tuple) and list(v) == [None, None]}
 
 
-class SD3Backbone:
+class SD3Backbone(FlowMatchingNoise):
     """Stable Diffusion 3 / 3.5 (and the miniature MM-DiT) behind the backbone interface.
 
     Args:
@@ -161,6 +165,7 @@ class SD3Backbone:
         self._meta: SimpleNamespace | None = None
         self._schedule: tuple | None = None  # ((scheduler id, steps), the noising schedule)
         self._train_schedule: tuple | None = None  # (key, the schedule as trained)
+        self._sampling: tuple | None = None  # ((scheduler id, steps), EmerDiff's sampler)
 
     @property
     def stochastic(self) -> bool:
@@ -499,23 +504,50 @@ class SD3Backbone:
         weighting = compute_loss_weighting_for_sd3(weighting_scheme, sigmas)
         return TrainingSample(noisy=noisy.to(latents.dtype), time=time, target=noise - latents, weighting=weighting)
 
-    # -- noising to a chosen time (the diffusion labeler) ------------------------------------------------------------
+    # -- sampling (EmerDiff) ---------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _sigma(time: int, like: torch.Tensor) -> torch.Tensor:
-        """Flow matching's noise level at ``time``: the transformer is told ``sigma * 1000`` (the scheduler's shift
-        only decides which sigmas training and sampling visit)."""
-        return torch.tensor(float(time) / 1000.0, device=like.device, dtype=torch.float32)
+    def _sampler(self, steps: int):
+        """A copy of the model's flow-matching scheduler with ``steps`` steps (Euler: deterministic); the pipeline's
+        own scheduler is left alone."""
+        if self._sampling is None or self._sampling[0] != (id(self.scheduler), steps):
+            sampler = type(self.scheduler).from_config(self.scheduler.config)
+            if sampler.config.get("use_dynamic_shifting"):
+                raise ConfigError(f"{self.pretrained}: its scheduler shifts with the image size (use_dynamic_shifting); "
+                                  "EmerDiff samples on SD3's fixed-shift schedule")  # fmt: skip
+            sampler.set_timesteps(int(steps))
+            self._sampling = ((id(self.scheduler), steps), sampler)
+        return self._sampling[1]
 
-    def noise_to(self, latents: torch.Tensor, time: int, noise: torch.Tensor) -> torch.Tensor:
-        sigma = self._sigma(time, latents)
-        return ((1.0 - sigma) * latents.float() + sigma * noise.to(latents).float()).to(latents.dtype)
+    def sampling_times(self, start: int, steps: int) -> list[float]:
+        sampler = self._sampler(int(steps))
+        times = [float(t) for t in sampler.timesteps if float(t) <= float(start)]
+        if not times:
+            raise ConfigError(f"emerdiff.timestep={start}: no step of a {steps}-step schedule is at or before it")
+        return times
 
-    def prediction_target(self, latents: torch.Tensor, noise: torch.Tensor, time: int) -> torch.Tensor:
-        return noise.to(latents) - latents  # the flow (velocity) the transformer is trained to predict
+    def sampler_step(self, prediction: torch.Tensor, time: float, latents: torch.Tensor) -> torch.Tensor:
+        """One Euler step of the flow from ``time`` to the schedule's next time (0 after the last): stateless, so any
+        number of batches can take the same step."""
+        sampler = self._sampling[1] if self._sampling is not None else None
+        if sampler is None:
+            raise RuntimeError("sampling_times() sets the schedule before sampler_step()")
+        index = int((sampler.timesteps.float() - float(time)).abs().argmin())
+        sigma, following = float(sampler.sigmas[index]), float(sampler.sigmas[index + 1])
+        return (latents.float() + (following - sigma) * prediction.float()).to(latents.dtype)
 
-    def time_input(self, time: int, batch: int, device: torch.device) -> torch.Tensor:
-        return torch.full((batch,), float(time), device=device, dtype=torch.float32)
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        return vae_pixels(self.vae, latents)
+
+    def install_modulation(self, state: ModulationState, site: str) -> None:
+        self._require_loaded()
+        self._processors.install_all(
+            self.transformer,
+            mmdit_sites(self.transformer, (0, 0)),
+            lambda s: ModulatedJointAttentionProcessor(state, s.id, modulated=s.id == site, layout=IMAGE_FIRST),
+            named=site,
+            what="emerdiff.site",
+        )
 
     def encode_captions(self, prompts: Sequence[str]) -> TextConditioning:
         embeddings, pooled = self.encode_prompts(list(prompts))

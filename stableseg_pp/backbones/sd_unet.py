@@ -19,7 +19,14 @@ from typing import Any
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning, vae_latents
+from stableseg_pp.backbones.base import (
+    AttentionSite,
+    AttentionStore,
+    CaptureRequest,
+    TextConditioning,
+    vae_latents,
+    vae_pixels,
+)
 from stableseg_pp.backbones.capture import CrossAttentionMapProcessor, SelfAttentionQKProcessor
 from stableseg_pp.backbones.installer import PROCESSOR_SUFFIX, ProcessorInstaller, SiteCapture
 from stableseg_pp.backbones.loading import (
@@ -348,10 +355,7 @@ class SDUNetBackbone:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        pixels = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
-        return pixels.float().clamp(-1, 1)
+        return vae_pixels(self.vae, latents)
 
     def install_modulation(self, state: ModulationState, site: str) -> None:
         self._require_loaded()

@@ -202,7 +202,8 @@ def describe_dataset(data: DictConfig, splits: Sequence[str] = ("train", "val"))
     if settings.get("class_names") is None:
         names = layout.class_names()
         if not names:
-            raise ConfigError(f"dataset {data.name}: set data.class_names (the dataset has no class list file)")
+            raise ConfigError(f"dataset {data.name}: set data.class_names, the background first, e.g. "
+                              "\"data.class_names=[background,cat,dog]\" (the dataset has no class list file)")  # fmt: skip
         settings["class_names"] = list(names)
     check_class_names(settings["class_names"], settings.get("background_index", 0))
     prompt_names = dict(settings.get("prompt_names") or {})

@@ -263,13 +263,13 @@ class ImageFolderLayout(DatasetLayout):
     doc = "docs/guide.md"
 
     def __init__(self, root, val_images: str | None = None, val_masks: str | None = None, val_every: int = 10, **kwargs):
-        super().__init__(root, **kwargs)
+        super().__init__(Path(root).expanduser(), **kwargs)
         if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 2:
             raise DatasetLayoutError(f"data.layout.val_every={val_every}: give a whole number >= 2 (every n-th picture is val)")
         if val_masks and not val_images:
             raise DatasetLayoutError("data.layout.val_masks needs data.layout.val_images: the pictures the masks belong to")
-        self.val_images = Path(val_images) if val_images else None
-        self.val_masks = Path(val_masks) if val_masks else None
+        self.val_images = Path(val_images).expanduser() if val_images else None
+        self.val_masks = Path(val_masks).expanduser() if val_masks else None
         self.val_every = val_every
         self._index: dict[str, dict[str, Path]] | None = None
 

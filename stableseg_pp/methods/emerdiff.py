@@ -48,7 +48,8 @@ def check_settings(
     if not site:
         raise ConfigError(
             "emerdiff.site is not set: give the id of the image-to-text attention site to modulate (the U-Net presets "
-            "set the first cross-attention of the 16x16 up block)"
+            "set the first cross-attention of the 16x16 up block, the MM-DiT presets their grounding block, e.g. "
+            "emerdiff.site=transformer_blocks.9.attn)"
         )
     for key, value in (("sampler_steps", sampler_steps), ("runs_per_forward", runs_per_forward)):
         if isinstance(value, bool) or not isinstance(value, int) or value < (2 if key == "runs_per_forward" else 1):
