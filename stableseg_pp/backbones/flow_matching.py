@@ -1,4 +1,4 @@
-"""Noising to a chosen time for the flow-matching families (SD3 / SD3.5, FLUX), shared by their backbones.
+"""What the flow-matching transformer families (SD3 / SD3.5, FLUX) share: noising to a chosen time, their settings.
 
 Flow matching draws ``x_t = (1 - s) x_0 + s eps`` and trains the transformer to
 predict the flow ``eps - x_0``; a time ``t`` in the training schedule's units
@@ -9,6 +9,9 @@ which sigmas training and sampling visit).
 from __future__ import annotations
 
 import torch
+
+from stableseg_pp.backbones.joint_capture import DIRECTIONS
+from stableseg_pp.runtime.errors import ConfigError
 
 
 class FlowMatchingNoise:
@@ -23,3 +26,29 @@ class FlowMatchingNoise:
 
     def time_input(self, time: float, batch: int, device: torch.device) -> torch.Tensor:
         return torch.full((batch,), float(time), device=device, dtype=torch.float32)
+
+
+#: how class prompts condition a joint-attention transformer: one vector per class, or the joined prompt
+CONDITIONINGS = ("per_class", "joined")
+
+
+def whole_number(key: str, value, minimum: int) -> int:
+    """``diffusion.<key>`` as a whole number >= ``minimum``, or a one-line error naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"diffusion.{key}={value}: give a whole number >= {minimum}")
+    return value
+
+
+def check_transformer_settings(
+    conditioning: str, attention_maps: str, num_inference_steps: int, noise_step: int, timestep: float
+) -> None:
+    """The settings every flow-matching transformer family shares (SD3, FLUX), checked before any weights load."""
+    if conditioning not in CONDITIONINGS:
+        raise ConfigError(f"diffusion.conditioning={conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
+    if attention_maps not in DIRECTIONS:
+        raise ConfigError(f"diffusion.attention_maps={attention_maps!r}: use one of {', '.join(DIRECTIONS)}")
+    steps = whole_number("num_inference_steps", num_inference_steps, 1)
+    if not 1 <= whole_number("noise_step", noise_step, 1) <= steps:
+        raise ConfigError(f"diffusion.noise_step={noise_step}: give a step between 1 and num_inference_steps={steps}")
+    if isinstance(timestep, bool) or not isinstance(timestep, int | float) or not 0 <= timestep <= 1000:
+        raise ConfigError(f"diffusion.timestep={timestep}: give the transformer's time, 0 to 1000 (1 = almost clean)")

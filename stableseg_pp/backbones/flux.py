@@ -66,7 +66,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxAttnProcessor,
@@ -75,10 +74,10 @@ from diffusers.models.transformers.transformer_flux import (
 )
 
 from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning, vae_latents
-from stableseg_pp.backbones.flow_matching import FlowMatchingNoise
+from stableseg_pp.backbones.flow_matching import FlowMatchingNoise, check_transformer_settings, whole_number
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed
 from stableseg_pp.backbones.installer import ProcessorInstaller, SiteCapture
-from stableseg_pp.backbones.joint_capture import DIRECTIONS, TEXT_FIRST, image_to_text_logits, joint_attention_maps
+from stableseg_pp.backbones.joint_capture import TEXT_FIRST, JointAttentionMapProcessor
 from stableseg_pp.backbones.loading import (
     apply_lora,
     lora_identity,
@@ -92,7 +91,6 @@ from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt, map
 from stableseg_pp.backbones.sd3_mmdit import absent_components
 from stableseg_pp.runtime.errors import ConfigError, one_line
 
-CONDITIONINGS = ("per_class", "joined")
 EXAMPLE_HUB_ID = "black-forest-labs/FLUX.1-dev"
 PACK = 2  # FLUX packs 2x2 latent pixels into one token
 
@@ -151,12 +149,6 @@ def flux_sites(transformer, latent_hw: tuple[int, int]) -> list[AttentionSite]:
     return sites
 
 
-def _integer(key: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"diffusion.{key}={value}: give a whole number >= {minimum}")
-    return value
-
-
 # -- capture ----------------------------------------------------------------------------------------------------------
 
 
@@ -183,28 +175,11 @@ def _rope(x: torch.Tensor, image_rotary_emb) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
-class _FluxCapture:
-    """What both FLUX capture processors record (the arguments of ``JointAttentionMapProcessor``)."""
+class _FluxCapture(JointAttentionMapProcessor):
+    """What both FLUX capture processors record: :class:`JointAttentionMapProcessor`'s, on ``[text; image]``."""
 
-    def __init__(
-        self,
-        store: AttentionStore,
-        name: str,
-        class_maps: bool = True,
-        query_keys: bool = False,
-        text_logits: bool = False,
-        directions: str = "image_to_text",
-        per_head: bool = False,
-    ):
-        if directions not in DIRECTIONS:
-            raise ValueError(f"directions={directions!r} is not one of {DIRECTIONS}")
-        self.store = store
-        self.name = name
-        self.class_maps = class_maps
-        self.query_keys = query_keys
-        self.text_logits = text_logits
-        self.directions = directions
-        self.per_head = per_head
+    def __init__(self, store: AttentionStore, name: str, **wants):
+        super().__init__(store, name, layout=TEXT_FIRST, **wants)
 
     def _check(self, attn, attention_mask) -> None:
         if attention_mask is not None:
@@ -212,32 +187,12 @@ class _FluxCapture:
         if getattr(attn, "fused_projections", False):
             raise ValueError(f"{self.name}: fused QKV projections are not supported by the capture processors")
 
-    def attend(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_text: int) -> torch.Tensor:
+    def attend_joint(self, attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_text: int) -> torch.Tensor:
         """Joint attention of (B, heads, T + N, d) Q, K (after RoPE) and V in ``[text; image]`` order, recording what
         was asked; the output (B, heads, T + N, d) in the same order."""
-        store = self.store
         text = (q[:, :, :n_text], k[:, :, :n_text], v[:, :, :n_text])
         image = (q[:, :, n_text:], k[:, :, n_text:], v[:, :, n_text:])
-        n_image = q.shape[2] - n_text
-        scale = attn.head_dim**-0.5
-        weights = store.token_weights
-        if weights is not None:
-            weights = weights.to(q.device)
-        if self.class_maps and weights is not None:
-            h, w = store.map_shape(n_image)
-            out, maps, heads = joint_attention_maps(image, text, weights, scale, TEXT_FIRST, self.directions, self.per_head)
-            store.cross[self.name] = maps.transpose(1, 2).reshape(maps.shape[0], -1, h, w)
-            if heads is not None:
-                store.cross_heads[self.name] = heads.transpose(2, 3).reshape(*heads.shape[:2], -1, h, w)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)  # the stock kernel call
-        if self.query_keys:
-            store.self_qk[self.name] = (image[0].detach(), image[1].detach())
-        if self.text_logits and weights is not None:
-            h, w = store.map_shape(n_image)
-            per_class = image_to_text_logits(image[0], text[1], weights, scale)
-            store.text_logits[self.name] = per_class.transpose(1, 2).reshape(per_class.shape[0], -1, h, w)
-        return out
+        return self.attend(image, text, attn.head_dim**-0.5)
 
 
 class FluxJointCaptureProcessor(_FluxCapture):
@@ -258,7 +213,7 @@ class FluxJointCaptureProcessor(_FluxCapture):
         q, k = _rope(torch.cat([cq, q], dim=1), image_rotary_emb), _rope(torch.cat([ck, k], dim=1), image_rotary_emb)
         v = torch.cat([cv, v], dim=1).transpose(1, 2)
         n_text = encoder_hidden_states.shape[1]
-        out = self.attend(attn, q, k, v, n_text).transpose(1, 2).flatten(2, 3).to(q.dtype)
+        out = self.attend_joint(attn, q, k, v, n_text).transpose(1, 2).flatten(2, 3).to(q.dtype)
         text, image = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         return image, attn.to_add_out(text.contiguous())
@@ -285,7 +240,7 @@ class FluxSingleCaptureProcessor(_FluxCapture):
         q = _rope(attn.norm_q(_heads(attn.to_q(hidden_states), attn)), image_rotary_emb)
         k = _rope(attn.norm_k(_heads(attn.to_k(hidden_states), attn)), image_rotary_emb)
         v = _heads(attn.to_v(hidden_states), attn).transpose(1, 2)
-        return self.attend(attn, q, k, v, n_text).transpose(1, 2).flatten(2, 3).to(q.dtype)
+        return self.attend_joint(attn, q, k, v, n_text).transpose(1, 2).flatten(2, 3).to(q.dtype)
 
 
 # -- the backbone -------------------------------------------------------------------------------------------------------
@@ -325,17 +280,9 @@ class FluxBackbone(FlowMatchingNoise):
         guidance: float = 3.5,
         lora: str | None = None,
     ):
-        if conditioning not in CONDITIONINGS:
-            raise ConfigError(f"diffusion.conditioning={conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
-        if attention_maps not in DIRECTIONS:
-            raise ConfigError(f"diffusion.attention_maps={attention_maps!r}: use one of {', '.join(DIRECTIONS)}")
-        steps = _integer("num_inference_steps", num_inference_steps, 1)
-        if not 1 <= _integer("noise_step", noise_step, 1) <= steps:
-            raise ConfigError(f"diffusion.noise_step={noise_step}: give a step between 1 and num_inference_steps={steps}")
-        if not 1 <= _integer("t5_tokens", t5_tokens, 1) <= 512:
+        check_transformer_settings(conditioning, attention_maps, num_inference_steps, noise_step, timestep)
+        if not 1 <= whole_number("t5_tokens", t5_tokens, 1) <= 512:
             raise ConfigError(f"diffusion.t5_tokens={t5_tokens}: give T5's sequence length, 1 to 512 (dev: 512, schnell: 256)")
-        if isinstance(timestep, bool) or not isinstance(timestep, int | float) or not 0 <= timestep <= 1000:
-            raise ConfigError(f"diffusion.timestep={timestep}: give the transformer's time, 0 to 1000 (1 = almost clean)")
         if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance < math.inf:
             raise ConfigError(f"diffusion.guidance={guidance}: give the embedded guidance value, a number >= 0 (dev: 3.5)")
         self.name = name

@@ -188,31 +188,39 @@ class JointAttentionMapProcessor:
         self.per_head = per_head
         self.layout = layout
 
-    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        if encoder_hidden_states is None:
-            raise ValueError(f"{self.name}: JointAttentionMapProcessor installed on an image-only attention")
+    def attend(self, image: tuple, text: tuple, scale: float) -> torch.Tensor:
+        """Joint attention of the image and text parts ((q, k, v) per head, (B, heads, n, d) each) in ``self.layout``'s
+        order, recording what was asked; the output (B, heads, N + T, d) in that order. Shared by every family whose
+        blocks attend jointly (SD3 here, FLUX's double- and single-stream processors)."""
         store, layout = self.store, self.layout
-        image, text = joint_projections(attn, hidden_states, encoder_hidden_states)
         (q, k, v), (cq, ck, cv) = image, text
         n_image = q.shape[2]
         weights = store.token_weights
+        if weights is not None:
+            weights = weights.to(q.device)
         if self.class_maps and weights is not None:
             h, w = store.map_shape(n_image)
-            weights = weights.to(q.device)
-            out, maps, heads = joint_attention_maps(image, text, weights, attn.scale, layout, self.directions, self.per_head)
+            out, maps, heads = joint_attention_maps(image, text, weights, scale, layout, self.directions, self.per_head)
             store.cross[self.name] = maps.transpose(1, 2).reshape(maps.shape[0], -1, h, w)
             if heads is not None:
                 store.cross_heads[self.name] = heads.transpose(2, 3).reshape(*heads.shape[:2], -1, h, w)
-        else:
+        else:  # the stock kernel call
             q_all, k_all, v_all = layout.join(q, cq), layout.join(k, ck), layout.join(v, cv)
             out = F.scaled_dot_product_attention(q_all, k_all, v_all, dropout_p=0.0, is_causal=False)
         if self.query_keys:
             store.self_qk[self.name] = (q.detach(), k.detach())
         if self.text_logits and weights is not None:
             h, w = store.map_shape(n_image)
-            per_class = image_to_text_logits(q, ck, weights, attn.scale)
+            per_class = image_to_text_logits(q, ck, weights, scale)
             store.text_logits[self.name] = per_class.transpose(1, 2).reshape(per_class.shape[0], -1, h, w)
-        return joint_outputs(attn, out, n_image, q.dtype, layout)
+        return out
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        if encoder_hidden_states is None:
+            raise ValueError(f"{self.name}: JointAttentionMapProcessor installed on an image-only attention")
+        image, text = joint_projections(attn, hidden_states, encoder_hidden_states)
+        out = self.attend(image, text, attn.scale)
+        return joint_outputs(attn, out, image[0].shape[2], image[0].dtype, self.layout)
 
 
 class FullJointAttentionProcessor:

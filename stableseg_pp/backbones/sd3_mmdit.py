@@ -49,10 +49,10 @@ from stableseg_pp.backbones.base import (
     vae_pixels,
 )
 from stableseg_pp.backbones.capture import SelfAttentionQKProcessor
-from stableseg_pp.backbones.flow_matching import FlowMatchingNoise
+from stableseg_pp.backbones.flow_matching import FlowMatchingNoise, check_transformer_settings, whole_number
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed
 from stableseg_pp.backbones.installer import ProcessorInstaller, SiteCapture
-from stableseg_pp.backbones.joint_capture import DIRECTIONS, IMAGE_FIRST, JointAttentionMapProcessor
+from stableseg_pp.backbones.joint_capture import IMAGE_FIRST, JointAttentionMapProcessor
 from stableseg_pp.backbones.loading import (
     LORA_FILE,
     apply_lora,
@@ -67,7 +67,6 @@ from stableseg_pp.backbones.modulation import ModulatedJointAttentionProcessor
 from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt, map_class_tokens
 from stableseg_pp.runtime.errors import ConfigError, one_line
 
-CONDITIONINGS = ("per_class", "joined")
 EXAMPLE_HUB_ID = "stabilityai/stable-diffusion-3-medium-diffusers"
 
 
@@ -82,12 +81,6 @@ def mmdit_sites(transformer, latent_hw: tuple[int, int]) -> list[AttentionSite]:
         if getattr(block, "attn2", None) is not None:
             sites.append(AttentionSite(f"transformer_blocks.{i}.attn2", "self", grid, i, block.attn2.heads))
     return sites
-
-
-def _integer(key: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"diffusion.{key}={value}: give a whole number >= {minimum}")
-    return value
 
 
 def absent_components(index: dict[str, Any]) -> set[str]:
@@ -130,19 +123,11 @@ class SD3Backbone(FlowMatchingNoise):
         noise_step: int = 8,
         lora: str | None = None,
     ):
-        if conditioning not in CONDITIONINGS:
-            raise ConfigError(f"diffusion.conditioning={conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
-        if attention_maps not in DIRECTIONS:
-            raise ConfigError(f"diffusion.attention_maps={attention_maps!r}: use one of {', '.join(DIRECTIONS)}")
-        steps = _integer("num_inference_steps", num_inference_steps, 1)
-        if not 1 <= _integer("noise_step", noise_step, 1) <= steps:
-            raise ConfigError(f"diffusion.noise_step={noise_step}: give a step between 1 and num_inference_steps={steps}")
-        if not 0 <= _integer("t5_tokens", t5_tokens, 0) <= 512 or (use_t5 and int(t5_tokens) == 0):
+        check_transformer_settings(conditioning, attention_maps, num_inference_steps, noise_step, timestep)
+        if not 0 <= whole_number("t5_tokens", t5_tokens, 0) <= 512 or (use_t5 and int(t5_tokens) == 0):
             raise ConfigError(
                 f"diffusion.t5_tokens={t5_tokens}: give T5's sequence length, 1 to 512 (e.g. 77 or 256; 0 only with use_t5=false)"
             )
-        if not isinstance(timestep, int | float) or not 0 <= timestep <= 1000:
-            raise ConfigError(f"diffusion.timestep={timestep}: give the transformer's time, 0 to 1000 (1 = almost clean)")
         self.name = name
         self.pretrained = str(pretrained)
         self.dtype = parse_dtype(dtype)

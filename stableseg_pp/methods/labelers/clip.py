@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from stableseg_pp.backbones.loading import model_identity, parse_dtype
 from stableseg_pp.backbones.prompts import build_prompt
-from stableseg_pp.methods.labelers.diffusion import check_threshold, decide, otsu_threshold
+from stableseg_pp.methods.labelers.diffusion import check_threshold, decide, split_threshold
 from stableseg_pp.runtime.errors import ConfigError
 
 
@@ -87,10 +86,7 @@ class ClipLabeler:
         return similarity - similarity.mean(1, keepdim=True)
 
     def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> float:
-        if self.threshold != "otsu":
-            return float(self.threshold)
-        values = np.array([v for s in scores for v in s.values()])
-        return otsu_threshold(values) if values.size else 0.0
+        return split_threshold(self.threshold, scores)
 
     decide = staticmethod(decide)
 

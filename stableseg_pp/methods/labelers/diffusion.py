@@ -53,6 +53,14 @@ def check_threshold(threshold: object, low: float = 0.0, high: float = 1.0) -> N
         raise ConfigError(f"labeler.threshold={threshold}: use otsu or a number in ({low}, {high})")
 
 
+def split_threshold(threshold: str | float, scores: Sequence[Mapping[int, float]]) -> float:
+    """A split's threshold of score rows: the fixed value, or Otsu's split of every score (0 without scores)."""
+    if threshold != "otsu":
+        return float(threshold)
+    values = np.array([v for s in scores for v in s.values()])
+    return otsu_threshold(values) if values.size else 0.0
+
+
 def decide(scores: Mapping[int, float], threshold: float, has_background: bool) -> list[int]:
     """The classes named for one image: every score at or above ``threshold``; none named and no background class
     to fall back on: the top-scoring class (an image always shows something)."""
@@ -133,10 +141,7 @@ class DenoisingLabeler:
         return (per_class.mean(1, keepdim=True) - per_class) / empty.clamp_min(1e-12)
 
     def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> float:
-        if self.threshold != "otsu":
-            return float(self.threshold)
-        values = np.array([v for s in scores for v in s.values()])
-        return otsu_threshold(values) if values.size else 0.0
+        return split_threshold(self.threshold, scores)
 
     decide = staticmethod(decide)
 
