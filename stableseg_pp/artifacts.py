@@ -325,7 +325,7 @@ def check_pictures(images: Sequence[Path], strict: bool = False) -> Pictures:
             problems.append(f"{path}: a folder with no pictures ({', '.join(IMAGE_SUFFIXES)}) in it or below")
     images = expanded
     pictures = Pictures([], problems, len(images) + len(problems), strict)
-    for path, stem in zip(images, unique_stems(images), strict=True):
+    for path, stem in zip(images, unique_stems(images) if images else [], strict=True):
         try:
             pictures.read(path)
         except BadInputError as err:
@@ -333,7 +333,7 @@ def check_pictures(images: Sequence[Path], strict: bool = False) -> Pictures:
             continue
         pictures.usable.append((path, stem))
     if not pictures.usable:
-        raise UserError(f"none of the {len(images)} inputs can be used, nothing was written: {' | '.join(pictures.problems)}")
+        raise UserError(f"none of the {pictures.total} inputs can be used, nothing was written: {' | '.join(pictures.problems)}")
     return pictures
 
 

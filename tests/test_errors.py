@@ -266,10 +266,11 @@ def test_segment_checks_everything_before_the_model_loads(tmp_path, capsys, monk
 
     monkeypatch.setattr(SDUNetBackbone, "load", no_loading)
     pic = _picture(tmp_path / "p.png", 1)
-    out = tmp_path / "new"
+    out, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
     cases = [
         ([str(tmp_path / "missing.png")], "image " + str(tmp_path / "missing.png") + " does not exist"),
-        ([str(tmp_path)], "is a folder, not an image file"),
+        ([str(empty)], "a folder with no pictures"),  # a folder stands for the pictures in it: none here
         ([str(pic), "zero_shot.prompt_template=a photo"], "zero_shot.prompt_template='a photo': give a text with one {}"),
         ([str(pic), "data.convert_to_rgb=false"], "data.convert_to_rgb=false: segment reads the pictures named on its"),
         ([str(pic), "data.on_bad_input=skip"], "data settings do not apply"),
