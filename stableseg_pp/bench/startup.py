@@ -17,6 +17,7 @@ COMMANDS = {  # the package's commands, as a user types them
     "launch.slurm": ["-m", "stableseg_pp.launch.slurm", "--help"],
     "miniature_sd.train": ["-m", "stableseg_pp.miniature_sd.train", "--help"],
     "miniature_mmdit.train": ["-m", "stableseg_pp.miniature_mmdit.train", "--help"],
+    "miniature_flux.train": ["-m", "stableseg_pp.miniature_flux.train", "--help"],
     "(reference) import torch": ["-c", "import torch"],
 }
 
