@@ -326,3 +326,67 @@ def test_stableseg_runs_on_flux(pipe, conditioning):
     assert out.scores.shape == (2, 3, 16, 16) and out.valid.tolist() == [[True, True, True], [True, True, False]]
     assert set(out.cross_maps) == set(DOUBLE + SINGLE) and out.scores.isfinite().all()
     b.remove_capture()
+
+
+def test_emerdiff_on_flux_modulates_a_double_block_and_injects_the_reference_attention_everywhere(pipe):
+    """EmerDiff on FLUX: the modulated double-stream block's image output moves by exactly c * M_i (its text output
+    and every block before it unchanged); after it, in double- and single-stream blocks alike, the modulated run
+    attends with the reference run's Q and K (after RoPE) over [text; image], applied to its own values (explicit
+    softmax). A single-stream block cannot be the modulated site; a size-shifted schedule cannot be sampled."""
+    from stableseg_pp.backbones.flux import double_stream_outputs
+    from stableseg_pp.backbones.modulation import ModulationState
+    from stableseg_pp.methods.emerdiff import segment_offsets
+
+    bb = backbone(pipe)
+    site = DOUBLE[1]
+    seen, handles = {}, []
+    for name in (*DOUBLE, *SINGLE):
+
+        def hook(module, args, kwargs, output, name=name):
+            seen[name] = {"hidden": kwargs["hidden_states"], "context": kwargs.get("encoder_hidden_states"),
+                          "rope": kwargs["image_rotary_emb"], "out": output}  # fmt: skip
+
+        handles.append(bb.transformer.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+    segments = torch.zeros(4, 4, dtype=torch.long)
+    segments[1:3, 0:2] = 1
+    offsets = torch.stack([torch.zeros(16), segment_offsets(segments, 1, 10.0)])
+    torch.manual_seed(0)
+    latents = torch.randn(1, 16, 16).expand(2, -1, -1).clone()
+    text = bb.encode_captions([""]).expand(2)
+    bb.install_modulation(ModulationState(reference=torch.tensor([0, 0]), offset=offsets), site)
+    try:
+        with torch.no_grad():
+            bb.denoise(latents, bb.time_input(281.0, 2, latents.device), text)
+    finally:
+        for h in handles:
+            h.remove()
+        bb.remove_capture()
+    torch.testing.assert_close(seen[DOUBLE[0]]["out"][0][1], seen[DOUBLE[0]]["out"][0][0])  # before the site
+    image, text_out = seen[site]["out"]
+    inside, diff = segments.flatten().bool(), image[1] - image[0]
+    torch.testing.assert_close(diff[inside], torch.full_like(diff[inside], 10.0), atol=1e-4, rtol=0)
+    torch.testing.assert_close(diff[~inside], torch.zeros_like(diff[~inside]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(text_out[1], text_out[0])
+    for name in SINGLE:  # after the site: the reference's probabilities, the run's own values
+        m, s = bb.transformer.get_submodule(name), seen[name]
+        with torch.no_grad():
+            probs, _, _ = reference_probabilities(m, s["hidden"][:1], None, s["rope"])
+            v = m.to_v(s["hidden"][1:]).view(1, -1, m.heads, m.head_dim).transpose(1, 2)
+            expected = (probs @ v).transpose(1, 2).flatten(2, 3)
+        torch.testing.assert_close(s["out"][1:], expected, atol=2e-5, rtol=1e-4)
+        assert (s["hidden"][1] - s["hidden"][0]).abs().max() > 1e-4  # the runs differ here: injection is tested
+    m, s = bb.transformer.get_submodule(site), seen[site]
+    with torch.no_grad():  # the modulated block itself attends with the reference's Q and K too
+        probs, _, _ = reference_probabilities(m, s["hidden"][:1], s["context"][:1], s["rope"])
+        heads = m.heads
+
+        def split(y):
+            return y.view(1, -1, heads, m.head_dim).transpose(1, 2)
+
+        v = torch.cat([split(m.add_v_proj(s["context"][1:])), split(m.to_v(s["hidden"][1:]))], 2)
+        out_image, out_text = double_stream_outputs(m, probs @ v, s["context"].shape[1])
+    torch.testing.assert_close(image[1:] - offsets[1:, :, None], out_image, atol=2e-5, rtol=1e-4)
+    with pytest.raises(ConfigError, match="single-stream block has no image output"):
+        bb.install_modulation(ModulationState(), SINGLE[0])
+    with pytest.raises(ConfigError, match="use_dynamic_shifting"):
+        bb.sampling_times(281, 50)

@@ -52,3 +52,39 @@ def check_transformer_settings(
         raise ConfigError(f"diffusion.noise_step={noise_step}: give a step between 1 and num_inference_steps={steps}")
     if isinstance(timestep, bool) or not isinstance(timestep, int | float) or not 0 <= timestep <= 1000:
         raise ConfigError(f"diffusion.timestep={timestep}: give the transformer's time, 0 to 1000 (1 = almost clean)")
+
+
+class FlowMatchingSampler:
+    """:class:`~stableseg_pp.backbones.base.GenerativeBackbone`'s sampler for the flow-matching families (EmerDiff):
+    the model's own scheduler (a copy, ``self.scheduler``'s config) with ``steps`` steps, and stateless Euler steps.
+    A scheduler that shifts with the image size (``use_dynamic_shifting``, FLUX.1-dev) is refused: its times depend on
+    the image, which ``sampling_times`` is not given."""
+
+    _sampling: tuple | None = None  # ((scheduler id, steps), the sampler)
+
+    def _sampler(self, steps: int):
+        if self._sampling is None or self._sampling[0] != (id(self.scheduler), steps):
+            sampler = type(self.scheduler).from_config(self.scheduler.config)
+            if sampler.config.get("use_dynamic_shifting"):
+                raise ConfigError(f"{self.pretrained}: its scheduler shifts with the image size (use_dynamic_shifting); "
+                                  "EmerDiff samples on a fixed-shift schedule (SD3, FLUX.1-schnell)")  # fmt: skip
+            sampler.set_timesteps(int(steps))
+            self._sampling = ((id(self.scheduler), steps), sampler)
+        return self._sampling[1]
+
+    def sampling_times(self, start: int, steps: int) -> list[float]:
+        sampler = self._sampler(int(steps))
+        times = [float(t) for t in sampler.timesteps if float(t) <= float(start)]
+        if not times:
+            raise ConfigError(f"emerdiff.timestep={start}: no step of a {steps}-step schedule is at or before it")
+        return times
+
+    def sampler_step(self, prediction: torch.Tensor, time: float, latents: torch.Tensor) -> torch.Tensor:
+        """One Euler step of the flow from ``time`` to the schedule's next time (0 after the last): stateless, so any
+        number of batches can take the same step."""
+        if self._sampling is None:
+            raise RuntimeError("sampling_times() sets the schedule before sampler_step()")
+        sampler = self._sampling[1]
+        index = int((sampler.timesteps.float() - float(time)).abs().argmin())
+        sigma, following = float(sampler.sigmas[index]), float(sampler.sigmas[index + 1])
+        return (latents.float() + (following - sigma) * prediction.float()).to(latents.dtype)

@@ -66,6 +66,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import (
     FluxAttnProcessor,
@@ -73,8 +74,21 @@ from diffusers.models.transformers.transformer_flux import (
     FluxTransformerBlock,
 )
 
-from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest, TextConditioning, vae_latents
-from stableseg_pp.backbones.flow_matching import FlowMatchingNoise, check_transformer_settings, whole_number
+from stableseg_pp.backbones.base import (
+    AttentionSite,
+    AttentionStore,
+    CaptureRequest,
+    ModulationState,
+    TextConditioning,
+    vae_latents,
+    vae_pixels,
+)
+from stableseg_pp.backbones.flow_matching import (
+    FlowMatchingNoise,
+    FlowMatchingSampler,
+    check_transformer_settings,
+    whole_number,
+)
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed
 from stableseg_pp.backbones.installer import ProcessorInstaller, SiteCapture
 from stableseg_pp.backbones.joint_capture import TEXT_FIRST, JointAttentionMapProcessor
@@ -175,6 +189,43 @@ def _rope(x: torch.Tensor, image_rotary_emb) -> torch.Tensor:
     return x.transpose(1, 2)
 
 
+def double_stream_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb):
+    """Joint Q, K (after RoPE) and V (B, heads, T + N, d) of a double-stream block in ``[text; image]`` order, exactly
+    as ``FluxAttnProcessor`` computes them."""
+    q = attn.norm_q(_heads(attn.to_q(hidden_states), attn))
+    k = attn.norm_k(_heads(attn.to_k(hidden_states), attn))
+    v = _heads(attn.to_v(hidden_states), attn)
+    cq = attn.norm_added_q(_heads(attn.add_q_proj(encoder_hidden_states), attn))
+    ck = attn.norm_added_k(_heads(attn.add_k_proj(encoder_hidden_states), attn))
+    cv = _heads(attn.add_v_proj(encoder_hidden_states), attn)
+    q, k = _rope(torch.cat([cq, q], dim=1), image_rotary_emb), _rope(torch.cat([ck, k], dim=1), image_rotary_emb)
+    return q, k, torch.cat([cv, v], dim=1).transpose(1, 2)
+
+
+def double_stream_outputs(attn, out: torch.Tensor, n_text: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, heads, T + N, d) joint output -> (image, text) projected, as ``FluxAttnProcessor`` returns them."""
+    out = out.transpose(1, 2).flatten(2, 3)
+    text, image = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
+    return attn.to_out[1](attn.to_out[0](image.contiguous())), attn.to_add_out(text.contiguous())
+
+
+def single_stream_qkv(attn, hidden_states, image_rotary_emb):
+    """Q, K (after RoPE) and V (B, heads, T + N, d) of a single-stream block, as ``FluxAttnProcessor`` computes them."""
+    q = _rope(attn.norm_q(_heads(attn.to_q(hidden_states), attn)), image_rotary_emb)
+    k = _rope(attn.norm_k(_heads(attn.to_k(hidden_states), attn)), image_rotary_emb)
+    return q, k, _heads(attn.to_v(hidden_states), attn).transpose(1, 2)
+
+
+def known_text_length(name: str, text_length: TextLength, total: int) -> int:
+    n_text = text_length.value
+    if n_text is None or not 0 < n_text < total:
+        raise RuntimeError(
+            f"{name}: the text length of this single-stream block is unknown ({n_text}); the FLUX backbone's "
+            "install_capture / install_modulation set it from each single-stream block's call"
+        )
+    return n_text
+
+
 class _FluxCapture(JointAttentionMapProcessor):
     """What both FLUX capture processors record: :class:`JointAttentionMapProcessor`'s, on ``[text; image]``."""
 
@@ -204,19 +255,9 @@ class FluxJointCaptureProcessor(_FluxCapture):
         if encoder_hidden_states is None:
             raise ValueError(f"{self.name}: FluxJointCaptureProcessor installed on a single-stream attention")
         self._check(attn, attention_mask)
-        q = attn.norm_q(_heads(attn.to_q(hidden_states), attn))
-        k = attn.norm_k(_heads(attn.to_k(hidden_states), attn))
-        v = _heads(attn.to_v(hidden_states), attn)
-        cq = attn.norm_added_q(_heads(attn.add_q_proj(encoder_hidden_states), attn))
-        ck = attn.norm_added_k(_heads(attn.add_k_proj(encoder_hidden_states), attn))
-        cv = _heads(attn.add_v_proj(encoder_hidden_states), attn)
-        q, k = _rope(torch.cat([cq, q], dim=1), image_rotary_emb), _rope(torch.cat([ck, k], dim=1), image_rotary_emb)
-        v = torch.cat([cv, v], dim=1).transpose(1, 2)
+        q, k, v = double_stream_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         n_text = encoder_hidden_states.shape[1]
-        out = self.attend_joint(attn, q, k, v, n_text).transpose(1, 2).flatten(2, 3).to(q.dtype)
-        text, image = out.split_with_sizes([n_text, out.shape[1] - n_text], dim=1)
-        image = attn.to_out[1](attn.to_out[0](image.contiguous()))
-        return image, attn.to_add_out(text.contiguous())
+        return double_stream_outputs(attn, self.attend_joint(attn, q, k, v, n_text).to(q.dtype), n_text)
 
 
 class FluxSingleCaptureProcessor(_FluxCapture):
@@ -231,22 +272,63 @@ class FluxSingleCaptureProcessor(_FluxCapture):
         if encoder_hidden_states is not None:
             raise ValueError(f"{self.name}: FluxSingleCaptureProcessor installed on a double-stream attention")
         self._check(attn, attention_mask)
-        n_text = self.text_length.value
-        if n_text is None or not 0 < n_text < hidden_states.shape[1]:
-            raise RuntimeError(
-                f"{self.name}: the text length of this single-stream block is unknown ({n_text}); the FLUX backbone's "
-                "install_capture sets it from each single-stream block's call"
-            )
-        q = _rope(attn.norm_q(_heads(attn.to_q(hidden_states), attn)), image_rotary_emb)
-        k = _rope(attn.norm_k(_heads(attn.to_k(hidden_states), attn)), image_rotary_emb)
-        v = _heads(attn.to_v(hidden_states), attn).transpose(1, 2)
+        n_text = known_text_length(self.name, self.text_length, hidden_states.shape[1])
+        q, k, v = single_stream_qkv(attn, hidden_states, image_rotary_emb)
         return self.attend_joint(attn, q, k, v, n_text).transpose(1, 2).flatten(2, 3).to(q.dtype)
+
+
+class FluxModulatedProcessor:
+    """EmerDiff's injection (and, on a double-stream block, its modulation) on a FLUX attention; a diffusers processor.
+
+    Every run attends with its reference run's Q and K (after RoPE) over the whole ``[text; image]`` sequence, so its
+    probabilities are the reference's while its values are its own; on the modulated double-stream block
+    ``offset[b, n]`` is added to every channel of the image stream's projected output (the text stream untouched).
+
+    Args:
+        state: the shared :class:`ModulationState`.
+        name: the block's site id.
+        modulated: whether this block's image output is modulated (double-stream blocks only).
+        text_length: where the text ends in a single-stream block's sequence (None on double-stream blocks).
+    """
+
+    def __init__(self, state: ModulationState, name: str, modulated: bool = False, text_length: TextLength | None = None):
+        if modulated and text_length is not None:
+            raise ConfigError(
+                f"emerdiff.site={name}: a single-stream block has no image output of its own to modulate; choose a "
+                "double-stream block, transformer_blocks.<i>.attn"
+            )
+        self.state = state
+        self.name = name
+        self.modulated = modulated
+        self.text_length = text_length
+
+    def _attend(self, q, k, v) -> torch.Tensor:
+        reference = self.state.reference
+        if reference is not None:
+            reference = reference.to(q.device)
+            q, k = q[reference], k[reference]
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        if self.text_length is not None:  # single-stream: [text; image] in, attention output out (no projection)
+            known_text_length(self.name, self.text_length, hidden_states.shape[1])
+            q, k, v = single_stream_qkv(attn, hidden_states, image_rotary_emb)
+            return self._attend(q, k, v).transpose(1, 2).flatten(2, 3).to(q.dtype)
+        q, k, v = double_stream_qkv(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
+        n_text = encoder_hidden_states.shape[1]
+        image, text = double_stream_outputs(attn, self._attend(q, k, v).to(q.dtype), n_text)
+        offset = self.state.offset if self.modulated else None
+        if offset is not None:
+            if offset.shape[1] != image.shape[1]:
+                raise ValueError(f"{self.name}: modulation offset has {offset.shape[1]} tokens, the block {image.shape[1]}")
+            image = image + offset.to(image.dtype)[:, :, None]
+        return image, text
 
 
 # -- the backbone -------------------------------------------------------------------------------------------------------
 
 
-class FluxBackbone(FlowMatchingNoise):
+class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
     """FLUX.1 (dev, schnell) behind the backbone interface.
 
     Args:
@@ -568,11 +650,33 @@ class FluxBackbone(FlowMatchingNoise):
         self._require_loaded()
         sites = flux_sites(self.transformer, (0, 0))  # kinds and depths only: the grids do not matter for installing
         self._processors.install_capture(self.transformer, sites, request, store, self._capture_processor)
+        self._hook_text_length()
+
+    def _hook_text_length(self) -> None:
+        """The single-stream blocks' text length, read from each call by a pre-hook (removed with the processors)."""
         if not self._hooks:
             self._hooks = [
                 block.register_forward_pre_hook(self._text_length.hook, with_kwargs=True)
                 for block in self.transformer.single_transformer_blocks
             ]
+
+    # -- sampling (EmerDiff) ---------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, N, 4C) packed latent tokens -> (B, 3, R, R) pixels in [-1, 1]."""
+        return vae_pixels(self.vae, unpack_latents(latents, token_grid(latents.shape[1])))
+
+    def install_modulation(self, state: ModulationState, site: str) -> None:
+        self._require_loaded()
+        self._processors.install_all(
+            self.transformer,
+            flux_sites(self.transformer, (0, 0)),
+            lambda s: FluxModulatedProcessor(state, s.id, s.id == site, self._text_length if self._is_single(s) else None),
+            named=site,
+            what="emerdiff.site",
+        )
+        self._hook_text_length()
 
     def _capture_processor(self, site: AttentionSite, wants: SiteCapture, store: AttentionStore) -> _FluxCapture:
         settings = {

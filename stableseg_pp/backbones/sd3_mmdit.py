@@ -49,7 +49,12 @@ from stableseg_pp.backbones.base import (
     vae_pixels,
 )
 from stableseg_pp.backbones.capture import SelfAttentionQKProcessor
-from stableseg_pp.backbones.flow_matching import FlowMatchingNoise, check_transformer_settings, whole_number
+from stableseg_pp.backbones.flow_matching import (
+    FlowMatchingNoise,
+    FlowMatchingSampler,
+    check_transformer_settings,
+    whole_number,
+)
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed
 from stableseg_pp.backbones.installer import ProcessorInstaller, SiteCapture
 from stableseg_pp.backbones.joint_capture import IMAGE_FIRST, JointAttentionMapProcessor
@@ -88,7 +93,7 @@ def absent_components(index: dict[str, Any]) -> set[str]:
     return {k for k, v in index.items() if isinstance(v, list | tuple) and list(v) == [None, None]}
 
 
-class SD3Backbone(FlowMatchingNoise):
+class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
     """Stable Diffusion 3 / 3.5 (and the miniature MM-DiT) behind the backbone interface.
 
     Args:
@@ -150,7 +155,6 @@ class SD3Backbone(FlowMatchingNoise):
         self._meta: SimpleNamespace | None = None
         self._schedule: tuple | None = None  # ((scheduler id, steps), the noising schedule)
         self._train_schedule: tuple | None = None  # (key, the schedule as trained)
-        self._sampling: tuple | None = None  # ((scheduler id, steps), EmerDiff's sampler)
 
     @property
     def stochastic(self) -> bool:
@@ -490,35 +494,6 @@ class SD3Backbone(FlowMatchingNoise):
         return TrainingSample(noisy=noisy.to(latents.dtype), time=time, target=noise - latents, weighting=weighting)
 
     # -- sampling (EmerDiff) ---------------------------------------------------------------------------------------
-
-    def _sampler(self, steps: int):
-        """A copy of the model's flow-matching scheduler with ``steps`` steps (Euler: deterministic); the pipeline's
-        own scheduler is left alone."""
-        if self._sampling is None or self._sampling[0] != (id(self.scheduler), steps):
-            sampler = type(self.scheduler).from_config(self.scheduler.config)
-            if sampler.config.get("use_dynamic_shifting"):
-                raise ConfigError(f"{self.pretrained}: its scheduler shifts with the image size (use_dynamic_shifting); "
-                                  "EmerDiff samples on SD3's fixed-shift schedule")  # fmt: skip
-            sampler.set_timesteps(int(steps))
-            self._sampling = ((id(self.scheduler), steps), sampler)
-        return self._sampling[1]
-
-    def sampling_times(self, start: int, steps: int) -> list[float]:
-        sampler = self._sampler(int(steps))
-        times = [float(t) for t in sampler.timesteps if float(t) <= float(start)]
-        if not times:
-            raise ConfigError(f"emerdiff.timestep={start}: no step of a {steps}-step schedule is at or before it")
-        return times
-
-    def sampler_step(self, prediction: torch.Tensor, time: float, latents: torch.Tensor) -> torch.Tensor:
-        """One Euler step of the flow from ``time`` to the schedule's next time (0 after the last): stateless, so any
-        number of batches can take the same step."""
-        sampler = self._sampling[1] if self._sampling is not None else None
-        if sampler is None:
-            raise RuntimeError("sampling_times() sets the schedule before sampler_step()")
-        index = int((sampler.timesteps.float() - float(time)).abs().argmin())
-        sigma, following = float(sampler.sigmas[index]), float(sampler.sigmas[index + 1])
-        return (latents.float() + (following - sigma) * prediction.float()).to(latents.dtype)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:

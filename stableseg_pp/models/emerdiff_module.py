@@ -67,7 +67,7 @@ def require_generative(backbone) -> None:
     if not isinstance(backbone, GenerativeBackbone):
         raise ConfigError(
             f"EmerDiff needs a backbone that can sample: diffusion={backbone.name} (family {backbone.family}) does not "
-            "implement GenerativeBackbone yet (docs/emerdiff.md); use a U-Net or SD3 / SD3.5 preset"
+            "implement GenerativeBackbone yet (docs/emerdiff.md); use a U-Net, SD3 / SD3.5 or FLUX preset"
         )
 
 
