@@ -163,7 +163,6 @@ PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "experiment").glob("*.yaml"
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_has_the_splits_its_stages_need(compose_fit, preset):
     from stableseg_pp.launch import slurm
-
     from stableseg_pp.stages import check_stage_splits, stage_chain
 
     cfg = compose_fit(f"experiment={preset}")

@@ -3,6 +3,8 @@ output unchanged, the per-class T5 pass, packed latents, sites and the flow-matc
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -20,8 +22,10 @@ from stableseg_pp.backbones.flux import (
     unpack_latents,
 )
 from stableseg_pp.backbones.prompts import map_class_tokens
+from stableseg_pp.methods.emerdiff import EmerDiff
 from stableseg_pp.miniature_sd.architecture import WORDS, build_tokenizer
 from stableseg_pp.runtime.errors import ConfigError
+from tests.concept_reference import reference_concept_maps
 from tests.test_mmdit import t5_tokenizer
 
 TEMPLATE = "a photo of a {}"
@@ -80,19 +84,20 @@ def inputs(b: int = 2, n_text: int = 10, grid: int = 4, seed: int = 1) -> dict[s
     }
 
 
-def reference_probabilities(m, hs, ehs, rope) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def reference_probabilities(m, hs, ehs, rope) -> tuple[torch.Tensor, ...]:
     """The full joint softmax of one attention, recomputed explicitly: (B, heads, T + N, T + N) over [text; image],
-    and the joint Q and K after RoPE (B, heads, T + N, d)."""
+    and the joint Q and K after RoPE and V (B, heads, T + N, d)."""
 
     def heads(y):
         return y.view(y.shape[0], y.shape[1], m.heads, -1).transpose(1, 2)  # (B, heads, L, d)
 
-    q, k = m.norm_q(heads(m.to_q(hs))), m.norm_k(heads(m.to_k(hs)))
+    q, k, v = m.norm_q(heads(m.to_q(hs))), m.norm_k(heads(m.to_k(hs))), heads(m.to_v(hs))
     if ehs is not None:  # double-stream: text projections of their own, text first
         q = torch.cat([m.norm_added_q(heads(m.add_q_proj(ehs))), q], 2)
         k = torch.cat([m.norm_added_k(heads(m.add_k_proj(ehs))), k], 2)
+        v = torch.cat([heads(m.add_v_proj(ehs)), v], 2)
     q, k = apply_rotary_emb(q, rope, sequence_dim=2), apply_rotary_emb(k, rope, sequence_dim=2)
-    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1), q, k
+    return (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).softmax(-1), q, k, v
 
 
 def test_sites_follow_the_block_structure_and_select_by_depth(pipe):
@@ -121,6 +126,7 @@ def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directi
     tr, x = b.transformer, inputs()
     n_text = x["encoder_hidden_states"].shape[1]
     weights = torch.rand(2, n_text, 3, generator=torch.Generator().manual_seed(2))
+    weights[1, :, 2] = 0  # image 1's prompt names two classes
     blocks = [*tr.transformer_blocks, *tr.single_transformer_blocks]
     seen: dict[str, list] = {"stock": [], "capture": []}
     attn_inputs: dict[int, tuple] = {}
@@ -163,7 +169,7 @@ def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directi
     for i, (m, hs, ehs, rope) in attn_inputs.items():
         site = sites[i]
         with torch.no_grad():
-            probs, q, k = reference_probabilities(m, hs, ehs, rope)
+            probs, q, k, _ = reference_probabilities(m, hs, ehs, rope)
         heads = probs[:, :, n_text:, :n_text] @ weights[:, None]  # image queries over text keys, all keys normalised
         if directions == "both":
             heads = (heads + probs[:, :, :n_text, n_text:].transpose(-1, -2) @ weights[:, None]) / 2
@@ -185,6 +191,37 @@ def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directi
         else:
             assert site not in store.text_logits
     assert len(attn_inputs) == 4
+
+
+def test_output_space_maps_follow_the_concept_stream_through_double_and_single_blocks(pipe):
+    """``attention_maps=output_space`` on FLUX: the class tokens ride through both double-stream blocks (the first
+    records nothing) into the first single-stream block, each block's concepts attending to [concepts; image] with
+    zero RoPE positions (recomputed by running each block with the concepts as its text); the stock outputs."""
+    b = backbone(pipe, attention_maps="output_space")
+    tr, x = b.transformer, inputs()
+    weights = torch.rand(2, x["encoder_hidden_states"].shape[1], 3, generator=torch.Generator().manual_seed(2))
+    weights[1, :, 2] = 0  # image 1's prompt names two classes
+    b.remove_capture()
+    with torch.no_grad():
+        stock = tr(**x).sample
+    path = [*tr.transformer_blocks, tr.single_transformer_blocks[0]]
+    expected, expected_heads = reference_concept_maps(path, lambda: tr(**x), weights)
+    store = AttentionStore()
+    b.install_capture(CaptureRequest(class_maps=(DOUBLE[1], SINGLE[0]), head_maps=(SINGLE[0],)), store)
+    assert not tr.single_transformer_blocks[1]._forward_hooks  # the stream stops at the deepest class-map site
+    store.reset(weights, b.latent_grid(16))
+    with torch.no_grad():
+        captured = tr(**x).sample
+    torch.testing.assert_close(captured, stock, rtol=1e-5, atol=1e-6)
+    assert sorted(store.cross) == sorted([DOUBLE[1], SINGLE[0]])
+    for site, i in ((DOUBLE[1], 1), (SINGLE[0], 2)):
+        got = store.cross[site].flatten(2).transpose(1, 2)
+        torch.testing.assert_close(got, expected[i], rtol=1e-4, atol=1e-5)
+        assert torch.all(got[1, :, 2] == 0)  # a class the prompt does not name scores 0
+    got_heads = store.cross_heads[SINGLE[0]].flatten(3).transpose(-1, -2)
+    torch.testing.assert_close(got_heads, expected_heads[2], rtol=1e-4, atol=1e-5)
+    b.remove_capture()
+    assert not any(blk._forward_hooks for blk in path)
 
 
 def test_single_stream_capture_needs_the_text_length(pipe):
@@ -370,14 +407,14 @@ def test_emerdiff_on_flux_modulates_a_double_block_and_injects_the_reference_att
     for name in SINGLE:  # after the site: the reference's probabilities, the run's own values
         m, s = bb.transformer.get_submodule(name), seen[name]
         with torch.no_grad():
-            probs, _, _ = reference_probabilities(m, s["hidden"][:1], None, s["rope"])
+            probs = reference_probabilities(m, s["hidden"][:1], None, s["rope"])[0]
             v = m.to_v(s["hidden"][1:]).view(1, -1, m.heads, m.head_dim).transpose(1, 2)
             expected = (probs @ v).transpose(1, 2).flatten(2, 3)
         torch.testing.assert_close(s["out"][1:], expected, atol=2e-5, rtol=1e-4)
         assert (s["hidden"][1] - s["hidden"][0]).abs().max() > 1e-4  # the runs differ here: injection is tested
     m, s = bb.transformer.get_submodule(site), seen[site]
     with torch.no_grad():  # the modulated block itself attends with the reference's Q and K too
-        probs, _, _ = reference_probabilities(m, s["hidden"][:1], s["context"][:1], s["rope"])
+        probs = reference_probabilities(m, s["hidden"][:1], s["context"][:1], s["rope"])[0]
         heads = m.heads
 
         def split(y):
@@ -388,5 +425,29 @@ def test_emerdiff_on_flux_modulates_a_double_block_and_injects_the_reference_att
     torch.testing.assert_close(image[1:] - offsets[1:, :, None], out_image, atol=2e-5, rtol=1e-4)
     with pytest.raises(ConfigError, match="single-stream block has no image output"):
         bb.install_modulation(ModulationState(), SINGLE[0])
-    with pytest.raises(ConfigError, match="use_dynamic_shifting"):
-        bb.sampling_times(281, 50)
+
+
+def test_sampler_of_a_size_shifted_schedule_takes_the_shift_of_the_latents(pipe):
+    """FLUX.1-dev's scheduler shifts with the image size: the sampler's sigmas are the unshifted grid moved by
+    ``mu`` = the line through (256 tokens, 0.5) and (4096 tokens, 1.15), for the token count of the latents sampled."""
+    bb = backbone(pipe)
+    unshifted = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    unshifted.set_timesteps(50)
+    grid = unshifted.sigmas[:-1].double()
+    for tokens in (16, 1024):
+        mu = 0.5 + (1.15 - 0.5) * (tokens - 256) / (4096 - 256)
+        sigmas = math.exp(mu) / (math.exp(mu) + (1 / grid - 1))
+        times = bb.sampling_times(1000, 50, torch.zeros(1, tokens, 64))
+        np.testing.assert_allclose(times, (sigmas * 1000).tolist(), rtol=1e-5)
+        assert bb.sampling_times(281, 50, torch.zeros(1, tokens, 64)) == [t for t in times if t <= 281]
+    small, large = (bb.sampling_times(1000, 50, torch.zeros(1, n, 64))[25] for n in (16, 1024))
+    assert large > small  # a larger image spends more of its steps at high noise
+    assert bb.sampling_times(1000, 50) == bb.sampling_times(1000, 50, torch.zeros(1, 256, 64))  # check-only: base size
+    # EmerDiff samples on it: its times are those of its latents' size
+    emerdiff = EmerDiff(bb, DOUBLE[1], (4, 4), timestep=600, sampler_steps=6, sigma=0.0, runs_per_forward=4)
+    g = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn(1, 16, 16, generator=g), torch.randn(1, 16, 16, generator=g)
+    segments = [torch.arange(16).view(4, 4) // 8]  # two segments
+    changes = emerdiff.change_maps(latents, segments, noise)
+    assert emerdiff.times == bb.sampling_times(600, 6, latents) and sorted(changes[0]) == [0, 1]
+    assert all(c.shape == (16, 16) and c.max() > 0 for c in changes[0].values())

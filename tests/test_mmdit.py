@@ -12,10 +12,9 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5TokenizerFast
 
-from stableseg_pp.backbones.base import AttentionStore, CaptureRequest
+from stableseg_pp.backbones.base import AttentionStore, CaptureRequest, ModulationState
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed, pack_prompts
 from stableseg_pp.backbones.joint_capture import (
-    DIRECTIONS,
     IMAGE_FIRST,
     TEXT_FIRST,
     JointAttentionMapProcessor,
@@ -25,6 +24,7 @@ from stableseg_pp.backbones.prompts import map_class_tokens
 from stableseg_pp.backbones.sd3_mmdit import SD3Backbone
 from stableseg_pp.methods.stableseg import StableSeg
 from stableseg_pp.miniature_sd.architecture import WORDS, build_tokenizer
+from tests.concept_reference import reference_concept_maps
 
 TEMPLATE = "a photo of a {}"
 
@@ -87,14 +87,21 @@ def test_sites_follow_the_block_structure(pipe):
     assert {s.grid for s in sites} == {(4, 4)}  # 16 px -> 8x8 latent -> 2x2 patches
 
 
-@pytest.mark.parametrize("directions", ["image_to_text", "both"])
-def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directions):
-    b = backbone(pipe, attention_maps=directions)
-    tr = b.transformer
+def transformer_inputs() -> tuple[torch.Tensor, ...]:
+    """Latents, text, pooled vector and times of two images, and class weights (image 1's prompt names two)."""
     torch.manual_seed(1)
     x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 10, 64)
     pooled, t = torch.randn(2, 48), torch.tensor([1.0, 500.0])
     weights = torch.rand(2, 10, 3)
+    weights[1, :, 2] = 0
+    return x, text, pooled, t, weights
+
+
+@pytest.mark.parametrize("directions", ["image_to_text", "both"])
+def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directions):
+    b = backbone(pipe, attention_maps=directions)
+    tr = b.transformer
+    x, text, pooled, t, weights = transformer_inputs()
     b.remove_capture()
     with torch.no_grad():
         stock = tr(x, text, pooled, t).sample
@@ -146,7 +153,48 @@ def test_captured_maps_are_the_joint_softmax_and_outputs_unchanged(pipe, directi
             torch.testing.assert_close(store.text_logits[sites[0]].flatten(2).transpose(1, 2), logits.detach())
 
 
-@pytest.mark.parametrize("directions", DIRECTIONS)
+def test_output_space_maps_are_conceptattention_and_outputs_unchanged(pipe):
+    """``attention_maps=output_space``: each class token rides through the blocks' text weights, attending to
+    [concepts; image] (recomputed by running each block with the concepts as its text); the image and text streams
+    are the stock ones. Block 0 records nothing but carries the stream to blocks 1 and 2 (the last block has no text
+    output: the stream ends there)."""
+    b = backbone(pipe, attention_maps="output_space")
+    tr = b.transformer
+    x, text, pooled, t, weights = transformer_inputs()
+    b.remove_capture()
+    with torch.no_grad():
+        stock = tr(x, text, pooled, t).sample
+    expected, expected_heads = reference_concept_maps(list(tr.transformer_blocks), lambda: tr(x, text, pooled, t), weights)
+    store = AttentionStore()
+    sites = tuple(f"transformer_blocks.{i}.attn" for i in range(3))
+    b.install_capture(CaptureRequest(class_maps=sites[1:], query_keys=sites[2:], head_maps=sites[1:2]), store)
+    joint = [p for n, p in tr.attn_processors.items() if n.endswith(".attn.processor")]
+    assert all(type(p).__name__ == "JointAttentionMapProcessor" for p in joint)  # block 0 too: it carries the stream
+    store.reset(weights, (8, 8))
+    with torch.no_grad():
+        captured = tr(x, text, pooled, t).sample
+    torch.testing.assert_close(captured, stock, rtol=1e-5, atol=1e-5)
+    assert sorted(store.cross) == list(sites[1:])
+    for i in (1, 2):
+        got = store.cross[sites[i]].flatten(2).transpose(1, 2)
+        torch.testing.assert_close(got, expected[i], rtol=1e-4, atol=1e-5)
+        assert torch.all(got[1, :, 2] == 0)  # a class the prompt does not name scores 0
+    torch.testing.assert_close(store.cross_heads[sites[1]].flatten(3).transpose(-1, -2), expected_heads[1], rtol=1e-4, atol=1e-5)
+    # captions (no class weights) run no stream; EmerDiff's processors leave it resting; removal takes every hook
+    store.reset(None, (8, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(tr(x, text, pooled, t).sample, stock, rtol=1e-5, atol=1e-5)
+    assert not store.cross
+    b.install_modulation(ModulationState(), sites[1])
+    store.reset(weights, (8, 8))
+    with torch.no_grad():
+        tr(x, text, pooled, t)
+    assert not store.cross
+    b.remove_capture()
+    assert not any(blk._forward_hooks or blk._forward_pre_hooks for blk in tr.transformer_blocks)
+
+
+@pytest.mark.parametrize("directions", ["image_to_text", "both"])
 def test_joint_math_with_text_first_layout_is_the_full_softmax(pipe, directions):
     """A text-first family (FLUX: [text; image]) reuses the joint math: output and class maps equal the full softmax
     over the text-first sequence, computed explicitly; the maps do not depend on the order."""

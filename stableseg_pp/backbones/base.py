@@ -303,9 +303,10 @@ class GenerativeBackbone(NoisingBackbone, Protocol):
     """A backbone that also runs its sampler (EmerDiff): noise a clean latent to a chosen time, denoise it step by
     step with attention injection and a modulated layer, decode the result."""
 
-    def sampling_times(self, start: int, steps: int) -> list[int]:
+    def sampling_times(self, start: int, steps: int, latents: torch.Tensor | None = None) -> list[int]:
         """The times the sampler visits from ``start`` (in the training schedule's units) to the end, when its whole
-        schedule has ``steps`` steps; the first is the latest time not after ``start``."""
+        schedule has ``steps`` steps; the first is the latest time not after ``start``. ``latents``: the batch about to
+        be sampled, for a schedule that depends on the image size (None: a check before any image)."""
         ...
 
     def sampler_step(self, prediction: torch.Tensor, time: int, latents: torch.Tensor) -> torch.Tensor:

@@ -54,26 +54,50 @@ def check_transformer_settings(
         raise ConfigError(f"diffusion.timestep={timestep}: give the transformer's time, 0 to 1000 (1 = almost clean)")
 
 
+def size_shift(config, image_tokens: int) -> float:
+    """``mu`` of a scheduler that shifts with the image size (``use_dynamic_shifting``): diffusers'
+    ``calculate_shift`` for ``image_tokens`` tokens with the scheduler's own bounds, as the pipelines call it."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    return calculate_shift(
+        int(image_tokens),
+        config.get("base_image_seq_len", 256),
+        config.get("max_image_seq_len", 4096),
+        config.get("base_shift", 0.5),
+        config.get("max_shift", 1.15),
+    )
+
+
 class FlowMatchingSampler:
     """:class:`~stableseg_pp.backbones.base.GenerativeBackbone`'s sampler for the flow-matching families (EmerDiff):
     the model's own scheduler (a copy, ``self.scheduler``'s config) with ``steps`` steps, and stateless Euler steps.
-    A scheduler that shifts with the image size (``use_dynamic_shifting``, FLUX.1-dev) is refused: its times depend on
-    the image, which ``sampling_times`` is not given."""
+    A scheduler that shifts with the image size (``use_dynamic_shifting``, FLUX.1-dev) gets the shift of the latents
+    it samples (:meth:`sequence_length`), as the pipelines set it."""
 
-    _sampling: tuple | None = None  # ((scheduler id, steps), the sampler)
+    _sampling: tuple | None = None  # ((scheduler id, steps, image tokens or None), the sampler)
 
-    def _sampler(self, steps: int):
-        if self._sampling is None or self._sampling[0] != (id(self.scheduler), steps):
-            sampler = type(self.scheduler).from_config(self.scheduler.config)
-            if sampler.config.get("use_dynamic_shifting"):
-                raise ConfigError(f"{self.pretrained}: its scheduler shifts with the image size (use_dynamic_shifting); "
-                                  "EmerDiff samples on a fixed-shift schedule (SD3, FLUX.1-schnell)")  # fmt: skip
-            sampler.set_timesteps(int(steps))
-            self._sampling = ((id(self.scheduler), steps), sampler)
+    def sequence_length(self, latents: torch.Tensor) -> int:
+        """The number of image tokens the transformer makes of ``latents`` (what a dynamic shift depends on)."""
+        raise NotImplementedError
+
+    def _sampler(self, steps: int, latents: torch.Tensor | None):
+        config = self.scheduler.config
+        dynamic = bool(config.get("use_dynamic_shifting"))
+        tokens = None
+        if dynamic:  # before any image (a settings check): the shift of the base size, base_image_seq_len
+            tokens = self.sequence_length(latents) if latents is not None else config.get("base_image_seq_len", 256)
+        key = (id(self.scheduler), steps, tokens)
+        if self._sampling is None or self._sampling[0] != key:
+            sampler = type(self.scheduler).from_config(config)
+            if dynamic:
+                sampler.set_timesteps(int(steps), mu=size_shift(config, tokens))
+            else:
+                sampler.set_timesteps(int(steps))
+            self._sampling = (key, sampler)
         return self._sampling[1]
 
-    def sampling_times(self, start: int, steps: int) -> list[float]:
-        sampler = self._sampler(int(steps))
+    def sampling_times(self, start: int, steps: int, latents: torch.Tensor | None = None) -> list[float]:
+        sampler = self._sampler(int(steps), latents)
         times = [float(t) for t in sampler.timesteps if float(t) <= float(start)]
         if not times:
             raise ConfigError(f"emerdiff.timestep={start}: no step of a {steps}-step schedule is at or before it")

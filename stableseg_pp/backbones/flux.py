@@ -83,10 +83,12 @@ from stableseg_pp.backbones.base import (
     vae_latents,
     vae_pixels,
 )
+from stableseg_pp.backbones.concept_stream import ConceptStream
 from stableseg_pp.backbones.flow_matching import (
     FlowMatchingNoise,
     FlowMatchingSampler,
     check_transformer_settings,
+    size_shift,
     whole_number,
 )
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed
@@ -337,7 +339,8 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
         dtype: ``float32``, ``float16`` or ``bfloat16``.
         t5_tokens: T5's sequence length (the pipeline's ``max_sequence_length``: 512 for dev, 256 for schnell).
         conditioning: ``per_class`` (class vectors) or ``joined`` (one prompt).
-        attention_maps: ``both`` (image-to-text averaged with transposed text-to-image) or ``image_to_text``.
+        attention_maps: ``both`` (image-to-text averaged with transposed text-to-image), ``image_to_text`` or
+            ``output_space`` (ConceptAttention's scores).
         timestep: what the transformer is told for a clean latent (0..1000 scale; 1 = almost clean).
         add_noise: flow-matching noise at step ``noise_step`` of ``num_inference_steps`` instead.
         guidance: the embedded guidance value of a guidance-distilled model (dev); ignored by a model without one.
@@ -385,6 +388,7 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
         self.text_encoder = self.tokenizer = None  # CLIP-L: the pooled vector
         self.text_encoder_2 = self.tokenizer_2 = None  # T5: the text tokens
         self._processors = ProcessorInstaller(FluxAttnProcessor, "this transformer")
+        self._concepts: ConceptStream | None = None  # ConceptAttention's stream (attention_maps=output_space)
         self._text_length = TextLength()
         self._hooks: list = []
         self._meta: SimpleNamespace | None = None
@@ -594,19 +598,11 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
         """A copy of the model's scheduler with the timesteps ``FluxPipeline`` sets for ``num_inference_steps`` and an
         image of ``image_tokens`` tokens (its sigmas; ``mu`` from ``calculate_shift``, used with dynamic shifting).
         The pipeline's own scheduler is left alone."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
         key = (id(self.scheduler), self.num_inference_steps, int(image_tokens))
         if key not in self._schedules:
             schedule = type(self.scheduler).from_config(self.scheduler.config)
             config, n = schedule.config, self.num_inference_steps
-            mu = calculate_shift(
-                image_tokens,
-                config.get("base_image_seq_len", 256),
-                config.get("max_image_seq_len", 4096),
-                config.get("base_shift", 0.5),
-                config.get("max_shift", 1.15),
-            )
+            mu = size_shift(config, image_tokens)
             if config.get("use_flow_sigmas", False):
                 schedule.set_timesteps(n, mu=mu)
             else:
@@ -649,7 +645,11 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
     def install_capture(self, request: CaptureRequest, store: AttentionStore) -> None:
         self._require_loaded()
         sites = flux_sites(self.transformer, (0, 0))  # kinds and depths only: the grids do not matter for installing
-        self._processors.install_capture(self.transformer, sites, request, store, self._capture_processor)
+        carry = ()
+        if self.attention_maps == "output_space":
+            self._concepts = ConceptStream.for_store(self._concepts, store)
+            carry = self._concepts.follow(self.transformer, sites, request.class_maps)
+        self._processors.install_capture(self.transformer, sites, request, store, self._capture_processor, carry)
         self._hook_text_length()
 
     def _hook_text_length(self) -> None:
@@ -661,6 +661,9 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
             ]
 
     # -- sampling (EmerDiff) ---------------------------------------------------------------------------------------
+
+    def sequence_length(self, latents: torch.Tensor) -> int:
+        return latents.shape[1]  # packed: (B, N, 4C)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -682,6 +685,7 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
         settings = {
             "class_maps": wants.class_maps, "query_keys": wants.query_keys, "text_logits": wants.text_logits,
             "directions": self.attention_maps, "per_head": wants.head_maps,
+            "concepts": self._concepts if self.attention_maps == "output_space" else None,
         }  # fmt: skip
         if self._is_single(site):
             return FluxSingleCaptureProcessor(store, site.id, self._text_length, **settings)
@@ -690,6 +694,8 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
     def remove_capture(self) -> None:
         self._require_loaded()
         self._processors.remove(self.transformer)
+        if self._concepts is not None:
+            self._concepts.remove()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

@@ -8,7 +8,7 @@ when a repeated install can be skipped are decided here once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -64,19 +64,22 @@ class ProcessorInstaller:
         request: CaptureRequest,
         store: AttentionStore,
         make: CaptureFactory,
+        carry: Collection[str] = (),
     ) -> None:
         """``make``'s processors on the requested sites, the stock one everywhere else; a no-op when exactly these
-        are still in place (another user of the backbone may have replaced them)."""
+        are still in place (another user of the backbone may have replaced them). ``carry``: sites that get ``make``'s
+        processor even where nothing is asked of them (they carry state to later sites, e.g. a concept stream)."""
         if self._installed and self._installed[0] == request and self._installed[1] is store:
             current = denoiser.attn_processors
             if all(current[n] is p for n, p in self._installed[2].items()):
                 return
-        records = self._records(sites, (*request.class_maps, *request.query_keys, *request.text_logits), "capture request")
+        asked = (*request.class_maps, *request.query_keys, *request.text_logits)
+        records = self._records(sites, (*asked, *carry), "capture request")
         processors = {}
         for name in denoiser.attn_processors:
             site = name.removesuffix(PROCESSOR_SUFFIX)
             wants = SiteCapture.of(request, site)
-            if not wants:
+            if not wants and site not in carry:
                 processors[name] = self.stock()
                 continue
             record = records[site]

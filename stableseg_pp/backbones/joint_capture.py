@@ -25,8 +25,9 @@ import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention
 
 from stableseg_pp.backbones.base import AttentionStore
+from stableseg_pp.backbones.concept_stream import ConceptStream, output_space_maps
 
-DIRECTIONS = ("image_to_text", "both")
+DIRECTIONS = ("image_to_text", "both", "output_space")
 
 
 @dataclass(frozen=True)
@@ -161,9 +162,12 @@ class JointAttentionMapProcessor:
         query_keys: keep the image tokens' Query/Key features (for SAR) in ``store.self_qk``.
         text_logits: keep the pre-softmax image-to-text logits, head mean, weighted per class (B, C, h, w), with
             gradients, in ``store.text_logits``.
-        directions: ``image_to_text`` (Seg4Diff) or ``both`` (the SD3 zero-shot paper).
+        directions: ``image_to_text`` (Seg4Diff), ``both`` (the SD3 zero-shot paper) or ``output_space``
+            (ConceptAttention: image outputs against the concept stream's, which ``concepts`` carries).
         per_head: with ``class_maps``, also keep each head's class maps (B, heads, C, h, w) in ``store.cross_heads``.
         layout: the order of the joint sequence (SD3: image first).
+        concepts: the concept stream this block passes on (``output_space``; on every block of its path, also where
+            nothing is recorded): its queries attend to this block's image keys here.
     """
 
     def __init__(
@@ -176,9 +180,12 @@ class JointAttentionMapProcessor:
         directions: str = "image_to_text",
         per_head: bool = False,
         layout: JointLayout = IMAGE_FIRST,
+        concepts: ConceptStream | None = None,
     ):
         if directions not in DIRECTIONS:
             raise ValueError(f"directions={directions!r} is not one of {DIRECTIONS}")
+        if directions == "output_space" and concepts is None:
+            raise ValueError(f"{name}: output_space maps need the concept stream (concepts=)")
         self.store = store
         self.name = name
         self.class_maps = class_maps
@@ -187,6 +194,7 @@ class JointAttentionMapProcessor:
         self.directions = directions
         self.per_head = per_head
         self.layout = layout
+        self.concepts = concepts
 
     def attend(self, image: tuple, text: tuple, scale: float) -> torch.Tensor:
         """Joint attention of the image and text parts ((q, k, v) per head, (B, heads, n, d) each) in ``self.layout``'s
@@ -198,15 +206,21 @@ class JointAttentionMapProcessor:
         weights = store.token_weights
         if weights is not None:
             weights = weights.to(q.device)
-        if self.class_maps and weights is not None:
-            h, w = store.map_shape(n_image)
+        maps = heads = None
+        if self.class_maps and weights is not None and self.directions != "output_space":
             out, maps, heads = joint_attention_maps(image, text, weights, scale, layout, self.directions, self.per_head)
-            store.cross[self.name] = maps.transpose(1, 2).reshape(maps.shape[0], -1, h, w)
-            if heads is not None:
-                store.cross_heads[self.name] = heads.transpose(2, 3).reshape(*heads.shape[:2], -1, h, w)
         else:  # the stock kernel call
             q_all, k_all, v_all = layout.join(q, cq), layout.join(k, ck), layout.join(v, cv)
             out = F.scaled_dot_product_attention(q_all, k_all, v_all, dropout_p=0.0, is_causal=False)
+        concept_out = self.concepts.attend(k, v) if self.concepts is not None else None
+        if concept_out is not None and self.class_maps and self.directions == "output_space":
+            image_range, _ = layout.ranges(n_image, cq.shape[2])
+            maps, heads = output_space_maps(out[:, :, image_range], concept_out, self.concepts.valid, self.per_head)
+        if maps is not None:
+            h, w = store.map_shape(n_image)
+            store.cross[self.name] = maps.transpose(1, 2).reshape(maps.shape[0], -1, h, w)
+            if heads is not None:
+                store.cross_heads[self.name] = heads.transpose(2, 3).reshape(*heads.shape[:2], -1, h, w)
         if self.query_keys:
             store.self_qk[self.name] = (q.detach(), k.detach())
         if self.text_logits and weights is not None:

@@ -49,6 +49,7 @@ from stableseg_pp.backbones.base import (
     vae_pixels,
 )
 from stableseg_pp.backbones.capture import SelfAttentionQKProcessor
+from stableseg_pp.backbones.concept_stream import ConceptStream
 from stableseg_pp.backbones.flow_matching import (
     FlowMatchingNoise,
     FlowMatchingSampler,
@@ -103,8 +104,8 @@ class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
         use_t5: load and use T5 (False: ``text_encoder_3=None``, its tokens are zeros as in the pipeline; saves memory).
         t5_tokens: T5's sequence length (the pipeline's ``max_sequence_length``).
         conditioning: ``per_class`` (class vectors, SD3 zero-shot paper) or ``joined`` (one prompt, Seg4Diff).
-        attention_maps: ``both`` (image-to-text averaged with transposed text-to-image, SD3 zero-shot paper) or
-            ``image_to_text`` (Seg4Diff).
+        attention_maps: ``both`` (image-to-text averaged with transposed text-to-image, SD3 zero-shot paper),
+            ``image_to_text`` (Seg4Diff) or ``output_space`` (ConceptAttention's scores, docs/flux.md).
         timestep: what the transformer is told for a clean latent (0..1000 scale; 1 = almost clean).
         add_noise: flow-matching noise at step ``noise_step`` of ``num_inference_steps`` instead (Seg4Diff: 8 of 28).
         lora: a diffusers-format LoRA of the transformer (e.g. a MAGNET step folder), loaded with the pipeline's
@@ -152,6 +153,7 @@ class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
         self.tokenizers: list = []
         self.text_encoder_3 = self.tokenizer_3 = None
         self._processors = ProcessorInstaller(JointAttnProcessor2_0, "this transformer")
+        self._concepts: ConceptStream | None = None  # ConceptAttention's stream (attention_maps=output_space)
         self._meta: SimpleNamespace | None = None
         self._schedule: tuple | None = None  # ((scheduler id, steps), the noising schedule)
         self._train_schedule: tuple | None = None  # (key, the schedule as trained)
@@ -495,6 +497,10 @@ class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
 
     # -- sampling (EmerDiff) ---------------------------------------------------------------------------------------
 
+    def sequence_length(self, latents: torch.Tensor) -> int:
+        patch = self.transformer.config.patch_size
+        return (latents.shape[-2] // patch) * (latents.shape[-1] // patch)  # (B, C, H, W) in patches
+
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         return vae_pixels(self.vae, latents)
@@ -538,7 +544,11 @@ class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
     def install_capture(self, request: CaptureRequest, store: AttentionStore) -> None:
         self._require_loaded()
         sites = mmdit_sites(self.transformer, (0, 0))  # kinds only: the grids do not matter for installing
-        self._processors.install_capture(self.transformer, sites, request, store, self._capture_processor)
+        carry = ()
+        if self.attention_maps == "output_space":
+            self._concepts = ConceptStream.for_store(self._concepts, store)
+            carry = self._concepts.follow(self.transformer, sites, request.class_maps)
+        self._processors.install_capture(self.transformer, sites, request, store, self._capture_processor, carry)
 
     def _capture_processor(
         self, site: AttentionSite, wants: SiteCapture, store: AttentionStore
@@ -546,10 +556,12 @@ class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
         if site.kind == "joint":
             return JointAttentionMapProcessor(
                 store, site.id, wants.class_maps, wants.query_keys, wants.text_logits, self.attention_maps,
-                wants.head_maps, layout=IMAGE_FIRST,
+                wants.head_maps, layout=IMAGE_FIRST, concepts=self._concepts if self.attention_maps == "output_space" else None,
             )  # fmt: skip
         return SelfAttentionQKProcessor(store, site.id)  # image-only (SD3.5's attn2): Q/K is all it gives
 
     def remove_capture(self) -> None:
         self._require_loaded()
         self._processors.remove(self.transformer)
+        if self._concepts is not None:
+            self._concepts.remove()

@@ -329,7 +329,7 @@ class SDUNetBackbone:
             self._ddim = DDIMScheduler.from_config(self.scheduler.config, clip_sample=False)
         return self._ddim
 
-    def sampling_times(self, start: int, steps: int) -> list[int]:
+    def sampling_times(self, start: int, steps: int, latents: torch.Tensor | None = None) -> list[int]:
         sampler = self._sampler()
         sampler.set_timesteps(int(steps))
         times = [int(t) for t in sampler.timesteps if int(t) <= int(start)]

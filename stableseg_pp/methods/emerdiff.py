@@ -183,7 +183,8 @@ class EmerDiff:
         ``noise`` (B, ...) the noise that takes each latent to t_m (the same for all of an image's runs).
         """
         present = [sorted(int(s) for s in torch.unique(seg).tolist()) for seg in segments]
-        self.times = self.backbone.sampling_times(self.timestep, self.sampler_steps)  # (re)sets the sampler's schedule
+        # (re)sets the sampler's schedule, for these latents' size where the schedule depends on it
+        self.times = self.backbone.sampling_times(self.timestep, self.sampler_steps, latents)
         images: dict[tuple[int, int, float], torch.Tensor] = {}
         state = ModulationState()
         self.backbone.install_modulation(state, self.site)
