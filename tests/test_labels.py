@@ -14,7 +14,8 @@ from PIL import Image
 from stableseg_pp.artifacts import load_stored_maps
 from stableseg_pp.evaluation.image_labels import label_metrics
 from stableseg_pp.fit import run
-from stableseg_pp.methods.labelers.diffusion import MapAreaLabeler, otsu_threshold
+from stableseg_pp.methods.labelers.diffusion import MapAreaLabeler
+from stableseg_pp.methods.labelers.thresholds import check_threshold, decide, otsu_threshold, split_threshold
 from stableseg_pp.runtime.errors import ConfigError
 from stableseg_pp.stages import labels as labels_step
 
@@ -41,6 +42,31 @@ def test_map_area_labeler_on_a_known_case():
     assert labeler.decide({1: 0.001, 2: 0.002}, threshold, has_background=False) == [2]
     assert MapAreaLabeler(threshold=0.1).fit_threshold(others) == 0.1
     assert otsu_threshold(np.array([0.0, 0.1, 0.2, 5.0, 5.1, 5.3])) == pytest.approx(2.65, abs=0.1)
+
+
+def test_per_class_thresholds_split_each_class_on_its_own():
+    """Classes score at different levels (class 1: 0.3 present, 0.1 absent; class 2: 0.05 and -0.15): one split of all
+    scores names class 1 in every image; each class's own split over the images (or its scores less its absent level,
+    then one split) names both classes exactly where they are."""
+    rng = np.random.default_rng(0)
+    present = rng.random((60, 2)) < 0.5
+    values = np.stack([np.where(present[:, 0], 0.3, 0.1), np.where(present[:, 1], 0.05, -0.15)], 1)
+    values += rng.normal(0, 0.01, (60, 2))
+    rows = [{1: float(a), 2: float(b)} for a, b in values]
+    overall = split_threshold("otsu", rows)
+    assert all(1 in decide(r, overall, True) for r in rows)
+    for rule in ("otsu_per_class", "otsu_centred"):
+        per_class = split_threshold(rule, rows)
+        assert sorted(per_class) == [1, 2] and per_class[1] > overall
+        named = np.array([[c in decide(r, per_class, True) for c in (1, 2)] for r in rows])
+        assert (named == present).all(), rule
+        check_threshold(rule)
+        # one score, or a class the split's threshold names nowhere (absent from every image: split in two, it would
+        # be named in half of them): the split's threshold
+        absent = [{**r, 3: float(v)} for r, v in zip(rows, rng.normal(-0.3, 0.01, 60), strict=True)]
+        guarded = split_threshold(rule, absent)
+        assert guarded[3] == split_threshold("otsu", absent) and not any(3 in decide(r, guarded, True) for r in absent)
+        assert split_threshold(rule, [*rows, {4: 0.5}])[4] == split_threshold("otsu", [*rows, {4: 0.5}])
 
 
 @pytest.mark.parametrize("settings", [{"threshold": 0}, {"threshold": 1.5}, {"threshold": "mean"}, {"min_pixels": 0}])

@@ -26,6 +26,7 @@ from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.palette import IGNORE_INDEX
 from stableseg_pp.evaluation.image_labels import label_metrics
+from stableseg_pp.methods.labelers.thresholds import describe_threshold
 from stableseg_pp.runtime import distributed
 from stableseg_pp.runtime.atomic import write_json
 from stableseg_pp.runtime.run_dir import finish_stage
@@ -155,8 +156,8 @@ def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path |
         quality = "no ground truth to score against"
         if metrics is not None:
             quality = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("mean_f1", "map") if metrics[k] is not None)
-        log.info("labels [%s]: %d images, threshold %.4f, %d with no class named (background only); %s",
-                 split, len(ids), threshold, len(empty), quality)  # fmt: skip
+        log.info("labels [%s]: %d images, threshold %s, %d with no class named (background only); %s",
+                 split, len(ids), describe_threshold(threshold), len(empty), quality)  # fmt: skip
         unscored = len(dataset.split_ids(split)) - len(ids)  # unreadable (data.on_bad_input=skip) or not in the evidence
         splits[split] = {"metrics": metrics, "images": len(ids), "unscored": unscored, "threshold": threshold,
                          "no_class_named": len(empty)}  # fmt: skip

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from stableseg_pp.backbones.loading import model_identity, parse_dtype
 from stableseg_pp.backbones.prompts import build_prompt
-from stableseg_pp.methods.labelers.diffusion import check_threshold, decide, split_threshold
+from stableseg_pp.methods.labelers.thresholds import Threshold, check_threshold, decide, split_threshold
 from stableseg_pp.runtime.errors import ConfigError
 
 
@@ -27,7 +27,8 @@ class ClipLabeler:
         model: a transformers checkpoint (hub id such as ``openai/clip-vit-large-patch14``, or a local folder) with
             its tokenizer and image processor.
         prompt_template: each class's prompt (one ``{}`` for its name).
-        threshold: ``otsu`` (Otsu's split of the split's scores) or a fixed score in (-1, 1).
+        threshold: ``otsu`` (Otsu's split of the split's scores), ``otsu_per_class`` (each class's own split) or a
+            fixed score in (-1, 1).
         dtype: the model's weights (``float32``, ``float16``, ``bfloat16``).
     """
 
@@ -85,7 +86,7 @@ class ClipLabeler:
         similarity = F.normalize(image.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T
         return similarity - similarity.mean(1, keepdim=True)
 
-    def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> float:
+    def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> Threshold:
         return split_threshold(self.threshold, scores)
 
     decide = staticmethod(decide)

@@ -12,8 +12,10 @@ Two readings of the same model (docs/labels.md compares them):
 * :class:`MapAreaLabeler` (``labeler=diffusion_maps``): stage 0 with every class
   in the prompt; a class's score is the fraction of the image it wins there.
 
-Both name a class when its score reaches a threshold set without labels: by
-default Otsu's split of the split's scores (a dataset-level statistic).
+Both name a class when its score reaches a threshold set without labels
+(:mod:`.thresholds`): the denoising labeler by default each class's own Otsu
+split of its scores over the split's images (classes score at different levels
+when present: docs/labels.md), the maps labeler one split of all.
 """
 
 from __future__ import annotations
@@ -26,48 +28,8 @@ import torch
 
 from stableseg_pp.backbones.base import NoisingBackbone
 from stableseg_pp.backbones.prompts import build_prompt
+from stableseg_pp.methods.labelers.thresholds import Threshold, check_threshold, decide, split_threshold
 from stableseg_pp.runtime.errors import ConfigError
-
-
-def otsu_threshold(values: np.ndarray, bins: int = 64) -> float:
-    """Otsu's threshold of ``values``: the cut that maximises the between-class variance of the histogram (the
-    middle of the empty bins when several cuts tie)."""
-    values = np.asarray(values, np.float64)
-    if values.size == 0 or values.min() == values.max():
-        return float(values.min()) if values.size else 0.0
-    counts, edges = np.histogram(values, bins=bins)
-    centers = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(counts)
-    w1 = w0[-1] - w0
-    m0 = np.cumsum(counts * centers)
-    mean0 = m0 / np.maximum(w0, 1)
-    mean1 = (m0[-1] - m0) / np.maximum(w1, 1)
-    between = (w0 * w1 * (mean0 - mean1) ** 2)[:-1]
-    best = np.flatnonzero(between >= between.max() * (1 - 1e-9))  # a gap between the groups: every cut in it ties
-    return float((edges[best[0] + 1] + edges[best[-1] + 1]) / 2)  # the middle of the gap
-
-
-def check_threshold(threshold: object, low: float = 0.0, high: float = 1.0) -> None:
-    if threshold != "otsu" and (isinstance(threshold, bool) or not isinstance(threshold, int | float)
-                                or not low < threshold < high):  # fmt: skip
-        raise ConfigError(f"labeler.threshold={threshold}: use otsu or a number in ({low}, {high})")
-
-
-def split_threshold(threshold: str | float, scores: Sequence[Mapping[int, float]]) -> float:
-    """A split's threshold of score rows: the fixed value, or Otsu's split of every score (0 without scores)."""
-    if threshold != "otsu":
-        return float(threshold)
-    values = np.array([v for s in scores for v in s.values()])
-    return otsu_threshold(values) if values.size else 0.0
-
-
-def decide(scores: Mapping[int, float], threshold: float, has_background: bool) -> list[int]:
-    """The classes named for one image: every score at or above ``threshold``; none named and no background class
-    to fall back on: the top-scoring class (an image always shows something)."""
-    named = sorted(c for c, v in scores.items() if v >= threshold)
-    if not named and not has_background and scores:
-        named = [max(scores, key=lambda c: (scores[c], -c))]
-    return named
 
 
 class DenoisingLabeler:
@@ -77,7 +39,8 @@ class DenoisingLabeler:
     Args:
         times: the noise levels (training-schedule times) the error is averaged over.
         prompt_template: each class's prompt (one ``{}`` for its name).
-        threshold: ``otsu`` (Otsu's split of the split's scores) or a fixed score in (-1, 1).
+        threshold: ``otsu_per_class`` (each class's own Otsu split over the split's images, the default), ``otsu``
+            (one split of all scores), ``otsu_centred`` or a fixed score in (-1, 1).
         seed: with each image's id, seeds its noise (the same scores whatever the batch).
     """
 
@@ -89,7 +52,7 @@ class DenoisingLabeler:
         self,
         times: Sequence[int] = (50, 150, 250, 350, 450, 550, 650, 750),
         prompt_template: str = "a photo of a {}",
-        threshold: str | float = "otsu",
+        threshold: str | float = "otsu_per_class",
         seed: int = 0,
     ):
         if not times or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 1000 for t in times):
@@ -140,7 +103,7 @@ class DenoisingLabeler:
         empty, per_class = errors[:, :1], errors[:, 1:]
         return (per_class.mean(1, keepdim=True) - per_class) / empty.clamp_min(1e-12)
 
-    def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> float:
+    def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> Threshold:
         return split_threshold(self.threshold, scores)
 
     decide = staticmethod(decide)
@@ -150,7 +113,8 @@ class MapAreaLabeler:
     """Names the classes that win enough of an image in a mask set (stage 0's all-class masks).
 
     Args:
-        threshold: ``otsu`` (Otsu's split of the split's log-scores, no labels) or a fraction of the image in (0, 1).
+        threshold: ``otsu`` (Otsu's split of the split's log-scores, no labels), ``otsu_per_class`` (each class's
+            own split) or a fraction of the image in (0, 1).
         min_pixels: a class must win at least this many pixels of an image to count as evidence at all.
     """
 
@@ -170,13 +134,11 @@ class MapAreaLabeler:
         total = max(1, int(mask.size))
         return {int(c): (float(counts[c]) / total if counts[c] >= self.min_pixels else 0.0) for c in candidates}
 
-    def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> float:
-        """The split's threshold: the fixed fraction, or Otsu's over the log of every positive score."""
-        if self.threshold != "otsu":
-            return float(self.threshold)
-        positive = np.array([v for s in scores for v in s.values() if v > 0])
-        if positive.size == 0:
-            return 1.0  # no evidence anywhere: nothing is named
-        return float(np.exp(otsu_threshold(np.log(positive))))
+    def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> Threshold:
+        """The split's threshold: the fixed fraction, or Otsu's over the log of the positive scores (no evidence
+        anywhere: 1, nothing is named)."""
+        with np.errstate(divide="ignore"):
+            log = (lambda v: np.where(v > 0, np.log(np.where(v > 0, v, 1.0)), np.nan), np.exp)
+            return split_threshold(self.threshold, scores, transform=log, empty=1.0)
 
     decide = staticmethod(decide)
