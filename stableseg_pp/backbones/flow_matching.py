@@ -8,9 +8,14 @@ which sigmas training and sampling visit).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
+from stableseg_pp.backbones.base import AttentionSite, AttentionStore, CaptureRequest
+from stableseg_pp.backbones.concept_stream import ConceptStream
 from stableseg_pp.backbones.joint_capture import DIRECTIONS
+from stableseg_pp.backbones.loading import lora_weights_file, parse_dtype
 from stableseg_pp.runtime.errors import ConfigError
 
 
@@ -39,19 +44,65 @@ def whole_number(key: str, value, minimum: int) -> int:
     return value
 
 
-def check_transformer_settings(
-    conditioning: str, attention_maps: str, num_inference_steps: int, noise_step: int, timestep: float
-) -> None:
-    """The settings every flow-matching transformer family shares (SD3, FLUX), checked before any weights load."""
-    if conditioning not in CONDITIONINGS:
-        raise ConfigError(f"diffusion.conditioning={conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
-    if attention_maps not in DIRECTIONS:
-        raise ConfigError(f"diffusion.attention_maps={attention_maps!r}: use one of {', '.join(DIRECTIONS)}")
-    steps = whole_number("num_inference_steps", num_inference_steps, 1)
-    if not 1 <= whole_number("noise_step", noise_step, 1) <= steps:
-        raise ConfigError(f"diffusion.noise_step={noise_step}: give a step between 1 and num_inference_steps={steps}")
-    if isinstance(timestep, bool) or not isinstance(timestep, int | float) or not 0 <= timestep <= 1000:
-        raise ConfigError(f"diffusion.timestep={timestep}: give the transformer's time, 0 to 1000 (1 = almost clean)")
+class TransformerSettings:
+    """The settings every flow-matching transformer family shares (SD3, FLUX), checked before any weights load, and
+    ConceptAttention's stream (``attention_maps=output_space``) that both families carry the same way. A family
+    checks its own settings (its T5 length, guidance), then calls :meth:`_set_settings` in its ``__init__``."""
+
+    _concepts: ConceptStream | None = None
+
+    def _set_settings(
+        self,
+        name: str,
+        pretrained: str,
+        dtype: str,
+        t5_tokens: int,
+        conditioning: str,
+        attention_maps: str,
+        timestep: float,
+        add_noise: bool,
+        num_inference_steps: int,
+        noise_step: int,
+        lora: str | None,
+    ) -> None:
+        if conditioning not in CONDITIONINGS:
+            raise ConfigError(f"diffusion.conditioning={conditioning!r}: use one of {', '.join(CONDITIONINGS)}")
+        if attention_maps not in DIRECTIONS:
+            raise ConfigError(f"diffusion.attention_maps={attention_maps!r}: use one of {', '.join(DIRECTIONS)}")
+        steps = whole_number("num_inference_steps", num_inference_steps, 1)
+        if not 1 <= whole_number("noise_step", noise_step, 1) <= steps:
+            raise ConfigError(f"diffusion.noise_step={noise_step}: give a step between 1 and num_inference_steps={steps}")
+        if isinstance(timestep, bool) or not isinstance(timestep, int | float) or not 0 <= timestep <= 1000:
+            raise ConfigError(f"diffusion.timestep={timestep}: give the transformer's time, 0 to 1000 (1 = almost clean)")
+        self.name = name
+        self.pretrained = str(pretrained)
+        self.dtype = parse_dtype(dtype)
+        self.t5_tokens = int(t5_tokens)
+        self.conditioning = conditioning
+        self.attention_maps = attention_maps
+        self.timestep = float(timestep)
+        self.add_noise = bool(add_noise)
+        self.num_inference_steps = int(num_inference_steps)
+        self.noise_step = int(noise_step)
+        self.lora = str(lora) if lora else None
+        if self.lora:
+            lora_weights_file(self.lora)  # a clear error before any weights load
+
+    @property
+    def stochastic(self) -> bool:
+        return self.add_noise
+
+    def _concept_path(self, sites: Sequence[AttentionSite], request: CaptureRequest, store: AttentionStore) -> tuple:
+        """With ``output_space``: the concept stream for ``store`` hooked on its blocks, and the sites on its path
+        (they need the capture processor whether or not they record); otherwise none."""
+        if self.attention_maps != "output_space":
+            return ()
+        self._concepts = ConceptStream.for_store(self._concepts, store)
+        return self._concepts.follow(self.transformer, sites, request.class_maps)
+
+    def _remove_concepts(self) -> None:
+        if self._concepts is not None:
+            self._concepts.remove()
 
 
 def size_shift(config, image_tokens: int) -> float:

@@ -83,11 +83,10 @@ from stableseg_pp.backbones.base import (
     vae_latents,
     vae_pixels,
 )
-from stableseg_pp.backbones.concept_stream import ConceptStream
 from stableseg_pp.backbones.flow_matching import (
     FlowMatchingNoise,
     FlowMatchingSampler,
-    check_transformer_settings,
+    TransformerSettings,
     size_shift,
     whole_number,
 )
@@ -97,10 +96,8 @@ from stableseg_pp.backbones.joint_capture import TEXT_FIRST, JointAttentionMapPr
 from stableseg_pp.backbones.loading import (
     apply_lora,
     lora_identity,
-    lora_weights_file,
     model_identity,
     offline_hint,
-    parse_dtype,
     pipeline_folder_or_hub_id,
 )
 from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt, map_class_tokens
@@ -330,7 +327,7 @@ class FluxModulatedProcessor:
 # -- the backbone -------------------------------------------------------------------------------------------------------
 
 
-class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
+class FluxBackbone(TransformerSettings, FlowMatchingNoise, FlowMatchingSampler):
     """FLUX.1 (dev, schnell) behind the backbone interface.
 
     Args:
@@ -365,38 +362,21 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
         guidance: float = 3.5,
         lora: str | None = None,
     ):
-        check_transformer_settings(conditioning, attention_maps, num_inference_steps, noise_step, timestep)
         if not 1 <= whole_number("t5_tokens", t5_tokens, 1) <= 512:
             raise ConfigError(f"diffusion.t5_tokens={t5_tokens}: give T5's sequence length, 1 to 512 (dev: 512, schnell: 256)")
         if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance < math.inf:
             raise ConfigError(f"diffusion.guidance={guidance}: give the embedded guidance value, a number >= 0 (dev: 3.5)")
-        self.name = name
-        self.pretrained = str(pretrained)
-        self.dtype = parse_dtype(dtype)
-        self.t5_tokens = int(t5_tokens)
-        self.conditioning = conditioning
-        self.attention_maps = attention_maps
-        self.timestep = float(timestep)
-        self.add_noise = bool(add_noise)
-        self.num_inference_steps = int(num_inference_steps)
-        self.noise_step = int(noise_step)
+        self._set_settings(name, pretrained, dtype, t5_tokens, conditioning, attention_maps, timestep, add_noise,
+                           num_inference_steps, noise_step, lora)  # fmt: skip
         self.guidance = float(guidance)
-        self.lora = str(lora) if lora else None
-        if self.lora:
-            lora_weights_file(self.lora)  # a clear error before any weights load
         self.vae = self.transformer = self.scheduler = None
         self.text_encoder = self.tokenizer = None  # CLIP-L: the pooled vector
         self.text_encoder_2 = self.tokenizer_2 = None  # T5: the text tokens
         self._processors = ProcessorInstaller(FluxAttnProcessor, "this transformer")
-        self._concepts: ConceptStream | None = None  # ConceptAttention's stream (attention_maps=output_space)
         self._text_length = TextLength()
         self._hooks: list = []
         self._meta: SimpleNamespace | None = None
         self._schedules: dict[tuple, Any] = {}
-
-    @property
-    def stochastic(self) -> bool:
-        return self.add_noise
 
     @classmethod
     def from_pipeline(cls, pipe, **kwargs) -> FluxBackbone:
@@ -645,10 +625,7 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
     def install_capture(self, request: CaptureRequest, store: AttentionStore) -> None:
         self._require_loaded()
         sites = flux_sites(self.transformer, (0, 0))  # kinds and depths only: the grids do not matter for installing
-        carry = ()
-        if self.attention_maps == "output_space":
-            self._concepts = ConceptStream.for_store(self._concepts, store)
-            carry = self._concepts.follow(self.transformer, sites, request.class_maps)
+        carry = self._concept_path(sites, request, store)
         self._processors.install_capture(self.transformer, sites, request, store, self._capture_processor, carry)
         self._hook_text_length()
 
@@ -685,7 +662,7 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
         settings = {
             "class_maps": wants.class_maps, "query_keys": wants.query_keys, "text_logits": wants.text_logits,
             "directions": self.attention_maps, "per_head": wants.head_maps,
-            "concepts": self._concepts if self.attention_maps == "output_space" else None,
+            "concepts": self._concepts,
         }  # fmt: skip
         if self._is_single(site):
             return FluxSingleCaptureProcessor(store, site.id, self._text_length, **settings)
@@ -694,8 +671,7 @@ class FluxBackbone(FlowMatchingNoise, FlowMatchingSampler):
     def remove_capture(self) -> None:
         self._require_loaded()
         self._processors.remove(self.transformer)
-        if self._concepts is not None:
-            self._concepts.remove()
+        self._remove_concepts()
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

@@ -49,11 +49,10 @@ from stableseg_pp.backbones.base import (
     vae_pixels,
 )
 from stableseg_pp.backbones.capture import SelfAttentionQKProcessor
-from stableseg_pp.backbones.concept_stream import ConceptStream
 from stableseg_pp.backbones.flow_matching import (
     FlowMatchingNoise,
     FlowMatchingSampler,
-    check_transformer_settings,
+    TransformerSettings,
     whole_number,
 )
 from stableseg_pp.backbones.hopping import additive_mask, encode_packed
@@ -63,10 +62,8 @@ from stableseg_pp.backbones.loading import (
     LORA_FILE,
     apply_lora,
     lora_identity,
-    lora_weights_file,
     model_identity,
     offline_hint,
-    parse_dtype,
     pipeline_folder_or_hub_id,
 )
 from stableseg_pp.backbones.modulation import ModulatedJointAttentionProcessor
@@ -94,7 +91,7 @@ def absent_components(index: dict[str, Any]) -> set[str]:
     return {k for k, v in index.items() if isinstance(v, list | tuple) and list(v) == [None, None]}
 
 
-class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
+class SD3Backbone(TransformerSettings, FlowMatchingNoise, FlowMatchingSampler):
     """Stable Diffusion 3 / 3.5 (and the miniature MM-DiT) behind the backbone interface.
 
     Args:
@@ -129,38 +126,21 @@ class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
         noise_step: int = 8,
         lora: str | None = None,
     ):
-        check_transformer_settings(conditioning, attention_maps, num_inference_steps, noise_step, timestep)
         if not 0 <= whole_number("t5_tokens", t5_tokens, 0) <= 512 or (use_t5 and int(t5_tokens) == 0):
             raise ConfigError(
                 f"diffusion.t5_tokens={t5_tokens}: give T5's sequence length, 1 to 512 (e.g. 77 or 256; 0 only with use_t5=false)"
             )
-        self.name = name
-        self.pretrained = str(pretrained)
-        self.dtype = parse_dtype(dtype)
+        self._set_settings(name, pretrained, dtype, t5_tokens, conditioning, attention_maps, timestep, add_noise,
+                           num_inference_steps, noise_step, lora)  # fmt: skip
         self.use_t5 = bool(use_t5)
-        self.t5_tokens = int(t5_tokens)
-        self.conditioning = conditioning
-        self.attention_maps = attention_maps
-        self.timestep = float(timestep)
-        self.add_noise = bool(add_noise)
-        self.num_inference_steps = int(num_inference_steps)
-        self.noise_step = int(noise_step)
-        self.lora = str(lora) if lora else None
-        if self.lora:
-            lora_weights_file(self.lora)  # a clear error before any weights load
         self.vae = self.transformer = self.scheduler = None
         self.text_encoders: list = []  # CLIP-L, CLIP-G
         self.tokenizers: list = []
         self.text_encoder_3 = self.tokenizer_3 = None
         self._processors = ProcessorInstaller(JointAttnProcessor2_0, "this transformer")
-        self._concepts: ConceptStream | None = None  # ConceptAttention's stream (attention_maps=output_space)
         self._meta: SimpleNamespace | None = None
         self._schedule: tuple | None = None  # ((scheduler id, steps), the noising schedule)
         self._train_schedule: tuple | None = None  # (key, the schedule as trained)
-
-    @property
-    def stochastic(self) -> bool:
-        return self.add_noise
 
     @classmethod
     def from_pipeline(cls, pipe, **kwargs) -> SD3Backbone:
@@ -544,10 +524,7 @@ class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
     def install_capture(self, request: CaptureRequest, store: AttentionStore) -> None:
         self._require_loaded()
         sites = mmdit_sites(self.transformer, (0, 0))  # kinds only: the grids do not matter for installing
-        carry = ()
-        if self.attention_maps == "output_space":
-            self._concepts = ConceptStream.for_store(self._concepts, store)
-            carry = self._concepts.follow(self.transformer, sites, request.class_maps)
+        carry = self._concept_path(sites, request, store)
         self._processors.install_capture(self.transformer, sites, request, store, self._capture_processor, carry)
 
     def _capture_processor(
@@ -556,12 +533,11 @@ class SD3Backbone(FlowMatchingNoise, FlowMatchingSampler):
         if site.kind == "joint":
             return JointAttentionMapProcessor(
                 store, site.id, wants.class_maps, wants.query_keys, wants.text_logits, self.attention_maps,
-                wants.head_maps, layout=IMAGE_FIRST, concepts=self._concepts if self.attention_maps == "output_space" else None,
+                wants.head_maps, layout=IMAGE_FIRST, concepts=self._concepts,
             )  # fmt: skip
         return SelfAttentionQKProcessor(store, site.id)  # image-only (SD3.5's attn2): Q/K is all it gives
 
     def remove_capture(self) -> None:
         self._require_loaded()
         self._processors.remove(self.transformer)
-        if self._concepts is not None:
-            self._concepts.remove()
+        self._remove_concepts()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import tempfile
 import time
@@ -33,7 +32,7 @@ from stableseg_pp.miniature_flux.architecture import (
     build_t5_tokenizer,
     build_transformer,
 )
-from stableseg_pp.miniature_mmdit.training import prepare_vae
+from stableseg_pp.miniature_mmdit.training import BestCheck, optimizer, optimizer_step, prepare_vae
 from stableseg_pp.miniature_sd.architecture import build_tokenizer
 from stableseg_pp.miniature_sd.training import binding_check, log, make_images, write_training_log
 
@@ -123,18 +122,10 @@ def train_seed(vae, latent_mean, latent_std, captions, tokenizers, args, seed: i
     scheduler = build_scheduler()
     pipe = build_pipeline(vae, transformer, clip, tokenizers[0], t5, tokenizers[1], scheduler)
     backbone = backbone_of(pipe, conditioning="joined", attention_maps="image_to_text")
-    params = [{"params": transformer.parameters(), "lr": args.lr}]
-    params += [{"params": e.parameters(), "lr": args.text_lr} for e in encoders]
-    opt = torch.optim.AdamW(params, weight_decay=1e-2)
-    warmup = 100
-
-    def lr_lambda(s: int) -> float:
-        return min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.9 + 0.1)
-
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    params, opt, lr_sched = optimizer(transformer, encoders, args)
     gen = torch.Generator().manual_seed(seed)
     n_train = scheduler.config.num_train_timesteps
-    best, history = None, []
+    kept = BestCheck([transformer, *encoders])
     start = time.time()
     for step in range(1, args.steps + 1):
         transformer.train()
@@ -158,31 +149,17 @@ def train_seed(vae, latent_mean, latent_std, captions, tokenizers, args, seed: i
         weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
         loss = (weighting * (pred - backbone.prediction_target(x0, noise, 0.0)) ** 2).mean()
         sep, _ = separation_penalty(backbone, args.margin) if args.margin_weight > 0 else (torch.zeros(()), 0.0)
-        opt.zero_grad(set_to_none=True)
-        (loss + args.margin_weight * sep).backward()
-        torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
-        opt.step()
-        lr_sched.step()
+        optimizer_step(params, opt, lr_sched, loss + args.margin_weight * sep)
         if step % 100 == 0 or step == args.steps:
             elapsed = time.time() - start
             log(f"seed {seed} step {step}/{args.steps} fm-loss {loss.item():.4f} sep {sep.item():.4f} ({elapsed:.0f}s)")
         if step % args.eval_every == 0 or step == args.steps:
-            transformer.eval()
-            for e in encoders:
-                e.eval()
-            check = grounding_check(backbone, args.check_images)
-            history.append({"step": step, **check})
+            check = kept.check(step, lambda: grounding_check(backbone, args.check_images))
             log(
                 f"seed {seed} step {step}: best check mIoU {check['miou']:.3f} ({describe(check)}), foreground class "
                 f"accuracy {check['accuracy']:.3f}; {summary_line(check)}"
             )
-            if best is None or check["miou"] > best["check"]["miou"]:
-                states = [transformer.state_dict(), *(e.state_dict() for e in encoders)]
-                best = {"step": step, "check": check, "states": [{k: v.clone() for k, v in s.items()} for s in states]}
-    for module, state in zip([transformer, *encoders], best["states"], strict=True):
-        module.load_state_dict(state)
-        module.eval().requires_grad_(False)
-    return pipe, best["step"], history
+    return pipe, kept.restore(), kept.history
 
 
 def save_pipeline(tmp: Path, pipe: FluxPipeline) -> None:

@@ -105,13 +105,37 @@ def describe(check: dict) -> str:
     return f"{where}, {'flow-noised' if check['add_noise'] else 'clean'}"
 
 
-def train_seed(vae, latent_mean, latent_std, captions, tokenizer, args, seed: int):
-    torch.manual_seed(seed)
-    transformer = build_transformer(args.layers, args.heads, args.head_dim)
-    encoders = [build_text_encoder(tokenizer, w) for w in CLIP_WIDTHS]
-    scheduler = build_scheduler()
-    pipe = build_pipeline(vae, transformer, encoders, tokenizer, scheduler)
-    backbone = backbone_of(pipe, conditioning="joined", attention_maps="image_to_text")
+class BestCheck:
+    """The grounding checks of one training and the modules' weights at the step whose check scored best (its
+    ``miou``), restored at the end: training keeps the checkpoint that binds best, not the last one."""
+
+    def __init__(self, modules: list[torch.nn.Module]):
+        self.modules = modules
+        self.history: list[dict] = []
+        self.best: dict | None = None
+
+    def check(self, step: int, run_check) -> dict:
+        """The modules in eval mode, ``run_check()``'s result recorded (and the weights kept when it is the best)."""
+        for module in self.modules:
+            module.eval()
+        check = run_check()
+        self.history.append({"step": step, **check})
+        if self.best is None or check["miou"] > self.best["check"]["miou"]:
+            states = [module.state_dict() for module in self.modules]
+            self.best = {"step": step, "check": check, "states": [{k: v.clone() for k, v in s.items()} for s in states]}
+        return check
+
+    def restore(self) -> int:
+        """The best weights back in the modules (frozen, eval mode); the step they come from."""
+        for module, state in zip(self.modules, self.best["states"], strict=True):
+            module.load_state_dict(state)
+            module.eval().requires_grad_(False)
+        return self.best["step"]
+
+
+def optimizer(transformer: torch.nn.Module, encoders: list[torch.nn.Module], args: argparse.Namespace):
+    """AdamW over the transformer (``args.lr``) and the text encoders (``args.text_lr``), and its schedule: 100 warmup
+    steps, then a cosine to a tenth over ``args.steps``. Returns (parameter groups, optimizer, scheduler)."""
     params = [{"params": transformer.parameters(), "lr": args.lr}]
     params += [{"params": e.parameters(), "lr": args.text_lr} for e in encoders]
     opt = torch.optim.AdamW(params, weight_decay=1e-2)
@@ -120,10 +144,28 @@ def train_seed(vae, latent_mean, latent_std, captions, tokenizer, args, seed: in
     def lr_lambda(s: int) -> float:
         return min(1.0, (s + 1) / warmup) * (0.5 * (1 + math.cos(math.pi * min(s, args.steps) / args.steps)) * 0.9 + 0.1)
 
-    lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    return params, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def optimizer_step(params: list[dict], opt, lr_sched, total: torch.Tensor) -> None:
+    opt.zero_grad(set_to_none=True)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
+    opt.step()
+    lr_sched.step()
+
+
+def train_seed(vae, latent_mean, latent_std, captions, tokenizer, args, seed: int):
+    torch.manual_seed(seed)
+    transformer = build_transformer(args.layers, args.heads, args.head_dim)
+    encoders = [build_text_encoder(tokenizer, w) for w in CLIP_WIDTHS]
+    scheduler = build_scheduler()
+    pipe = build_pipeline(vae, transformer, encoders, tokenizer, scheduler)
+    backbone = backbone_of(pipe, conditioning="joined", attention_maps="image_to_text")
+    params, opt, lr_sched = optimizer(transformer, encoders, args)
     gen = torch.Generator().manual_seed(seed)
     n_train = scheduler.config.num_train_timesteps
-    best, history = None, []
+    kept = BestCheck([transformer, *encoders])
     start = time.time()
     for step in range(1, args.steps + 1):
         transformer.train()
@@ -146,31 +188,17 @@ def train_seed(vae, latent_mean, latent_std, captions, tokenizer, args, seed: in
         weighting = compute_loss_weighting_for_sd3(args.weighting_scheme, sigmas)
         loss = (weighting * (pred - (noise - x0)) ** 2).mean()
         sep, worst = separation_penalty(backbone, args.margin) if args.margin_weight > 0 else (torch.zeros(()), 0.0)
-        opt.zero_grad(set_to_none=True)
-        (loss + args.margin_weight * sep).backward()
-        torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], 1.0)
-        opt.step()
-        lr_sched.step()
+        optimizer_step(params, opt, lr_sched, loss + args.margin_weight * sep)
         if step % 100 == 0 or step == args.steps:
             elapsed = time.time() - start
             log(f"seed {seed} step {step}/{args.steps} fm-loss {loss.item():.4f} sep {sep.item():.4f} ({elapsed:.0f}s)")
         if step % args.eval_every == 0 or step == args.steps:
-            transformer.eval()
-            for e in encoders:
-                e.eval()
-            check = grounding_check(backbone, args.check_images)
-            history.append({"step": step, **check})
+            check = kept.check(step, lambda: grounding_check(backbone, args.check_images))
             log(
                 f"seed {seed} step {step}: best check mIoU {check['miou']:.3f} ({describe(check)}), foreground class "
                 f"accuracy {check['accuracy']:.3f}; all blocks clean: {check['all'][0]['miou']:.3f}"
             )
-            if best is None or check["miou"] > best["check"]["miou"]:
-                states = [transformer.state_dict(), *(e.state_dict() for e in encoders)]
-                best = {"step": step, "check": check, "states": [{k: v.clone() for k, v in s.items()} for s in states]}
-    for module, state in zip([transformer, *encoders], best["states"], strict=True):
-        module.load_state_dict(state)
-        module.eval().requires_grad_(False)
-    return pipe, best["step"], history
+    return pipe, kept.restore(), kept.history
 
 
 def save_pipeline(out: Path, pipe: StableDiffusion3Pipeline) -> None:
