@@ -107,7 +107,8 @@ class ChannelClasses:
 
 
 class MaskSetLayout:
-    """Where a split's masks, stored maps, confidences and overlays live: ``<root>/{masks,maps,confidence,overlays}``."""
+    """Where a split's masks, stored maps, confidences, class peaks and overlays live:
+    ``<root>/{masks,maps,confidence,class_peaks,overlays}``."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -115,6 +116,7 @@ class MaskSetLayout:
         self.maps = self.root / "maps"
         self.overlays = self.root / "overlays"
         self.confidence = self.root / "confidence"
+        self.class_peaks = self.root / "class_peaks"
 
     def mask_path(self, sid: str) -> Path:
         return self.masks / f"{sid}.png"
@@ -127,6 +129,19 @@ class MaskSetLayout:
 
     def confidence_path(self, sid: str) -> Path:
         return self.confidence / f"{sid}.png"
+
+    def class_peaks_path(self, sid: str) -> Path:
+        return self.class_peaks / f"{sid}.json"
+
+    def read_class_peaks(self, sid: str) -> list[float]:
+        """A segmenter's peak probability of each class (class id -> value) in one image."""
+        path = self.class_peaks_path(sid)
+        if not path.exists():
+            raise FileNotFoundError(
+                f"{path} is missing: the DeepLabV3+ step {self.root.parent.name} predates class peaks; delete that "
+                "folder and run the same command again"
+            )
+        return [float(v) for v in json.loads(path.read_text())]
 
     def is_done(self, sid: str) -> bool:
         """Maps are written before the mask, so a mask means both are complete."""
@@ -474,7 +489,9 @@ class MaskSetWriter(BasePredictionWriter):
 
 
 class SegmenterMaskWriter(BasePredictionWriter):
-    """Writes a segmenter's predicted class (palette PNG) and its confidence (8-bit PNG) per image, atomically.
+    """Writes a segmenter's predicted class (palette PNG), its confidence (8-bit PNG) and each class's peak
+    probability over the image (JSON list by class id: how sure the segmenter is that the class is anywhere in it,
+    the segmenter labeler's evidence) per image, atomically; the mask last, so a mask means all three are there.
 
     ``prediction`` of a batch: (probabilities (B, K, H, W), dataset indices (B,)).
     """
@@ -490,8 +507,10 @@ class SegmenterMaskWriter(BasePredictionWriter):
 
         probs, index = prediction
         conf, labels = probs.max(1)
+        peaks = probs.flatten(2).amax(2).float().cpu().tolist()
         for j, i in enumerate(index.tolist()):
             sid = self.ids[i]
+            write_json(self.layout.class_peaks_path(sid), [round(v, 6) for v in peaks[j]])
             c = (conf[j].float().cpu().numpy() * 255).round().astype(np.uint8)
             atomic_save(self.layout.confidence_path(sid), lambda t, a=c: Image.fromarray(a).save(t, format="PNG"))
             m = labels[j].to(torch.uint8).cpu().numpy()

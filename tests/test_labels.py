@@ -297,18 +297,48 @@ def test_the_segmenter_labeler_labels_round_one_with_its_first_labeler(compose_f
     assert build(labels_step.round_labeler(cfg, tmp_path / "deeplab-x")).name == "segmenter"
     maps_first = compose_fit("data.labels=predicted", "labeler=segmenter", "labeler@labeler.first_round=diffusion_maps")
     assert build(labels_step.round_labeler(maps_first)).name == "diffusion_maps"
-    labeler = build(cfg.labeler)
+    labeler = build(cfg.labeler)  # score=peak: each class's peak probability, split as it is
+    assert labeler.reads == "class_peaks"
+    peaks = [{1: 0.02, 2: 0.97, 3: 0.61}, *({1: 0.05 * i, 2: 1 - 0.05 * i, 3: 0.9 - 0.8 * (i % 2)} for i in range(9))]
+    assert labeler.scores(np.array([0.9, 0.02, 0.97, 0.61]), [1, 2, 3]) == peaks[0]
+    threshold = labeler.fit_threshold(peaks)  # Otsu's split of every peak, no labels
+    assert 0.45 < threshold < 0.55
+    assert labeler.decide(peaks[0], threshold, True) == [2, 3]
+    area = build(compose_fit("data.labels=predicted", "labeler=segmenter", "labeler.score=area").labeler)
+    assert area.reads == "mask"
     mask = np.zeros((10, 10), np.uint8)
     mask[:3, :3], mask[0, 9] = 2, 3  # class 2 on 9 % of the image, class 3 on one pixel
-    scores = labeler.scores(mask, [1, 2, 3])
+    scores = area.scores(mask, [1, 2, 3])
     assert scores == {1: 0.0, 2: 0.09, 3: 0.01}
-    assert labeler.decide(scores, 0.05, True) == [2]
+    assert area.decide(scores, 0.05, True) == [2]
+    with pytest.raises(ConfigError, match="labeler.score='mean'"):
+        SegmenterLabeler(first_round=build(cfg.labeler.first_round), score="mean")
     with pytest.raises(ConfigError, match="labeler.first_round"):
         SegmenterLabeler(first_round=labeler)
     # steps: labels, stage 0, CRF, DeepLabV3+ | weights, labels (from the segmenter), stage 0, CRF, DeepLabV3+
     assert planned_steps(compose_fit("stage=all", "data.labels=predicted", "labeler=segmenter")) == 9
     # the maps labeler: its evidence (stage 0 with every class) and labels in round 1, reused in round 2
     assert planned_steps(compose_fit("stage=all", "data.labels=predicted", "labeler=diffusion_maps")) == 11
+
+
+def test_the_segmenter_writes_each_class_peak_probability_with_its_masks(tmp_path):
+    """The DeepLabV3+ prediction writer stores each class's highest probability over the image (the segmenter
+    labeler's evidence) with the mask and confidence; a step folder without them is one clear error."""
+    import torch
+
+    from stableseg_pp.artifacts import MaskSetLayout, SegmenterMaskWriter
+
+    probs = torch.rand(2, 4, 6, 5).softmax(1)
+    layout = MaskSetLayout(tmp_path / "deeplab-x" / "train")
+    SegmenterMaskWriter(layout, ["a", "b"]).write_on_batch_end(None, None, (probs, torch.tensor([0, 1])), None, None, 0)
+    for j, sid in enumerate(["a", "b"]):
+        assert layout.is_done(sid)
+        expected = probs[j].flatten(1).amax(1)
+        assert np.allclose(layout.read_class_peaks(sid), expected.numpy(), atol=1e-6)
+        assert labels_step.READERS["class_peaks"](layout, sid).shape == (4,)
+    layout.class_peaks_path("a").unlink()
+    with pytest.raises(FileNotFoundError, match="deeplab-x predates class peaks"):
+        layout.read_class_peaks("a")
 
 
 def _tiny_clip(folder: Path) -> Path:

@@ -115,6 +115,7 @@ def run(cfg: DictConfig, dataset: DatasetDescription, masks_dir: Path, init: Pat
         "segmenter": OmegaConf.to_container(seg, resolve=True),
         "trainer": trainer_key(cfg, _precision(cfg)),
         "seed": cfg.seed,
+        "writes": ["masks", "confidence", "class_peaks"],  # what each image gets (a step writing more is another)
     }
     key["segmenter"]["train"] = training_plan(cfg, dataset, max(1, n_train))
     if init is not None:

@@ -73,6 +73,13 @@ def run(cfg: DictConfig, dataset: DatasetDescription, evidence: Path | None = No
     return STEP.run(cfg, key, [evidence] if evidence is not None else [], compute)
 
 
+#: how the labels step reads one image's evidence from a mask set, by what the labeler ``reads``
+READERS = {
+    "mask": lambda source, sid: np.array(Image.open(source.mask_path(sid))),  # (H, W) class ids
+    "class_peaks": lambda source, sid: np.array(source.read_class_peaks(sid)),  # (K,) by class id
+}
+
+
 def candidates(dataset: DatasetDescription) -> list[int]:
     """The classes a labeler decides on: every class but the background."""
     return [c for c in range(len(dataset.class_names)) if c != dataset.background_index]
@@ -103,8 +110,8 @@ def _score_split(cfg, dataset: DatasetDescription, scoring: tuple, split: str, f
     todo = [sid for sid in ids if sid not in scores]
     if evidence is not None:
         for sid in todo:
-            mask = np.array(Image.open(source.mask_path(sid)))
-            scores[sid] = _write_scores(dataset, folder / f"{sid}.json", labeler.scores(mask, classes))
+            evidence_of = READERS[labeler.reads](source, sid)
+            scores[sid] = _write_scores(dataset, folder / f"{sid}.json", labeler.scores(evidence_of, classes))
         return ids, scores
     names = [dataset.prompt_name(c) for c in classes]
     batch = max(1, int(cfg.data.batch_size))

@@ -120,6 +120,7 @@ class MapAreaLabeler:
 
     name = "diffusion_maps"
     evidence = "stage0"  # scores stage 0's masks with every class in the prompt (its own step folder)
+    reads = "mask"  # each image's (H, W) class ids there
 
     def __init__(self, threshold: str | float = "otsu", min_pixels: int = 1):
         check_threshold(threshold)

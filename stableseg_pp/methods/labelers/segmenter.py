@@ -3,35 +3,63 @@ labels too).
 
 Round 1 has no segmenter yet: its labels come from ``first_round`` (the
 diffusion labeler by default). From round 2 on, a class is named in an image
-when the previous round's DeepLabV3+ predicts it over enough of the image: a
-fraction set without labels (Otsu's split of the split's log-fractions, as the
-maps labeler) or given.
+when the previous round's DeepLabV3+ is sure enough that it is somewhere in it:
+its peak probability over the image (``score=peak``, the default) or the
+fraction of the image it predicts (``score=area``), against a threshold set
+without labels (Otsu's split of the split's scores) or given. docs/labels.md
+compares the two.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
 from stableseg_pp.methods.labelers.diffusion import MapAreaLabeler
+from stableseg_pp.methods.labelers.thresholds import Threshold, split_threshold
 from stableseg_pp.runtime.errors import ConfigError
+
+SCORES = ("peak", "area")
 
 
 class SegmenterLabeler(MapAreaLabeler):
-    """Names the classes the previous round's DeepLabV3+ predicts over enough of an image.
+    """Names the classes the previous round's DeepLabV3+ finds in an image.
 
     Args:
         first_round: the labeler of round 1, before any segmenter is trained (a built labeler that does not itself
             read a segmenter).
-        threshold: ``otsu`` (Otsu's split of the split's log-fractions, no labels) or a fraction of the image in (0, 1).
-        min_pixels: a class must be predicted on at least this many pixels of an image to count at all.
+        score: ``peak``: a class's highest probability over the image (how sure the segmenter is that it is
+            anywhere; DeepLabV3+ predicts at 1/4 of the input and upsamples, so a peak spans a patch, not one noisy
+            pixel); ``area``: the fraction of the image it predicts (its argmax).
+        threshold: ``otsu`` (Otsu's split of the split's scores: peaks as they are, areas' logarithms; no labels),
+            ``otsu_per_class`` / ``otsu_centred`` (:mod:`.thresholds`), or a value in (0, 1).
+        min_pixels: ``score=area``: a class must be predicted on at least this many pixels of an image to count.
     """
 
     name = "segmenter"
-    evidence = "segmenter"  # reads the masks the previous round's DeepLabV3+ predicted
+    evidence = "segmenter"  # reads what the previous round's DeepLabV3+ predicted
 
-    def __init__(self, first_round, threshold: str | float = "otsu", min_pixels: int = 1):
+    def __init__(self, first_round, score: str = "peak", threshold: str | float = "otsu", min_pixels: int = 1):
         super().__init__(threshold, min_pixels)
         if not hasattr(first_round, "evidence") or first_round.evidence == "segmenter":
             raise ConfigError(
                 "labeler.first_round: give a labeler that labels round 1 without a trained segmenter, e.g. "
                 "labeler.first_round=diffusion's node (configs/labeler/segmenter.yaml)"
             )
+        if score not in SCORES:
+            raise ConfigError(f"labeler.score={score!r}: use {' or '.join(SCORES)}")
         self.first_round = first_round
+        self.score = score
+        self.reads = "class_peaks" if score == "peak" else "mask"  # (K,) peaks by class id, or (H, W) class ids
+
+    def scores(self, evidence: np.ndarray, candidates: Sequence[int]) -> dict[int, float]:
+        """Each candidate class's score from one image's evidence (its peaks by class id, or its predicted mask)."""
+        if self.score == "area":
+            return super().scores(evidence, candidates)
+        return {int(c): float(evidence[c]) for c in candidates}
+
+    def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> Threshold:
+        if self.score == "area":
+            return super().fit_threshold(scores)
+        return split_threshold(self.threshold, scores, empty=1.0)  # peaks are probabilities: split as they are
