@@ -341,6 +341,43 @@ def test_the_segmenter_writes_each_class_peak_probability_with_its_masks(tmp_pat
         layout.read_class_peaks("a")
 
 
+def test_peak_confidences_reach_stage_zero_as_class_weights(tmp_path):
+    """A labeler whose scores are probabilities (the segmenter's peaks) has its confidence in each named class
+    written with the labels and read back by class id; stage 0 batches them as (images, classes) weights, 1 where
+    an image has none, and none at all when no image has any (the paper's stage 0)."""
+    import torch
+
+    from stableseg_pp.config import build
+    from stableseg_pp.data.prompted_images import Sample
+    from stableseg_pp.models.zero_shot_module import class_weights
+    from stableseg_pp.runtime.atomic import write_json
+
+    write_json(tmp_path / "train" / labels_step.LABELS_FILE,
+               {"threshold": 0.5, "labels": {"a": [2, 5]}, "confidence": {"a": {"2": 0.9, "5": 0.6}}})  # fmt: skip
+    write_json(tmp_path / "val" / labels_step.LABELS_FILE, {"threshold": 0.5, "labels": {"b": [1]}})
+    assert labels_step.read_confidences(tmp_path) == {"train": {"a": {2: 0.9, 5: 0.6}}, "val": {}}
+    assert labels_step.read_labels(tmp_path) == {"train": {"a": [2, 5]}, "val": {"b": [1]}}
+    pixels, image = torch.zeros(3, 4, 4), np.zeros((4, 4, 3), np.uint8)
+    weighted = Sample("a", pixels, image, None, [2, 5], [0.9, 0.6])
+    plain = Sample("b", pixels, image, None, [1, 3, 4])
+    assert class_weights([plain]) is None
+    assert torch.allclose(class_weights([weighted, plain]), torch.tensor([[0.9, 0.6, 1.0], [1.0, 1.0, 1.0]]))
+    node = {"_target_": "stableseg_pp.methods.labelers.segmenter.SegmenterLabeler",
+            "first_round": {"_target_": "stableseg_pp.methods.labelers.diffusion.DenoisingLabeler"}}  # fmt: skip
+    labeler = build(node)
+    assert labeler.confidences and not build({**node, "weigh_maps": False}).confidences
+    # confidence: a peak over the class's median peak where it is named, at most 1
+    peaks = {"a": {1: 0.9, 2: 0.3}, "b": {1: 0.45, 2: 0.6}, "c": {1: 1.0, 2: 0.01}}
+    assert labeler.confidence(peaks, {"a": [1, 2], "b": [1, 2], "c": [1]}) == {
+        "a": {1: 1.0, 2: pytest.approx(0.3 / 0.45)},
+        "b": {1: 0.5, 2: 1.0},
+        "c": {1: 1.0},
+    }
+    assert not build({**node, "score": "area"}).confidences  # areas are not probabilities
+    with pytest.raises(ConfigError, match="labeler.weigh_maps='yes'"):
+        build({**node, "weigh_maps": "yes"})
+
+
 def _tiny_clip(folder: Path) -> Path:
     """A randomly initialised CLIP with the miniature U-Net's tokenizer and a 32-pixel image processor."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel

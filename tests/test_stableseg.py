@@ -148,3 +148,24 @@ def test_single_file_checkpoints_are_accepted_with_clear_errors(tmp_path, miniat
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="not a single-file checkpoint"):
         SDUNetBackbone(pretrained=str(tmp_path / "notes.txt")).sites(64)
+
+
+def test_class_weights_decide_between_classes_and_never_against_the_background():
+    """weigh_classes: where two classes claim a pixel the surer one wins; the strongest class keeps its unweighted
+    value, so which pixels are background is unchanged; equal (or proportional) weights change nothing."""
+    from stableseg_pp.methods.stableseg import weigh_classes
+
+    capm = torch.zeros(1, 3, 2, 2)
+    capm[0, 0] = 0.5  # background threshold
+    capm[0, 1] = torch.tensor([[1.0, 0.9], [0.2, 0.0]])  # class a
+    capm[0, 2] = torch.tensor([[0.8, 1.0], [0.1, 0.3]])  # class b: claims the second pixel more than a does
+    before = capm.argmax(1)
+    assert torch.equal(weigh_classes(capm, torch.ones(1, 2)), capm)
+    assert torch.allclose(weigh_classes(capm, torch.tensor([[0.3, 0.3]])), capm)
+    out = weigh_classes(capm, torch.tensor([[0.9, 0.5]]))  # the labeler is surer of a
+    assert torch.allclose(out[:, 1:].amax(1), capm[:, 1:].amax(1))  # each pixel's strongest class value kept
+    assert torch.equal(out[:, 0], capm[:, 0])
+    after = out.argmax(1)
+    assert before[0, 0, 1] == 2 and after[0, 0, 1] == 1  # a takes the pixel both claim
+    assert torch.equal((after == 0), (before == 0))  # background where it was, nowhere else
+    assert after[0, 1, 0] == before[0, 1, 0] == 0 and after[0, 1, 1] == before[0, 1, 1] == 0

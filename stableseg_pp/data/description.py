@@ -137,10 +137,16 @@ class DatasetDescription:
         return setting
 
     def prompted_images(
-        self, split: str, ids: Sequence[str], resolution: int, predicted: Mapping[str, Sequence[int]] | None = None
+        self,
+        split: str,
+        ids: Sequence[str],
+        resolution: int,
+        predicted: Mapping[str, Sequence[int]] | None = None,
+        confidence: Mapping[str, Mapping[int, float]] | None = None,
     ) -> PromptedImages:
         """The images of ``ids`` resized for a diffusion model, with the classes to prompt for (``predicted``: each
-        image's classes from a labels step, for ``labels=predicted``)."""
+        image's classes from a labels step, for ``labels=predicted``; ``confidence``: the labeler's confidence in
+        each, where it gives one)."""
         return PromptedImages(
             layout=self.layout,
             split=split,
@@ -153,6 +159,7 @@ class DatasetDescription:
             ids=ids,
             background_index=self.background_index,
             predicted=predicted,
+            confidence=confidence,
         )
 
 

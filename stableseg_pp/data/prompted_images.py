@@ -32,10 +32,11 @@ class Sample:
     image: np.ndarray  # (H, W, 3) uint8, original size
     mask: np.ndarray | None  # (H, W) uint8 class ids, 255 = ignore
     class_ids: list[int]  # classes to prompt for
+    class_weights: list[float] | None = None  # the labeler's confidence in each of them (None: all alike)
 
     def pin_memory(self) -> Sample:
         """The DataLoader's ``pin_memory=True`` pins the pixels (page-locked: a non-blocking copy to the GPU)."""
-        return Sample(self.id, self.pixels.pin_memory(), self.image, self.mask, self.class_ids)
+        return Sample(self.id, self.pixels.pin_memory(), self.image, self.mask, self.class_ids, self.class_weights)
 
 
 def to_model_pixels(image: np.ndarray, resolution: int) -> torch.Tensor:
@@ -70,6 +71,7 @@ class PromptedImages(Dataset):
         ids: Sequence[str] | None = None,
         background_index: int | None = 0,
         predicted: Mapping[str, Sequence[int]] | None = None,
+        confidence: Mapping[str, Mapping[int, float]] | None = None,
     ):
         if labels not in LABELS:
             raise ConfigError(f"data.labels={labels!r}: use one of {', '.join(LABELS)}")
@@ -89,6 +91,7 @@ class PromptedImages(Dataset):
         self.convert_to_rgb = convert_to_rgb
         self.background_index = background_index
         self.predicted = predicted
+        self.confidence = confidence
         self.ids = list(ids) if ids is not None else layout.split_ids(split)
         self.skipped: list[tuple[str, str]] = []
 
@@ -113,7 +116,10 @@ class PromptedImages(Dataset):
             class_ids = [int(c) for c in self.predicted.get(sid, ()) if c not in not_prompted]
         else:
             class_ids = [c for c in range(len(self.class_names)) if c not in not_prompted]
-        return Sample(sid, to_model_pixels(image, self.resolution), image, mask, class_ids)
+        weights = None
+        if self.labels == "predicted" and self.confidence is not None and sid in self.confidence:
+            weights = [float(self.confidence[sid].get(c, 1.0)) for c in class_ids]
+        return Sample(sid, to_model_pixels(image, self.resolution), image, mask, class_ids, weights)
 
     def __getitem__(self, index: int) -> Sample | None:
         sid = self.ids[index]

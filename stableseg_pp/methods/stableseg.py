@@ -196,8 +196,15 @@ class StableSeg(torch.nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, pixels: torch.Tensor, class_names: Sequence[Sequence[str]], generator: torch.Generator | None = None
+        self,
+        pixels: torch.Tensor,
+        class_names: Sequence[Sequence[str]],
+        generator: torch.Generator | None = None,
+        class_weights: torch.Tensor | None = None,
     ) -> StableSegOutput:
+        """StableSeg's scores for each image's named classes. ``class_weights`` (B, K): a labeler's confidence in
+        each named class, deciding between classes that claim the same pixel (:func:`weigh_classes`); None: all
+        alike, as in the paper."""
         if pixels.shape[-2:] != (self.resolution, self.resolution):
             raise ValueError(f"expected images of {self.resolution}x{self.resolution}, got {tuple(pixels.shape[-2:])}")
         backbone = self.backbone
@@ -225,6 +232,8 @@ class StableSeg(torch.nn.Module):
             capm = self.background.prepend(class_maps)
             valid = torch.cat([torch.full_like(valid[:, :1], self.background.kind != "none"), valid], dim=1)
         capm = capm.masked_fill(~valid[:, :, None, None], 0.0)
+        if class_weights is not None:
+            capm = weigh_classes(capm, class_weights.to(capm))
         scores = capm
         if self.mode != "ca":
             ca_labels = capm.masked_fill(~valid[:, :, None, None], float("-inf")).argmax(dim=1)
@@ -277,6 +286,17 @@ class StableSeg(torch.nn.Module):
             out[i, 0] = class_maps[i, n - 1]
             out[i, 1:n] = class_maps[i, : n - 1]
         return out
+
+
+def weigh_classes(capm: torch.Tensor, weights: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(B, 1 + C, R, R) maps, background first -> the same with the classes' competition decided by ``weights``
+    (B, C): at each pixel the classes' maps are multiplied by their weights and rescaled so that the strongest class
+    keeps the unweighted maximum. Which pixels are background does not change; where two classes both claim a pixel,
+    the one the labeler is surer of wins. Equal weights change nothing."""
+    classes = capm[:, 1:]
+    weighted = classes * weights[:, :, None, None]
+    scale = classes.amax(1, keepdim=True) / weighted.amax(1, keepdim=True).clamp_min(eps)
+    return torch.cat([capm[:, :1], weighted * scale], dim=1)
 
 
 def check_map_ids(weights: Mapping[str, float], sites: Sequence[AttentionSite]) -> set[str]:

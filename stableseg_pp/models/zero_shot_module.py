@@ -72,7 +72,8 @@ class ZeroShotSegmenter(L.LightningModule):
         self.configure_model()
         seg = self.segmenter
         pixels = torch.stack([batch[i].pixels for i in with_classes]).to(self.device, non_blocking=True)
-        out = seg(pixels, [[self.dataset.prompt_name(c) for c in batch[i].class_ids] for i in with_classes])
+        names = [[self.dataset.prompt_name(c) for c in batch[i].class_ids] for i in with_classes]
+        out = seg(pixels, names, class_weights=class_weights([batch[i] for i in with_classes]))
         valid = out.valid
         tensors: dict[str, torch.Tensor] = {}
         by_size: dict[tuple[int, int], list[int]] = {}
@@ -96,3 +97,15 @@ class ZeroShotSegmenter(L.LightningModule):
         kept = out.scores.float().masked_fill(~valid[:, :, None, None], -1e4)
         tensors["scores"] = F.adaptive_avg_pool2d(kept, seg.latent_grid).to(torch.float16)
         return MaskBatch(images, rows, self.backbone.family, HostBatch(tensors))
+
+
+def class_weights(samples: list[Sample]) -> torch.Tensor | None:
+    """(B, K) the labeler's confidence in each prompted class (1 where an image has none); None when no image has
+    any (every class alike: stage 0 as the paper has it)."""
+    if all(s.class_weights is None for s in samples):
+        return None
+    out = torch.ones(len(samples), max(len(s.class_ids) for s in samples))
+    for row, s in enumerate(samples):
+        if s.class_weights is not None:
+            out[row, : len(s.class_weights)] = torch.tensor(s.class_weights)
+    return out

@@ -152,7 +152,10 @@ def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path |
         threshold = labeler.fit_threshold(list(scores.values()))
         labels = {sid: labeler.decide(scores[sid], threshold, dataset.has_background) for sid in ids}
         empty = [sid for sid, named in labels.items() if not named]
-        write_json(out / split / LABELS_FILE, {"threshold": threshold, "labels": labels})
+        written = {"threshold": threshold, "labels": labels}
+        if labeler.confidences:  # its scores are probabilities: stage 0 weighs the named classes by them
+            written["confidence"] = labeler.confidence(scores, labels)
+        write_json(out / split / LABELS_FILE, written)
         truth = _truth(dataset, split, ids)
         metrics = None
         if truth is not None and ids:
@@ -169,6 +172,16 @@ def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path |
         splits[split] = {"metrics": metrics, "images": len(ids), "unscored": unscored, "threshold": threshold,
                          "no_class_named": len(empty)}  # fmt: skip
     finish_stage(out, key, splits)
+
+
+def read_confidences(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """A finished labels step's confidence in each named class, where its labeler gives one: split -> image id ->
+    class id -> confidence (an empty mapping for a split without)."""
+    out = {}
+    for path in sorted(Path(folder).glob(f"*/{LABELS_FILE}")):
+        written = json.loads(path.read_text()).get("confidence", {})
+        out[path.parent.name] = {sid: {int(c): float(v) for c, v in row.items()} for sid, row in written.items()}
+    return out
 
 
 def read_labels(folder: Path) -> dict[str, dict[str, list[int]]]:

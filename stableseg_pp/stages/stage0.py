@@ -37,7 +37,7 @@ from stableseg_pp.runtime.progress import ImagesPerSecondBar
 from stableseg_pp.runtime.resume import run_lightning
 from stableseg_pp.runtime.run_dir import evaluate_and_finish
 from stableseg_pp.stages import labels
-from stableseg_pp.stages.labels import read_labels
+from stableseg_pp.stages.labels import read_confidences, read_labels
 from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, method_settings, on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
@@ -152,14 +152,14 @@ def run(
     weights = weights or configured_site_weights(cfg)
     backbone = build_backbone(cfg, adapter)
     key = stage_key(cfg, dataset, backbone, weights)
-    predicted = None
+    predicted = confidence = None
     if dataset.labels == "predicted":
         labels_dir = predict_labels(cfg, dataset, segmenter)
         key["labels"], inputs = labels_dir.name, [*inputs, labels_dir]
-        predicted = read_labels(labels_dir)
+        predicted, confidence = read_labels(labels_dir), read_confidences(labels_dir)
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
-        _compute(cfg, dataset, backbone, weights, out, key, predicted)
+        _compute(cfg, dataset, backbone, weights, out, key, predicted, confidence)
         masks = {"pseudo_mask": out / "val" / "masks"} if "val" in cfg.stage0.splits else {}
         tracking.track_results(record, dataset, out, masks)
 
@@ -189,6 +189,7 @@ def _compute(
     out: Path,
     key: dict,
     predicted: dict[str, dict[str, list[int]]] | None = None,
+    confidence: dict[str, dict[str, dict[int, float]]] | None = None,
 ) -> None:
     if weights is not None:
         weights.check_family(backbone.family)  # before any model is loaded; StableSeg checks the site ids
@@ -210,7 +211,13 @@ def _compute(
         if todo:
             loaders.append(
                 DataLoader(
-                    dataset.prompted_images(split, todo, module.resolution, None if predicted is None else predicted[split]),
+                    dataset.prompted_images(
+                        split,
+                        todo,
+                        module.resolution,
+                        None if predicted is None else predicted[split],
+                        None if confidence is None else confidence.get(split),
+                    ),
                     batch_size=cfg.data.batch_size,
                     num_workers=loader_workers(cfg.data.num_workers, "data.num_workers"),
                     collate_fn=collate_samples,

@@ -46,6 +46,7 @@ class DenoisingLabeler:
 
     name = "diffusion"
     evidence = None  # scores the pictures
+    confidences = False  # its scores are relative errors, not probabilities
     needs_backbone = True  # with the diffusion backbone itself
 
     def __init__(
@@ -121,6 +122,7 @@ class MapAreaLabeler:
     name = "diffusion_maps"
     evidence = "stage0"  # scores stage 0's masks with every class in the prompt (its own step folder)
     reads = "mask"  # each image's (H, W) class ids there
+    confidences = False  # its scores are areas, not probabilities
 
     def __init__(self, threshold: str | float = "otsu", min_pixels: int = 1):
         check_threshold(threshold)
