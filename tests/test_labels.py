@@ -341,7 +341,7 @@ def test_the_segmenter_writes_each_class_peak_probability_with_its_masks(tmp_pat
         layout.read_class_peaks("a")
 
 
-def test_peak_confidences_reach_stage_zero_as_class_weights(tmp_path):
+def test_peak_confidences_reach_stage_zero_as_class_weights(compose_fit, tmp_path):
     """A labeler whose scores are probabilities (the segmenter's peaks) has its confidence in each named class
     written with the labels and read back by class id; stage 0 batches them as (images, classes) weights, 1 where
     an image has none, and none at all when no image has any (the paper's stage 0)."""
@@ -357,6 +357,15 @@ def test_peak_confidences_reach_stage_zero_as_class_weights(tmp_path):
     write_json(tmp_path / "val" / labels_step.LABELS_FILE, {"threshold": 0.5, "labels": {"b": [1]}})
     assert labels_step.read_confidences(tmp_path) == {"train": {"a": {2: 0.9, 5: 0.6}}, "val": {}}
     assert labels_step.read_labels(tmp_path) == {"train": {"a": [2, 5]}, "val": {"b": [1]}}
+    from stableseg_pp.data.description import describe_dataset
+
+    dataset = describe_dataset(compose_fit("data.labels=predicted").data, splits=[])
+    ids = ["val_00000", "val_00001"]
+    named = {"val_00000": [2, 5], "val_00001": [1]}
+    images = dataset.prompted_images("val", ids, 32, named, {"val_00000": {2: 0.9, 5: 0.6}})
+    assert images[0].class_weights == [0.9, 0.6] and images[0].class_ids == [2, 5]
+    assert images[1].class_weights is None  # no confidence for this image: all alike
+    assert dataset.prompted_images("val", ids, 32, named)[0].class_weights is None
     pixels, image = torch.zeros(3, 4, 4), np.zeros((4, 4, 3), np.uint8)
     weighted = Sample("a", pixels, image, None, [2, 5], [0.9, 0.6])
     plain = Sample("b", pixels, image, None, [1, 3, 4])
