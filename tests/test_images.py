@@ -93,7 +93,12 @@ def test_a_folder_of_photos_to_a_trained_segmenter_and_its_masks(compose_fit, mi
     final = run(cfg)["2"]
     run_dir = final.parent
     first, second = sorted(run_dir.glob("labels-*"), key=lambda p: p.stat().st_mtime)
-    assert json.loads((second / "key.json").read_text())["evidence"].startswith("deeplab-")  # round 1's DeepLabV3+
+    second_key = json.loads((second / "key.json").read_text())
+    assert second_key["evidence"].startswith("deeplab-")  # round 1's DeepLabV3+
+    assert second_key["second_opinion"] == first.name  # round 1's scores settle the classes in doubt
+    for split in ("train", "val"):
+        settled = json.loads((second / split / "labels.json").read_text())["second_opinion"]
+        assert settled["from"] == first.name and settled["named"] >= 0
     assert not (first / "metrics.json").exists() or json.loads((first / "metrics.json").read_text())["val"] is None
     for folder in (first, second):
         record = json.loads((folder / "_COMPLETE.json").read_text())["splits"]

@@ -315,10 +315,41 @@ def test_the_segmenter_labeler_labels_round_one_with_its_first_labeler(compose_f
         SegmenterLabeler(first_round=build(cfg.labeler.first_round), score="mean")
     with pytest.raises(ConfigError, match="labeler.first_round"):
         SegmenterLabeler(first_round=labeler)
-    # steps: labels, stage 0, CRF, DeepLabV3+ | weights, labels (from the segmenter), stage 0, CRF, DeepLabV3+
-    assert planned_steps(compose_fit("stage=all", "data.labels=predicted", "labeler=segmenter")) == 9
+    # steps: labels, stage 0, CRF, DeepLabV3+ | weights, round 1's labels again (the second opinion, found),
+    # labels (from the segmenter), stage 0, CRF, DeepLabV3+
+    assert planned_steps(compose_fit("stage=all", "data.labels=predicted", "labeler=segmenter")) == 10
+    assert planned_steps(compose_fit("stage=all", "data.labels=predicted", "labeler=segmenter", "labeler.doubt=null")) == 9
     # the maps labeler: its evidence (stage 0 with every class) and labels in round 1, reused in round 2
     assert planned_steps(compose_fit("stage=all", "data.labels=predicted", "labeler=diffusion_maps")) == 11
+
+
+def test_the_segmenter_settles_the_classes_in_doubt_with_round_ones_scores(compose_fit):
+    """A class whose peak lies in [doubt x threshold, threshold) is named where round 1's score for it reaches the cut
+    that separates round 1's scores of the images this round is sure of (no labels read); sure decisions and peaks
+    below the band stay as they are; doubt=null is the peaks alone; a bad doubt is one config line."""
+    from stableseg_pp.config import build
+    from stableseg_pp.methods.labelers.segmenter import SegmenterLabeler, separating_cut
+
+    labeler = build(compose_fit("data.labels=predicted", "labeler=segmenter").labeler)
+    assert labeler.second_opinion and labeler.doubt == 0.5
+    # class 1: sure there (peak 0.9) where round 1 scored 5 or 6, sure absent (0.05) where it scored 1 or 2
+    peaks = {"a": 0.9, "b": 0.9, "c": 0.05, "d": 0.05, "e": 0.3, "f": 0.3, "g": 0.1, "h": 0.45}
+    first = {"a": 5.0, "b": 6.0, "c": 1.0, "d": 2.0, "e": 4.5, "f": 2.5, "g": 9.0, "h": 3.0}
+    scores = {sid: {1: p, 2: 0.0} for sid, p in peaks.items()}
+    firsts = {sid: {1: v, 2: 0.0} for sid, v in first.items()}
+    labels = {sid: labeler.decide(scores[sid], 0.5, True) for sid in scores}
+    settled, cuts = labeler.reconsider(scores, 0.5, labels, firsts)
+    assert cuts == {1: 3.5}  # the middle of the gap between 2 (absent) and 5 (there); class 2 has no sure case
+    # e (peak 0.3, round 1: 4.5) is named; f (2.5, under the cut) and g (peak under the band) are not; h: 3.0 < 3.5
+    assert {sid for sid, named in settled.items() if 1 in named} == {"a", "b", "e"}
+    assert labels["e"] == [] and settled["e"] == [1]
+    # overlapping groups: cuts at 0.175 and 0.55 each misplace one score (balanced accuracy 5/6): their middle
+    assert separating_cut(np.array([0.8, 0.9, 0.2]), np.array([0.1, 0.15, 0.3])) == pytest.approx(0.3625)
+    assert separating_cut(np.array([1.0]), np.array([1.0])) == 1.0
+    peaks_only = build(compose_fit("data.labels=predicted", "labeler=segmenter", "labeler.doubt=null").labeler)
+    assert not peaks_only.second_opinion
+    with pytest.raises(ConfigError, match="labeler.doubt=1.5"):
+        SegmenterLabeler(first_round=build(compose_fit("labeler=diffusion").labeler), doubt=1.5)
 
 
 def test_the_segmenter_writes_each_class_peak_probability_with_its_masks(tmp_path):

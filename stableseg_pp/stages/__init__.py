@@ -56,7 +56,8 @@ def planned_steps(cfg: DictConfig) -> int:
         from stableseg_pp.stages.labels import round_labeler
 
         labeling = 2 if build(round_labeler(cfg)).evidence == "stage0" else 1
-        relabeling = 1 if build(cfg.labeler).evidence == "segmenter" else labeling
+        labeler = build(cfg.labeler)  # with a second opinion it opens round 1's labels (and their evidence) again
+        relabeling = 1 + labeling * labeler.second_opinion if labeler.evidence == "segmenter" else labeling
     if key == "0":
         return labeling + 1
     round1 = labeling + 1 + refinement.steps(cfg) + 1  # stage 0, refinement, DeepLabV3+ (magnet: ..., MAGNET)

@@ -46,14 +46,25 @@ def round_labeler(cfg: DictConfig, segmenter: Path | None = None) -> DictConfig:
     return cfg.labeler
 
 
-def run(cfg: DictConfig, dataset: DatasetDescription, evidence: Path | None = None, node: DictConfig | None = None) -> Path:
+def run(
+    cfg: DictConfig,
+    dataset: DatasetDescription,
+    evidence: Path | None = None,
+    node: DictConfig | None = None,
+    second_opinion: Path | None = None,
+) -> Path:
     """Label every split of ``stage0.splits`` with the labeler ``node`` (default ``cfg.labeler``): from its
     ``evidence`` folder (a mask set: stage 0 with every class, or a DeepLabV3+ step) or with the configured
-    backbone; returns the step folder."""
+    backbone; returns the step folder. ``second_opinion``: a finished labels step (round 1's) whose scores settle
+    the classes the labeler is in doubt about (a labeler with ``second_opinion``)."""
     node = cfg.labeler if node is None else node
     labeler = build(node)  # its constructor checks its settings before any work
     key: dict = {"labeler": method_settings(node), "splits": list(cfg.stage0.splits)}
     backbone = None
+    if labeler.second_opinion and second_opinion is None:
+        raise ValueError(f"labeler {labeler.name} settles its doubts with another labels step: give second_opinion")
+    if second_opinion is not None:
+        key["second_opinion"] = second_opinion.name
     if evidence is not None:
         key["evidence"] = evidence.name
     else:  # the labeler reads the pictures: with the diffusion backbone, or with a model of its own
@@ -67,10 +78,10 @@ def run(cfg: DictConfig, dataset: DatasetDescription, evidence: Path | None = No
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
         # rank 0 scores the images; the others wait, then read the labels
-        distributed.on_main(lambda: _label(cfg, dataset, labeler, backbone, evidence, out, key, record))
+        distributed.on_main(lambda: _label(cfg, dataset, labeler, backbone, evidence, out, key, record, second_opinion))
         distributed.barrier()
 
-    return STEP.run(cfg, key, [evidence] if evidence is not None else [], compute)
+    return STEP.run(cfg, key, [f for f in (evidence, second_opinion) if f is not None], compute)
 
 
 #: how the labels step reads one image's evidence from a mask set, by what the labeler ``reads``
@@ -140,7 +151,7 @@ def _truth(dataset: DatasetDescription, split: str, ids: list[str]) -> np.ndarra
 
 
 def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path | None, out: Path, key: dict,
-           record: StepRecord) -> None:  # fmt: skip
+           record: StepRecord, second_opinion: Path | None = None) -> None:  # fmt: skip
     splits, classes = {}, candidates(dataset)
     device = None
     if evidence is None:
@@ -151,8 +162,16 @@ def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path |
         ids, scores = _score_split(cfg, dataset, scoring, split, out / split / "scores")
         threshold = labeler.fit_threshold(list(scores.values()))
         labels = {sid: labeler.decide(scores[sid], threshold, dataset.has_background) for sid in ids}
+        settled = None
+        if second_opinion is not None:  # the classes in doubt, settled by round 1's scores of the same images
+            first = {sid: _read_scores(dataset, path) for sid in ids
+                     if (path := second_opinion / split / "scores" / f"{sid}.json").exists()}  # fmt: skip
+            before = sum(map(len, labels.values()))
+            labels, cuts = labeler.reconsider(scores, threshold, labels, first)
+            settled = {"from": second_opinion.name, "cuts": cuts, "named": sum(map(len, labels.values())) - before}
+            log.info("labels [%s]: %d classes in doubt named on %s's scores", split, settled["named"], second_opinion.name)
         empty = [sid for sid, named in labels.items() if not named]
-        written = {"threshold": threshold, "labels": labels}
+        written = {"threshold": threshold, "labels": labels, **({"second_opinion": settled} if settled else {})}
         if labeler.confidences:  # its scores are probabilities: stage 0 weighs the named classes by them
             written["confidence"] = labeler.confidence(scores, labels)
         write_json(out / split / LABELS_FILE, written)
@@ -170,7 +189,7 @@ def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path |
                  split, len(ids), describe_threshold(threshold), len(empty), quality)  # fmt: skip
         unscored = len(dataset.split_ids(split)) - len(ids)  # unreadable (data.on_bad_input=skip) or not in the evidence
         splits[split] = {"metrics": metrics, "images": len(ids), "unscored": unscored, "threshold": threshold,
-                         "no_class_named": len(empty)}  # fmt: skip
+                         "no_class_named": len(empty), "named_on_second_opinion": settled and settled["named"]}  # fmt: skip
     finish_stage(out, key, splits)
 
 

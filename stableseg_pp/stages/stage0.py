@@ -170,13 +170,14 @@ def predict_labels(cfg: DictConfig, dataset: DatasetDescription, segmenter: Path
     """``data.labels=predicted``: the labels step of a round (``segmenter``: the previous round's DeepLabV3+ folder,
     None in round 1), on the labeler's evidence: none (it runs the backbone), stage 0 with every class in the prompt
     (the same backbone and settings), or that segmenter's predictions. Content-addressed: a labeler that does not read
-    a segmenter gives every round the same folder."""
+    a segmenter gives every round the same folder. A labeler with a second opinion also reads round 1's labels step."""
     node = labels.round_labeler(cfg, segmenter)
-    evidence = build(node).evidence
-    if evidence is None:
+    labeler = build(node)
+    if labeler.evidence is None:
         return labels.run(cfg, dataset, node=node)
-    if evidence == "segmenter":
-        return labels.run(cfg, dataset, segmenter, node=node)
+    if labeler.evidence == "segmenter":  # round 1's labels (content-addressed: found, not redone) settle its doubts
+        first = predict_labels(cfg, dataset) if labeler.second_opinion else None
+        return labels.run(cfg, dataset, segmenter, node=node, second_opinion=first)
     every_class = replace(dataset, labels="all", settings={**dataset.settings, "labels": "all"})
     return labels.run(cfg, dataset, run(cfg, every_class), node=node)
 

@@ -35,6 +35,7 @@ class ClipLabeler:
     name = "clip"
     evidence = None  # scores the pictures
     confidences = False  # its scores are similarities, not probabilities
+    second_opinion = False  # decides from its own scores alone
     needs_backbone = False  # with its own model, not the diffusion backbone
 
     def __init__(self, model: str = "openai/clip-vit-large-patch14", prompt_template: str = "a photo of a {}",

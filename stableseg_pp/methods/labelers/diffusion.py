@@ -47,6 +47,7 @@ class DenoisingLabeler:
     name = "diffusion"
     evidence = None  # scores the pictures
     confidences = False  # its scores are relative errors, not probabilities
+    second_opinion = False  # decides from its own scores alone
     needs_backbone = True  # with the diffusion backbone itself
 
     def __init__(
@@ -123,6 +124,7 @@ class MapAreaLabeler:
     evidence = "stage0"  # scores stage 0's masks with every class in the prompt (its own step folder)
     reads = "mask"  # each image's (H, W) class ids there
     confidences = False  # its scores are areas, not probabilities
+    second_opinion = False  # decides from its own scores alone
 
     def __init__(self, threshold: str | float = "otsu", min_pixels: int = 1):
         check_threshold(threshold)

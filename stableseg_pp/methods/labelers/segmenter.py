@@ -6,10 +6,12 @@ diffusion labeler by default). From round 2 on, a class is named in an image
 when the previous round's DeepLabV3+ is sure enough that it is somewhere in it:
 its peak probability over the image (``score=peak``, the default) or the
 fraction of the image it predicts (``score=area``), against a threshold set
-without labels (Otsu's split of the split's scores) or given. With peaks, the
-labels carry each named class's confidence, and stage 0 lets it decide between
-named classes that claim the same pixel (``weigh_maps``). docs/labels.md
-compares them.
+without labels (Otsu's split of the split's scores) or given. A class the
+segmenter half sees (a peak in the ``doubt`` band below the threshold) is named
+when round 1's labeler, a second opinion from other evidence, says so
+(:meth:`SegmenterLabeler.reconsider`). With peaks, the labels carry each named
+class's confidence, and stage 0 lets it decide between named classes that
+claim the same pixel (``weigh_maps``). docs/labels.md compares them.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from stableseg_pp.methods.labelers.diffusion import MapAreaLabeler
-from stableseg_pp.methods.labelers.thresholds import Threshold, split_threshold
+from stableseg_pp.methods.labelers.thresholds import Threshold, split_threshold, threshold_of
 from stableseg_pp.runtime.errors import ConfigError
 
 SCORES = ("peak", "area")
@@ -41,6 +43,11 @@ class SegmenterLabeler(MapAreaLabeler):
             decide between named classes that claim the same pixel (:func:`~stableseg_pp.methods.stableseg.weigh_classes`):
             a class named wrongly, with a lower peak than usual, no longer takes a present class's object; which
             pixels are background does not change.
+        doubt: ``score=peak``: a class whose peak lies in [``doubt`` x threshold, threshold) is in doubt, and named
+            where round 1's labeler scores it at or above a cut set on this round's sure cases (:meth:`reconsider`);
+            ``null``: the peaks alone decide. A segmenter trained on masks that missed a class's objects misses them
+            in turn, with a low peak, and would teach them as background again; round 1's labeler read the picture
+            another way.
     """
 
     name = "segmenter"
@@ -53,6 +60,7 @@ class SegmenterLabeler(MapAreaLabeler):
         threshold: str | float = "otsu",
         min_pixels: int = 1,
         weigh_maps: bool = True,
+        doubt: float | None = 0.5,
     ):
         super().__init__(threshold, min_pixels)
         if not hasattr(first_round, "evidence") or first_round.evidence == "segmenter":
@@ -68,6 +76,10 @@ class SegmenterLabeler(MapAreaLabeler):
             raise ConfigError(f"labeler.weigh_maps={weigh_maps!r}: use true or false")
         self.reads = "class_peaks" if score == "peak" else "mask"  # (K,) peaks by class id, or (H, W) class ids
         self.confidences = weigh_maps and score == "peak"  # peaks are probabilities: stage 0 may weigh by them
+        if doubt is not None and (isinstance(doubt, bool) or not isinstance(doubt, int | float) or not 0 < doubt < 1):
+            raise ConfigError(f"labeler.doubt={doubt!r}: use a fraction of the threshold in (0, 1), or null for none")
+        self.doubt = float(doubt) if doubt is not None and score == "peak" else None
+        self.second_opinion = self.doubt is not None  # the labels step reads round 1's scores for the classes in doubt
 
     def scores(self, evidence: np.ndarray, candidates: Sequence[int]) -> dict[int, float]:
         """Each candidate class's score from one image's evidence (its peaks by class id, or its predicted mask)."""
@@ -93,3 +105,47 @@ class SegmenterLabeler(MapAreaLabeler):
         if self.score == "area":
             return super().fit_threshold(scores)
         return split_threshold(self.threshold, scores, empty=1.0)  # peaks are probabilities: split as they are
+
+    def reconsider(
+        self,
+        scores: Mapping[str, Mapping[int, float]],
+        threshold: Threshold,
+        labels: Mapping[str, Sequence[int]],
+        first_scores: Mapping[str, Mapping[int, float]],
+    ) -> tuple[dict[str, list[int]], dict[int, float]]:
+        """The labels with the classes in doubt settled by round 1's scores (``first_scores``: image -> class ->
+        score, higher = more likely there); returns them and each class's cut on those scores.
+
+        Per class, the cut is the one that best separates round 1's scores of the images this round is sure of
+        (peak at or above the threshold: there; below ``doubt`` x threshold: not; :func:`separating_cut`). No labels:
+        the segmenter's sure answers calibrate the other labeler, which then decides only where the segmenter
+        hesitates. A class with no sure case of either kind keeps its labels."""
+        cuts: dict[int, float] = {}
+        out = {sid: list(named) for sid, named in labels.items()}
+        for c in sorted({int(c) for row in scores.values() for c in row}):
+            high = threshold_of(threshold, c)
+            low = self.doubt * high
+            ids = [sid for sid in scores if sid in first_scores and c in first_scores[sid]]
+            peak = np.array([scores[sid][c] for sid in ids])
+            other = np.array([first_scores[sid][c] for sid in ids])
+            sure, absent = other[peak >= high], other[peak < low]
+            if not sure.size or not absent.size:
+                continue
+            cuts[c] = separating_cut(sure, absent)
+            for sid, p, o in zip(ids, peak, other, strict=True):
+                if low <= p < high and o >= cuts[c] and c not in out[sid]:
+                    out[sid] = sorted([*out[sid], c])
+        return out, cuts
+
+
+def separating_cut(present: np.ndarray, absent: np.ndarray) -> float:
+    """The score that best separates ``present`` scores (at or above it) from ``absent`` ones (below): the highest
+    balanced accuracy (recall of each group, averaged, so the larger group does not decide alone), at the middle of
+    the range of cuts that tie (the middle of the gap when the groups do not overlap)."""
+    values = np.unique(np.concatenate([present, absent]).astype(np.float64))
+    if values.size == 1:
+        return float(values[0])
+    cuts = (values[:-1] + values[1:]) / 2
+    balanced = (present[None, :] >= cuts[:, None]).mean(1) + (absent[None, :] < cuts[:, None]).mean(1)
+    best = np.flatnonzero(balanced >= balanced.max() - 1e-12)
+    return float((cuts[best[0]] + cuts[best[-1]]) / 2)
