@@ -193,19 +193,25 @@ def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path |
     finish_stage(out, key, splits)
 
 
-def read_confidences(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
-    """A finished labels step's confidence in each named class, where its labeler gives one: split -> image id ->
-    class id -> confidence (an empty mapping for a split without)."""
-    out = {}
+def read_label_files(folder: Path) -> tuple[dict[str, dict[str, list[int]]], dict[str, dict[str, dict[int, float]]]]:
+    """A finished labels step's classes (split -> image id -> class ids) and its confidence in each named class where
+    its labeler gives one (split -> image id -> class id -> confidence; empty for a split without), each
+    ``labels.json`` read once."""
+    labels, confidences = {}, {}
     for path in sorted(Path(folder).glob(f"*/{LABELS_FILE}")):
-        written = json.loads(path.read_text()).get("confidence", {})
-        out[path.parent.name] = {sid: {int(c): float(v) for c, v in row.items()} for sid, row in written.items()}
-    return out
+        written = json.loads(path.read_text())
+        split = path.parent.name
+        labels[split] = {sid: [int(c) for c in named] for sid, named in written["labels"].items()}
+        confidences[split] = {sid: {int(c): float(v) for c, v in row.items()}
+                              for sid, row in written.get("confidence", {}).items()}  # fmt: skip
+    return labels, confidences
+
+
+def read_confidences(folder: Path) -> dict[str, dict[str, dict[int, float]]]:
+    """A finished labels step's confidence in each named class (:func:`read_label_files`)."""
+    return read_label_files(folder)[1]
 
 
 def read_labels(folder: Path) -> dict[str, dict[str, list[int]]]:
     """A finished labels step's classes: split -> image id -> class ids."""
-    return {
-        path.parent.name: {sid: [int(c) for c in named] for sid, named in json.loads(path.read_text())["labels"].items()}
-        for path in sorted(Path(folder).glob(f"*/{LABELS_FILE}"))
-    }
+    return read_label_files(folder)[0]

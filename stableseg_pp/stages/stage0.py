@@ -37,7 +37,7 @@ from stableseg_pp.runtime.progress import ImagesPerSecondBar
 from stableseg_pp.runtime.resume import run_lightning
 from stableseg_pp.runtime.run_dir import evaluate_and_finish
 from stableseg_pp.stages import labels
-from stableseg_pp.stages.labels import read_confidences, read_labels
+from stableseg_pp.stages.labels import read_label_files
 from stableseg_pp.stages.step import Step, build_backbone, diffusion_key, method_settings, on_gpu
 from stableseg_pp.tracking.base import StepRecord
 
@@ -156,7 +156,7 @@ def run(
     if dataset.labels == "predicted":
         labels_dir = predict_labels(cfg, dataset, segmenter)
         key["labels"], inputs = labels_dir.name, [*inputs, labels_dir]
-        predicted, confidence = read_labels(labels_dir), read_confidences(labels_dir)
+        predicted, confidence = read_label_files(labels_dir)
 
     def compute(out: Path, key: dict, record: StepRecord) -> None:
         _compute(cfg, dataset, backbone, weights, out, key, predicted, confidence)

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from stableseg_pp.methods.labelers.diffusion import MapAreaLabeler
-from stableseg_pp.methods.labelers.thresholds import Threshold, split_threshold, threshold_of
+from stableseg_pp.methods.labelers.thresholds import Threshold, separating_cut, split_threshold, threshold_of
 from stableseg_pp.runtime.errors import ConfigError
 
 SCORES = ("peak", "area")
@@ -117,7 +117,7 @@ class SegmenterLabeler(MapAreaLabeler):
         score, higher = more likely there); returns them and each class's cut on those scores.
 
         Per class, the cut is the one that best separates round 1's scores of the images this round is sure of
-        (peak at or above the threshold: there; below ``doubt`` x threshold: not; :func:`separating_cut`). No labels:
+        (peak at or above the threshold: there; below ``doubt`` x threshold: not; :func:`~.thresholds.separating_cut`). No labels:
         the segmenter's sure answers calibrate the other labeler, which then decides only where the segmenter
         hesitates. A class with no sure case of either kind keeps its labels."""
         cuts: dict[int, float] = {}
@@ -136,16 +136,3 @@ class SegmenterLabeler(MapAreaLabeler):
                 if low <= p < high and o >= cuts[c] and c not in out[sid]:
                     out[sid] = sorted([*out[sid], c])
         return out, cuts
-
-
-def separating_cut(present: np.ndarray, absent: np.ndarray) -> float:
-    """The score that best separates ``present`` scores (at or above it) from ``absent`` ones (below): the highest
-    balanced accuracy (recall of each group, averaged, so the larger group does not decide alone), at the middle of
-    the range of cuts that tie (the middle of the gap when the groups do not overlap)."""
-    values = np.unique(np.concatenate([present, absent]).astype(np.float64))
-    if values.size == 1:
-        return float(values[0])
-    cuts = (values[:-1] + values[1:]) / 2
-    balanced = (present[None, :] >= cuts[:, None]).mean(1) + (absent[None, :] < cuts[:, None]).mean(1)
-    best = np.flatnonzero(balanced >= balanced.max() - 1e-12)
-    return float((cuts[best[0]] + cuts[best[-1]]) / 2)

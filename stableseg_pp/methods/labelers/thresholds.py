@@ -102,3 +102,16 @@ def decide(scores: Mapping[int, float], threshold: Threshold, has_background: bo
     if not named and not has_background and scores:
         named = [max(scores, key=lambda c: (scores[c], -c))]
     return named
+
+
+def separating_cut(present: np.ndarray, absent: np.ndarray) -> float:
+    """The score that best separates ``present`` scores (at or above it) from ``absent`` ones (below): the highest
+    balanced accuracy (recall of each group, averaged, so the larger group does not decide alone), at the middle of
+    the range of cuts that tie (the middle of the gap when the groups do not overlap)."""
+    values = np.unique(np.concatenate([present, absent]).astype(np.float64))
+    if values.size == 1:
+        return float(values[0])
+    cuts = (values[:-1] + values[1:]) / 2
+    balanced = (present[None, :] >= cuts[:, None]).mean(1) + (absent[None, :] < cuts[:, None]).mean(1)
+    best = np.flatnonzero(balanced >= balanced.max() - 1e-12)
+    return float((cuts[best[0]] + cuts[best[-1]]) / 2)
