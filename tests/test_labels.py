@@ -124,6 +124,12 @@ def test_predicted_labels_end_to_end_without_ground_truth(compose_fit, miniature
     record = json.loads((folder / "_COMPLETE.json").read_text())["splits"]["val"]
     assert record["images"] == 6 and record["no_class_named"] == sum(not c for c in first["val"]["labels"].values())
     assert len(list((folder / "val" / "scores").glob("*.json"))) == 6
+    confidences = labels_step.read_confidences(folder)  # the denoising labels weigh the named classes in stage 0
+    for split, written in first.items():
+        assert ("confidence" in written) == (labeler == "diffusion")
+        if labeler == "diffusion":
+            assert {sid: sorted(row) for sid, row in confidences[split].items()} == written["labels"]
+            assert all(0 <= v <= 1 for row in confidences[split].values() for v in row.values())
     # stage 0 prompted for the named classes: its stored class ids are the labels
     for sid, named in first["val"]["labels"].items():
         assert list(load_stored_maps(out / "val" / "maps" / f"{sid}.npz").class_ids) == named
@@ -443,6 +449,26 @@ def _tiny_clip(folder: Path) -> Path:
     tokenizer.save_pretrained(folder)
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
     return folder
+
+
+def test_relative_confidence_places_a_score_between_the_class_absent_and_named_levels():
+    """A named class's confidence: (score - its median where not named) / (its median where named - that), in
+    [0, 1]; with ``absent_at_zero`` the absent level is 0 (peaks); a class named everywhere counts fully. The
+    denoising labeler gives its labels these confidences unless ``weigh_maps=false``."""
+    from stableseg_pp.methods.labelers.diffusion import DenoisingLabeler
+    from stableseg_pp.methods.labelers.thresholds import relative_confidence
+
+    scores = {"a": {1: 0.5, 2: 0.3}, "b": {1: 0.3, 2: 0.1}, "c": {1: 0.2, 2: 0.2}, "d": {1: 0.0, 2: -0.2}}
+    labels = {"a": [1, 2], "b": [1, 2], "c": [2], "d": [2]}
+    # class 1: named in a, b (median 0.4), absent in c, d (median 0.1); class 2 named everywhere
+    assert relative_confidence(scores, labels) == {
+        "a": {1: 1.0, 2: 1.0}, "b": {1: pytest.approx(0.2 / 0.3), 2: 1.0}, "c": {2: 1.0}, "d": {2: 1.0}}  # fmt: skip
+    at_zero = relative_confidence(scores, labels, absent_at_zero=True)
+    assert at_zero["b"] == {1: pytest.approx(0.3 / 0.4), 2: pytest.approx(0.1 / 0.15)} and at_zero["d"] == {2: 0.0}
+    assert DenoisingLabeler().confidences and not DenoisingLabeler(weigh_maps=False).confidences
+    assert DenoisingLabeler().confidence(scores, {"a": [1], "b": [1], "c": [], "d": []})["b"] == {1: pytest.approx(2 / 3)}
+    with pytest.raises(ConfigError, match="labeler.weigh_maps=1"):
+        DenoisingLabeler(weigh_maps=1)
 
 
 def test_clip_labeler_scores_are_the_models_similarities_relative_to_the_classes(tmp_path):

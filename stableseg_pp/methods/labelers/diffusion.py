@@ -28,7 +28,13 @@ import torch
 
 from stableseg_pp.backbones.base import NoisingBackbone
 from stableseg_pp.backbones.prompts import build_prompt
-from stableseg_pp.methods.labelers.thresholds import Threshold, check_threshold, decide, split_threshold
+from stableseg_pp.methods.labelers.thresholds import (
+    Threshold,
+    check_threshold,
+    decide,
+    relative_confidence,
+    split_threshold,
+)
 from stableseg_pp.runtime.errors import ConfigError
 
 
@@ -42,11 +48,14 @@ class DenoisingLabeler:
         threshold: ``otsu_per_class`` (each class's own Otsu split over the split's images, the default), ``otsu``
             (one split of all scores), ``otsu_centred`` or a fixed score in (-1, 1).
         seed: with each image's id, seeds its noise (the same scores whatever the batch).
+        weigh_maps: stage 0 lets each named class's score, relative to the class's usual scores where it is absent
+            and where it is named (:meth:`confidence`), decide between named classes that claim the same pixel
+            (:func:`~stableseg_pp.methods.stableseg.weigh_classes`): a class named barely over its threshold no
+            longer takes the object of a class the labeler is sure of; which pixels are background does not change.
     """
 
     name = "diffusion"
     evidence = None  # scores the pictures
-    confidences = False  # its scores are relative errors, not probabilities
     second_opinion = False  # decides from its own scores alone
     needs_backbone = True  # with the diffusion backbone itself
 
@@ -56,6 +65,7 @@ class DenoisingLabeler:
         prompt_template: str = "a photo of a {}",
         threshold: str | float = "otsu_per_class",
         seed: int = 0,
+        weigh_maps: bool = True,
     ):
         if not times or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 1000 for t in times):
             raise ConfigError(f"labeler.times={list(times)}: give training-schedule times in [0, 1000), e.g. [250, 500]")
@@ -66,6 +76,9 @@ class DenoisingLabeler:
         self.prompt_template = prompt_template
         self.threshold = threshold
         self.seed = int(seed)
+        if not isinstance(weigh_maps, bool):
+            raise ConfigError(f"labeler.weigh_maps={weigh_maps!r}: use true or false")
+        self.confidences = weigh_maps  # the labels carry each named class's confidence for stage 0
 
     def require(self, backbone) -> None:
         """The backbone must noise clean latents to a time (a :class:`NoisingBackbone`)."""
@@ -107,6 +120,15 @@ class DenoisingLabeler:
 
     def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> Threshold:
         return split_threshold(self.threshold, scores)
+
+    def confidence(
+        self, scores: Mapping[str, Mapping[int, float]], labels: Mapping[str, Sequence[int]]
+    ) -> dict[str, dict[int, float]]:
+        """Each named class's confidence in each image: where its score lies between the class's median over the
+        images the split does not name it in and its median over those it does, in [0, 1]
+        (:func:`~.thresholds.relative_confidence`). The scores are differences of errors, with no natural zero:
+        a class's level where it is absent is read from the split, as its threshold is."""
+        return relative_confidence(scores, labels)
 
     decide = staticmethod(decide)
 

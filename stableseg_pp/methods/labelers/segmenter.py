@@ -21,7 +21,13 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from stableseg_pp.methods.labelers.diffusion import MapAreaLabeler
-from stableseg_pp.methods.labelers.thresholds import Threshold, separating_cut, split_threshold, threshold_of
+from stableseg_pp.methods.labelers.thresholds import (
+    Threshold,
+    relative_confidence,
+    separating_cut,
+    split_threshold,
+    threshold_of,
+)
 from stableseg_pp.runtime.errors import ConfigError
 
 SCORES = ("peak", "area")
@@ -91,15 +97,10 @@ class SegmenterLabeler(MapAreaLabeler):
         self, scores: Mapping[str, Mapping[int, float]], labels: Mapping[str, Sequence[int]]
     ) -> dict[str, dict[int, float]]:
         """Each named class's confidence in each image: its peak over the class's median peak where the split names
-        it, at most 1. Relative to the class, because segmenters are surer of some classes than of others (the
-        miniature U-Net's DeepLabV3+ peaks at about 0.5 on the triangles it finds, 0.9 on circles): a class named at
-        its usual level counts fully, one named with half its usual certainty half."""
-        named: dict[int, list[float]] = {}
-        for sid, classes in labels.items():
-            for c in classes:
-                named.setdefault(c, []).append(scores[sid][c])
-        usual = {c: max(float(np.median(v)), 1e-6) for c, v in named.items()}
-        return {sid: {c: round(min(1.0, scores[sid][c] / usual[c]), 6) for c in classes} for sid, classes in labels.items()}
+        it, at most 1 (:func:`~.thresholds.relative_confidence`, absent at 0). Relative to the class, because
+        segmenters are surer of some classes than of others (the miniature U-Net's DeepLabV3+ peaks at about 0.5 on
+        the triangles it finds, 0.9 on circles)."""
+        return relative_confidence(scores, labels, absent_at_zero=True)
 
     def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> Threshold:
         if self.score == "area":
