@@ -412,13 +412,21 @@ def test_peak_confidences_reach_stage_zero_as_class_weights(compose_fit, tmp_pat
             "first_round": {"_target_": "stableseg_pp.methods.labelers.diffusion.DenoisingLabeler"}}  # fmt: skip
     labeler = build(node)
     assert labeler.confidences and not build({**node, "weigh_maps": False}).confidences
-    # confidence: a peak over the class's median peak where it is named, at most 1
+    # confidence: a peak over the class's median peak where it is named, at most 1, to the power weight_power
     peaks = {"a": {1: 0.9, 2: 0.3}, "b": {1: 0.45, 2: 0.6}, "c": {1: 1.0, 2: 0.01}}
-    assert labeler.confidence(peaks, {"a": [1, 2], "b": [1, 2], "c": [1]}) == {
+    named = {"a": [1, 2], "b": [1, 2], "c": [1]}
+    assert build({**node, "weight_power": 1}).confidence(peaks, named) == {
         "a": {1: 1.0, 2: pytest.approx(0.3 / 0.45)},
         "b": {1: 0.5, 2: 1.0},
         "c": {1: 1.0},
     }
+    assert labeler.confidence(peaks, named) == {  # the default: the square root
+        "a": {1: 1.0, 2: pytest.approx((0.3 / 0.45) ** 0.5)},
+        "b": {1: pytest.approx(0.5**0.5), 2: 1.0},
+        "c": {1: 1.0},
+    }
+    with pytest.raises(ConfigError, match="labeler.weight_power=0"):
+        build({**node, "weight_power": 0})
     assert not build({**node, "score": "area"}).confidences  # areas are not probabilities
     with pytest.raises(ConfigError, match="labeler.weigh_maps='yes'"):
         build({**node, "weigh_maps": "yes"})

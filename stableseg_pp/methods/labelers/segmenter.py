@@ -54,6 +54,10 @@ class SegmenterLabeler(MapAreaLabeler):
             ``null``: the peaks alone decide. A segmenter trained on masks that missed a class's objects misses them
             in turn, with a low peak, and would teach them as background again; round 1's labeler read the picture
             another way.
+        weight_power: ``weigh_maps``: a named class's weight is its relative peak raised to this power (above 0): 1
+            weighs by the relative peak itself; 0.5 (the default) by its square root, so a class found a little less
+            surely than usual keeps most of its weight while one named on a faint peak still loses contests
+            (docs/labels.md measures both).
     """
 
     name = "segmenter"
@@ -67,6 +71,7 @@ class SegmenterLabeler(MapAreaLabeler):
         min_pixels: int = 1,
         weigh_maps: bool = True,
         doubt: float | None = 0.5,
+        weight_power: float = 0.5,
     ):
         super().__init__(threshold, min_pixels)
         if not hasattr(first_round, "evidence") or first_round.evidence == "segmenter":
@@ -86,6 +91,9 @@ class SegmenterLabeler(MapAreaLabeler):
             raise ConfigError(f"labeler.doubt={doubt!r}: use a fraction of the threshold in (0, 1), or null for none")
         self.doubt = float(doubt) if doubt is not None and score == "peak" else None
         self.second_opinion = self.doubt is not None  # the labels step reads round 1's scores for the classes in doubt
+        if isinstance(weight_power, bool) or not isinstance(weight_power, int | float) or weight_power <= 0:
+            raise ConfigError(f"labeler.weight_power={weight_power!r}: use a power above 0 (1: the relative peak itself)")
+        self.weight_power = float(weight_power)
 
     def scores(self, evidence: np.ndarray, candidates: Sequence[int]) -> dict[int, float]:
         """Each candidate class's score from one image's evidence (its peaks by class id, or its predicted mask)."""
@@ -97,10 +105,10 @@ class SegmenterLabeler(MapAreaLabeler):
         self, scores: Mapping[str, Mapping[int, float]], labels: Mapping[str, Sequence[int]]
     ) -> dict[str, dict[int, float]]:
         """Each named class's confidence in each image: its peak over the class's median peak where the split names
-        it, at most 1 (:func:`~.thresholds.relative_confidence`, absent at 0). Relative to the class, because
-        segmenters are surer of some classes than of others (the miniature U-Net's DeepLabV3+ peaks at about 0.5 on
-        the triangles it finds, 0.9 on circles)."""
-        return relative_confidence(scores, labels, absent_at_zero=True)
+        it, at most 1, raised to ``weight_power`` (:func:`~.thresholds.relative_confidence`, absent at 0). Relative
+        to the class, because segmenters are surer of some classes than of others (the miniature U-Net's DeepLabV3+
+        peaks at about 0.5 on the triangles it finds, 0.9 on circles)."""
+        return relative_confidence(scores, labels, absent_at_zero=True, power=self.weight_power)
 
     def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> Threshold:
         if self.score == "area":

@@ -118,14 +118,18 @@ def separating_cut(present: np.ndarray, absent: np.ndarray) -> float:
 
 
 def relative_confidence(
-    scores: Mapping[str, Mapping[int, float]], labels: Mapping[str, Sequence[int]], absent_at_zero: bool = False
+    scores: Mapping[str, Mapping[int, float]],
+    labels: Mapping[str, Sequence[int]],
+    absent_at_zero: bool = False,
+    power: float = 1.0,
 ) -> dict[str, dict[int, float]]:
     """Each named class's confidence in each image, in [0, 1]: where its score lies between the class's usual level
     where the split does not name it (``absent_at_zero``: 0, for scores with a natural zero such as probabilities;
     else the median of those scores) and its usual level where it is named (the median of those), capped at 1.
     Relative to the class, because models score some classes higher than others: a class named at its usual level
     counts fully, one named barely above where it usually is when absent, hardly at all. A class named in every image
-    (no absent level to read) counts fully wherever it is named."""
+    (no absent level to read) counts fully wherever it is named. ``power``: the position raised to it (below 1, a
+    class a little less sure than usual loses less of its weight)."""
     out: dict[str, dict[int, float]] = {sid: {} for sid in labels}
     for c in sorted({int(c) for named in labels.values() for c in named}):
         named = np.array([scores[sid][c] for sid, row in labels.items() if c in row], np.float64)
@@ -141,5 +145,5 @@ def relative_confidence(
         for sid, row in labels.items():
             if c in row:
                 value = 1.0 if not np.isfinite(span) else (scores[sid][c] - low) / max(span, 1e-6)
-                out[sid][c] = round(float(np.clip(value, 0.0, 1.0)), 6)
+                out[sid][c] = round(float(np.clip(value, 0.0, 1.0)) ** power, 6)
     return out
