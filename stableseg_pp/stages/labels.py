@@ -172,7 +172,7 @@ def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path |
             log.info("labels [%s]: %d classes in doubt named on %s's scores", split, settled["named"], second_opinion.name)
         empty = [sid for sid, named in labels.items() if not named]
         written = {"threshold": threshold, "labels": labels, **({"second_opinion": settled} if settled else {})}
-        if labeler.confidences:  # its scores are probabilities: stage 0 weighs the named classes by them
+        if labeler.confidences:  # a weight per named class: stage 0 lets the surer class win a contested pixel
             written["confidence"] = labeler.confidence(scores, labels)
         write_json(out / split / LABELS_FILE, written)
         truth = _truth(dataset, split, ids)

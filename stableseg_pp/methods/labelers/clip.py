@@ -34,7 +34,7 @@ class ClipLabeler:
 
     name = "clip"
     evidence = None  # scores the pictures
-    confidences = False  # its scores are similarities, not probabilities
+    confidences = False  # its labels are not weighed (relative_confidence would apply; unmeasured without real weights)
     second_opinion = False  # decides from its own scores alone
     needs_backbone = False  # with its own model, not the diffusion backbone
 
