@@ -132,18 +132,14 @@ def relative_confidence(
     class a little less sure than usual loses less of its weight)."""
     out: dict[str, dict[int, float]] = {sid: {} for sid in labels}
     for c in sorted({int(c) for named in labels.values() for c in named}):
-        named = np.array([scores[sid][c] for sid, row in labels.items() if c in row], np.float64)
-        absent = np.array([row[c] for sid, row in scores.items() if c in row and c not in labels.get(sid, ())])
-        usual = float(np.median(named))
+        usual = float(np.median([scores[sid][c] for sid, row in labels.items() if c in row]))
         if absent_at_zero:
-            low = 0.0
-        elif absent.size:
-            low = float(np.median(absent))
+            low: float | None = 0.0
         else:
-            low = -np.inf
-        span = usual - low
+            absent = [row[c] for sid, row in scores.items() if c in row and c not in labels.get(sid, ())]
+            low = float(np.median(absent)) if absent else None  # named everywhere: no absent level to read
         for sid, row in labels.items():
             if c in row:
-                value = 1.0 if not np.isfinite(span) else (scores[sid][c] - low) / max(span, 1e-6)
+                value = 1.0 if low is None else (scores[sid][c] - low) / max(usual - low, 1e-6)
                 out[sid][c] = round(float(np.clip(value, 0.0, 1.0)) ** power, 6)
     return out
