@@ -70,6 +70,16 @@ def _error_lines(stderr: str) -> list[str]:
             ],
             "tokens but the text encoder takes 77",
         ),
+        (
+            [
+                "data.labels=predicted",
+                "labeler.first_round.leave_one_out=true",
+                "data.require_masks=false",
+                "data.class_names=[" + ",".join(f"'w{i}{' word' * 8}'" for i in range(10)) + "]",  # each fits alone
+                "data.background_index=null",
+            ],
+            "labeler.leave_one_out: the prompt naming all 10 classes does not fit the text encoder",
+        ),
     ],
 )
 def test_fit_user_errors_are_one_line(tmp_path, overrides, message):

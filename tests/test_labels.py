@@ -249,7 +249,7 @@ def test_denoising_labeler_names_the_classes_whose_prompts_denoise_best(monkeypa
 
     monkeypatch.setattr(diffusion.torch, "randn", lambda shape, generator=None: torch.zeros(shape))
     backbone = _PromptedBackbone({0: {"circle"}, 1: {"square", "star"}, 2: set()})
-    labeler = diffusion.DenoisingLabeler(times=[100, 500])
+    labeler = diffusion.DenoisingLabeler(times=[100, 500], leave_one_out=False)
     latents = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1).expand(3, 1, 2, 2).clone()
     scores = labeler.scores(backbone, latents, ["a", "b", "c"], ["circle", "square", "star"])
     # image 0: circle's prompt explains it (error 0), the others do not (1): circle above the mean, the others below
@@ -268,6 +268,59 @@ def test_denoising_labeler_names_the_classes_whose_prompts_denoise_best(monkeypa
 
     for family in (SDUNetBackbone, SD3Backbone):  # both families noise an image to a chosen time
         labeler.require(family())
+
+
+class _CountingBackbone(_PromptedBackbone):
+    """A prompt's error: 1 per class the image holds that it does not name, 0.25 per class it names wrongly; the
+    empty prompt 2."""
+
+    def denoise(self, noisy, time, prompts):
+        present = self.present[int(noisy[0].flatten()[0])]
+        named = [set(p.removeprefix("a photo of a ").split(" and ")) if p else None for p in prompts]
+        errors = [2.0 if n is None else len(present - n) + 0.25 * len(n - present) for n in named]
+        return torch.stack([torch.full_like(noisy[0], e**0.5) for e in errors])  # squared: the error itself
+
+
+def test_leave_one_out_adds_how_much_the_prompt_of_every_class_misses_each(monkeypatch):
+    """With ``leave_one_out`` a class's score gains (error of every class but it - error of every class) / empty's;
+    computed by hand for an image holding a circle, and one holding a square and a star."""
+    from stableseg_pp.methods.labelers import diffusion
+
+    monkeypatch.setattr(diffusion.torch, "randn", lambda shape, generator=None: torch.zeros(shape))
+    backbone = _CountingBackbone({0: {"circle"}, 1: {"square", "star"}})
+    latents = torch.arange(2, dtype=torch.float32).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone()
+    names, ids = ["circle", "square", "star"], ["a", "b"]
+    alone = diffusion.DenoisingLabeler(times=[100], leave_one_out=False).scores(backbone, latents, ids, names)
+    both = diffusion.DenoisingLabeler(times=[100], leave_one_out=True).scores(backbone, latents, ids, names)
+    # image a, prompts alone: circle 0, square and star 1.25 (mean 5/6); every class 0.5, without the circle 1.5,
+    # without the square or the star 0.25
+    assert alone[0].tolist() == pytest.approx([(5 / 6) / 2, (5 / 6 - 1.25) / 2, (5 / 6 - 1.25) / 2])
+    assert both[0].tolist() == pytest.approx([(5 / 6 + 1.0) / 2, (5 / 6 - 1.25 - 0.25) / 2, (5 / 6 - 1.25 - 0.25) / 2])
+    # image b, alone: circle 2.25, square and star 1 (mean 17/12); every class 0.25, without the circle 0, without
+    # the square or the star 1.25
+    assert both[1].tolist() == pytest.approx([(17 / 12 - 2.25 - 0.25) / 2, *[(17 / 12 - 1 + 1.0) / 2] * 2])
+    with pytest.raises(ConfigError, match="labeler.leave_one_out=1"):
+        diffusion.DenoisingLabeler(leave_one_out=1)
+
+
+def test_leave_one_out_needs_the_prompt_of_every_class_to_fit():
+    """The prompt naming every class must fit the text encoder (checked from the tokenizer, before weights): else a
+    one-line error that says to turn leave_one_out off; each class's own prompt must fit in any case."""
+    from stableseg_pp.backbones.prompts import PromptTooLongError
+    from stableseg_pp.methods.labelers.diffusion import DenoisingLabeler
+
+    class _Tokenizer:  # fits prompts of at most 3 class names
+        def check_prompt(self, names, template, joiner):
+            if len(names) > 3 or any(len(n) > 20 for n in names):
+                raise PromptTooLongError(f"{template.format(joiner.join(names))!r} is too long")
+
+    names = ["circle", "square", "star", "cross"]
+    DenoisingLabeler(leave_one_out=False).check_prompts(_Tokenizer(), names)
+    DenoisingLabeler(leave_one_out=True).check_prompts(_Tokenizer(), names[:3])
+    with pytest.raises(ConfigError, match=r"prompt naming all 4 classes does not fit .* labeler.leave_one_out=false"):
+        DenoisingLabeler(leave_one_out=True).check_prompts(_Tokenizer(), names)
+    with pytest.raises(PromptTooLongError):
+        DenoisingLabeler(leave_one_out=False).check_prompts(_Tokenizer(), ["x" * 30])
 
 
 def test_flow_matching_noise_to_a_time_is_the_schedulers_and_its_target_the_flow():

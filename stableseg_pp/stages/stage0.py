@@ -92,9 +92,8 @@ def check_backbone_settings(cfg: DictConfig, dataset: DatasetDescription) -> Non
         names = [dataset.prompt_name(c) for c in range(len(dataset.class_names)) if c != dataset.background_index]
         check_prompt_names(backbone, names, zs, dataset.has_background)
         labeler = build(labels.round_labeler(cfg)) if dataset.labels == "predicted" else None
-        template = getattr(labeler, "prompt_template", None)
-        if template is not None:  # a labeler with prompts of its own: each class's must fit the text encoder
-            split_into_prompts(backbone, names, template, zs.joiner, 1)
+        if hasattr(labeler, "check_prompts"):  # a labeler that prompts the backbone itself: its prompts must fit
+            labeler.check_prompts(backbone, names)
 
 
 def check_prompt_names(backbone: DiffusionBackbone, names: list[str], zs: DictConfig, has_background: bool) -> None:

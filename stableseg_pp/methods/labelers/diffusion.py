@@ -6,9 +6,11 @@ Two readings of the same model (docs/labels.md compares them):
   model as a zero-shot classifier ("Your Diffusion Model is Secretly a
   Zero-Shot Classifier", 2023). The image is noised at a few times; the
   denoising error with each class's prompt is compared with the other
-  classes' (relative to the empty prompt's error, so images and times of
-  different difficulty compare): a class whose prompt explains the image
-  better than the average class scores above 0.
+  classes' and, with ``leave_one_out``, the error of the prompt naming every
+  class with the one naming every class but this one (relative to the empty
+  prompt's error, so images and times of different difficulty compare): a
+  class whose prompt explains the image better than the average class's, and
+  without which the full prompt explains it worse, scores above 0.
 * :class:`MapAreaLabeler` (``labeler=diffusion_maps``): stage 0 with every class
   in the prompt; a class's score is the fraction of the image it wins there.
 
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from stableseg_pp.backbones.base import NoisingBackbone
-from stableseg_pp.backbones.prompts import build_prompt
+from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt
 from stableseg_pp.methods.labelers.thresholds import (
     Threshold,
     check_threshold,
@@ -36,6 +38,8 @@ from stableseg_pp.methods.labelers.thresholds import (
     split_threshold,
 )
 from stableseg_pp.runtime.errors import ConfigError
+
+JOINER = " and "  # between the class names of a leave-one-out prompt
 
 
 class DenoisingLabeler:
@@ -48,6 +52,10 @@ class DenoisingLabeler:
         threshold: ``otsu_per_class`` (each class's own Otsu split over the split's images, the default), ``otsu``
             (one split of all scores), ``otsu_centred`` or a fixed score in (-1, 1).
         seed: with each image's id, seeds its noise (the same scores whatever the batch).
+        leave_one_out: add to each class's score how much worse the prompt naming every class but this one
+            denoises than the prompt naming every class (K + 1 more prompts per noise level): a class's prompt
+            alone is judged against classes that are absent too, the leave-one-out term with the image's other
+            classes named, so a class the single prompts cannot tell from a neighbour in a busy image still shows.
         weigh_maps: stage 0 lets each named class's score, relative to the class's usual scores where it is absent
             and where it is named (:meth:`confidence`), decide between named classes that claim the same pixel
             (:func:`~stableseg_pp.methods.stableseg.weigh_classes`): a class named barely over its threshold no
@@ -65,6 +73,7 @@ class DenoisingLabeler:
         prompt_template: str = "a photo of a {}",
         threshold: str | float = "otsu_per_class",
         seed: int = 0,
+        leave_one_out: bool = False,
         weigh_maps: bool = True,
     ):
         if not times or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 1000 for t in times):
@@ -76,6 +85,9 @@ class DenoisingLabeler:
         self.prompt_template = prompt_template
         self.threshold = threshold
         self.seed = int(seed)
+        if not isinstance(leave_one_out, bool):
+            raise ConfigError(f"labeler.leave_one_out={leave_one_out!r}: use true or false")
+        self.leave_one_out = leave_one_out
         if not isinstance(weigh_maps, bool):
             raise ConfigError(f"labeler.weigh_maps={weigh_maps!r}: use true or false")
         self.confidences = weigh_maps  # the labels carry each named class's confidence for stage 0
@@ -87,6 +99,20 @@ class DenoisingLabeler:
                 f"labeler=diffusion: {type(backbone).__name__} cannot noise an image to a chosen time yet (it does not "
                 "implement NoisingBackbone); use labeler=diffusion_maps (stage 0's own maps) with this backbone"
             )
+
+    def check_prompts(self, backbone, names: Sequence[str]) -> None:
+        """Each class's prompt, and with ``leave_one_out`` the prompt naming every class, fit the backbone's text
+        encoder (read from its tokenizer, before any weights): a clear one-line error otherwise."""
+        for name in names:
+            backbone.check_prompt([name], self.prompt_template, JOINER)
+        if self.leave_one_out:
+            try:
+                backbone.check_prompt(list(names), self.prompt_template, JOINER)
+            except PromptTooLongError as error:
+                raise ConfigError(
+                    f"labeler.leave_one_out: the prompt naming all {len(names)} classes does not fit the text encoder "
+                    f"({error}); use labeler.leave_one_out=false (each class's prompt alone)"
+                ) from None
 
     def load(self, device: torch.device) -> None:
         """Nothing of its own to load: it reads the backbone the labels step loads."""
@@ -103,8 +129,14 @@ class DenoisingLabeler:
     @torch.no_grad()
     def scores(self, backbone: NoisingBackbone, latents: torch.Tensor, ids: Sequence[str], names: Sequence[str]) -> torch.Tensor:
         """(B, ...) clean latents of images ``ids`` -> (B, K) scores of the K class ``names``."""
-        text = backbone.encode_captions(["", *(build_prompt([n], self.prompt_template) for n in names)])
-        prompts = len(names) + 1
+        k = len(names)
+        captions = ["", *(build_prompt([n], self.prompt_template) for n in names)]
+        if self.leave_one_out:  # every class, then every class but each one
+            others = ([m for j, m in enumerate(names) if j != i] for i in range(k))
+            captions += [build_prompt(names, self.prompt_template, JOINER),
+                         *(build_prompt(o, self.prompt_template, JOINER) for o in others)]  # fmt: skip
+        text = backbone.encode_captions(captions)
+        prompts = len(captions)
         errors = latents.new_zeros(len(ids), prompts, dtype=torch.float32)
         for i, sid in enumerate(ids):
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(sid.encode()))
@@ -115,8 +147,11 @@ class DenoisingLabeler:
                 target = backbone.prediction_target(clean, noise, t)
                 pred = backbone.denoise(noisy, backbone.time_input(t, prompts, noisy.device), text)
                 errors[i] += ((pred.float() - target.float()) ** 2).flatten(1).mean(1)
-        empty, per_class = errors[:, :1], errors[:, 1:]
-        return (per_class.mean(1, keepdim=True) - per_class) / empty.clamp_min(1e-12)
+        empty, alone = errors[:, :1], errors[:, 1 : k + 1]
+        gain = alone.mean(1, keepdim=True) - alone  # c's prompt against the average class's
+        if self.leave_one_out:  # the prompt of every class but c against the prompt of every class
+            gain = gain + errors[:, k + 2 :] - errors[:, k + 1 : k + 2]
+        return gain / empty.clamp_min(1e-12)
 
     def fit_threshold(self, scores: Sequence[Mapping[int, float]]) -> Threshold:
         return split_threshold(self.threshold, scores)
