@@ -98,5 +98,17 @@ def build(node: DictConfig, **kwargs: Any) -> Any:
     except InstantiationException as err:
         cause = err.__cause__
         if isinstance(cause, UserError):
-            raise cause from None
+            raise _named_where_nested(cause, node, str(err)) from None
         raise
+
+
+def _named_where_nested(error: Exception, node: DictConfig, wrapped: str) -> Exception:
+    """A nested node's error names its own key (``labeler.first_round.weigh_maps``), not its parent's: a built class
+    names its settings by the node it usually is (``labeler.weigh_maps``), and Hydra's wrapper says which node raised
+    (``full_key: labeler.first_round``)."""
+    own = node._get_full_key(None) if isinstance(node, DictConfig) else ""
+    raised = wrapped.rpartition("full_key: ")[2].strip() if "full_key: " in wrapped else ""
+    message = str(error)
+    if own and raised.startswith(own + ".") and message.startswith(own + ".") and len(error.args) == 1:
+        error.args = (raised + message[len(own) :],)
+    return error

@@ -532,6 +532,18 @@ def test_relative_confidence_places_a_score_between_the_class_absent_and_named_l
         DenoisingLabeler(weigh_maps=1)
 
 
+def test_a_nested_labelers_error_names_its_own_key(compose_fit):
+    """The segmenter's round-1 labeler is a nested node: its errors name ``labeler.first_round.<key>``, the key the
+    user wrote, though the labeler's own message names its settings as ``labeler.<key>``; the top node's own errors
+    are unchanged."""
+    from stableseg_pp.config import build
+
+    with pytest.raises(ConfigError, match=r"^labeler.first_round.weigh_maps='yes': use true or false$"):
+        build(compose_fit("data.labels=predicted", "labeler.first_round.weigh_maps=yes").labeler)
+    with pytest.raises(ConfigError, match=r"^labeler.weigh_maps='yes': use true or false$"):
+        build(compose_fit("data.labels=predicted", "labeler.weigh_maps=yes").labeler)
+
+
 def test_clip_labeler_scores_are_the_models_similarities_relative_to_the_classes(tmp_path):
     """labeler=clip on a tiny random CLIP (offline): each score is the image-prompt cosine similarity minus its mean
     over the classes, as the model's own processor and features give it."""
