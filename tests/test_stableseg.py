@@ -69,6 +69,28 @@ def test_noise_and_timestep_are_used(backbone, miniature_model, batch):
     assert not torch.allclose(clean.capm, noisy.capm)
 
 
+def test_per_image_noise_is_the_same_whatever_the_batch(miniature_model, batch):
+    """Stage 0 seeds each image's noise from (seed, image id): an image gets the same noise, so the same maps, alone
+    or in a batch, before or after other draws of torch's global generator (a resumed run, another rank)."""
+    from stableseg_pp.backbones.base import draw_noise, image_generators
+
+    pixels, names, _ = batch
+    latents = torch.zeros(2, 4, 8, 8)
+    pair = draw_noise(latents, image_generators(0, ["a", "b"]))
+    torch.testing.assert_close(draw_noise(latents[:1], image_generators(0, ["b"]))[0], pair[1])
+    assert not torch.equal(pair[0], pair[1]) and not torch.equal(draw_noise(latents[:1], image_generators(1, ["b"]))[0], pair[1])
+    with pytest.raises(ValueError, match="1 generators for 2 latents"):
+        draw_noise(latents, image_generators(0, ["a"]))
+    noisy = SDUNetBackbone(pretrained=str(miniature_model), timestep=400, add_noise=True).load()
+    seg = StableSeg(noisy, resolution=64, mode="ca")
+    ids = [f"img{i}" for i in range(len(names))]
+    assert len(ids) > 1
+    together = seg(pixels, names, generator=image_generators(0, ids))
+    torch.rand(7)  # the global generator moves; per-image noise does not follow it
+    alone = seg(pixels[-1:], names[-1:], generator=image_generators(0, ids[-1:]))
+    torch.testing.assert_close(alone.capm[0], together.capm[-1], atol=1e-5, rtol=1e-4)
+
+
 def test_two_segmenters_on_one_backbone_keep_their_own_capture(backbone, batch):
     """Each StableSeg reinstalls its own processors, so the last one built does not steal the other's maps."""
     pixels, names, _ = batch

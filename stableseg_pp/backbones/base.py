@@ -11,6 +11,7 @@ capture processors are installed.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,8 +218,9 @@ class DiffusionBackbone(Protocol):
         """(B, 3, R, R) pixels in [-1, 1] -> latents as the denoiser takes them (no sampling)."""
         ...
 
-    def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The latents at the configured time (noised or not) and that time, as the denoiser takes it."""
+    def noise(self, latents: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latents at the configured time (noised or not) and that time, as the denoiser takes it; the noise
+        from ``generator`` (:func:`draw_noise`)."""
         ...
 
     def denoise(self, latents: torch.Tensor, time: torch.Tensor, text: TextConditioning) -> torch.Tensor:
@@ -321,6 +323,27 @@ class GenerativeBackbone(NoisingBackbone, Protocol):
         """EmerDiff's processors on every attention layer (injection from ``state.reference``), ``site`` modulated by
         ``state.offset``; :meth:`remove_capture` puts the stock processors back."""
         ...
+
+
+#: where noise comes from: one generator per image (the same noise whatever the batch, rank or resumed run), one
+#: generator for the batch, or None (torch's global generator)
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def draw_noise(latents: torch.Tensor, generator: Generators = None) -> torch.Tensor:
+    """Standard normal noise shaped like ``latents``: with a generator per image, each image's draw from its own
+    (drawn where the generators live, then moved to the latents' device)."""
+    if isinstance(generator, Sequence):
+        if len(generator) != latents.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {latents.shape[0]} latents: give one per image")
+        draws = [torch.randn(latents.shape[1:], generator=g, device=g.device) for g in generator]
+        return torch.stack(draws).to(latents.device, latents.dtype)
+    return torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+
+
+def image_generators(seed: int, ids: Sequence[str]) -> list[torch.Generator]:
+    """A CPU generator per image, seeded from the run's ``seed`` and the image's id."""
+    return [torch.Generator().manual_seed(int(seed) * 1_000_003 + zlib.crc32(i.encode())) for i in ids]
 
 
 def vae_latents(vae, pixels: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,10 @@ from stableseg_pp.backbones.base import (
     AttentionSite,
     AttentionStore,
     CaptureRequest,
+    Generators,
     ModulationState,
     TextConditioning,
+    draw_noise,
     vae_latents,
     vae_pixels,
 )
@@ -590,13 +592,13 @@ class FluxBackbone(TransformerSettings, FlowMatchingNoise, FlowMatchingSampler):
             self._schedules[key] = schedule
         return self._schedules[key]
 
-    def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def noise(self, latents: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         b = latents.shape[0]
         if not self.add_noise:
             return latents, torch.full((b,), self.timestep, device=latents.device, dtype=torch.float32)
         schedule = self.noise_schedule(latents.shape[1])
         t = schedule.timesteps[self.noise_step - 1].to(latents.device).expand(b)
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = draw_noise(latents, generator)
         return schedule.scale_noise(latents, t, noise), t
 
     def denoise(self, latents: torch.Tensor, time: torch.Tensor, text: TextConditioning) -> torch.Tensor:

@@ -23,7 +23,9 @@ from stableseg_pp.backbones.base import (
     AttentionSite,
     AttentionStore,
     CaptureRequest,
+    Generators,
     TextConditioning,
+    draw_noise,
     vae_latents,
     vae_pixels,
 )
@@ -297,10 +299,10 @@ class SDUNetBackbone:
     def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return vae_latents(self.vae, pixels)
 
-    def noise(self, latents: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def noise(self, latents: torch.Tensor, generator: Generators = None) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.full((latents.shape[0],), self.timestep, device=latents.device, dtype=torch.long)
         if self.add_noise:
-            noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+            noise = draw_noise(latents, generator)
             latents = self.scheduler.add_noise(latents, noise, t)
         return latents, t
 

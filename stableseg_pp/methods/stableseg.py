@@ -19,6 +19,7 @@ from stableseg_pp.backbones.base import (
     AttentionStore,
     CaptureRequest,
     DiffusionBackbone,
+    Generators,
     parse_map_id,
     select_sites,
 )
@@ -199,7 +200,7 @@ class StableSeg(torch.nn.Module):
         self,
         pixels: torch.Tensor,
         class_names: Sequence[Sequence[str]],
-        generator: torch.Generator | None = None,
+        generator: Generators = None,
         class_weights: torch.Tensor | None = None,
     ) -> StableSegOutput:
         """StableSeg's scores for each image's named classes. ``class_weights`` (B, K): a labeler's confidence in

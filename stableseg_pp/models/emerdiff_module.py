@@ -9,7 +9,6 @@ loads the backbone itself (``configure_model``), as stage 0 does.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from stableseg_pp.artifacts import ChannelClasses, MaskRecord
-from stableseg_pp.backbones.base import GenerativeBackbone
+from stableseg_pp.backbones.base import GenerativeBackbone, image_generators
 from stableseg_pp.data.prompted_images import Sample
 from stableseg_pp.methods.emerdiff import (
     EmerDiff,
@@ -117,10 +116,7 @@ class EmerDiffSegmenter(L.LightningModule):
 
     def noise(self, ids: list[str], shape: tuple[int, ...]) -> torch.Tensor:
         """One draw per image from (seed, id): the same noise whatever the batch or rank."""
-        draws = [
-            torch.randn(shape, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(i.encode())))
-            for i in ids
-        ]
+        draws = [torch.randn(shape, generator=g) for g in image_generators(self.seed, ids)]
         return torch.stack(draws).to(self.device)
 
     def _changes(self, samples: list[Sample], segments: list[torch.Tensor]) -> list[dict[int, torch.Tensor]]:

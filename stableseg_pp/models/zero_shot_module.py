@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from stableseg_pp.artifacts import ChannelClasses, MaskBatch, MaskImage
-from stableseg_pp.backbones.base import DiffusionBackbone
+from stableseg_pp.backbones.base import DiffusionBackbone, image_generators
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.prompted_images import Sample
 from stableseg_pp.methods.stableseg import StableSeg, resize_scores
@@ -29,6 +29,8 @@ class ZeroShotSegmenter(L.LightningModule):
         stableseg: makes :class:`StableSeg` from the loaded backbone (its config node instantiated with
             ``_partial_``, or the class itself with its defaults).
         site_weights: learned site weights (CAPM), or None for uniform.
+        seed: with each image's id, seeds the noise of a backbone that noises its latents (the same masks whatever
+            the batch, the rank, or which steps of the run were done before).
     """
 
     def __init__(
@@ -37,12 +39,14 @@ class ZeroShotSegmenter(L.LightningModule):
         dataset: DatasetDescription,
         stableseg: Callable[..., StableSeg] = StableSeg,
         site_weights: Mapping[str, float] | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         self.backbone = backbone
         self.dataset = dataset
         self.make_stableseg = stableseg
         self.site_weights = dict(site_weights) if site_weights else None
+        self.seed = int(seed)
         self.segmenter: StableSeg | None = None
         self.background_index = dataset.background_index
 
@@ -73,7 +77,8 @@ class ZeroShotSegmenter(L.LightningModule):
         seg = self.segmenter
         pixels = torch.stack([batch[i].pixels for i in with_classes]).to(self.device, non_blocking=True)
         names = [[self.dataset.prompt_name(c) for c in batch[i].class_ids] for i in with_classes]
-        out = seg(pixels, names, class_weights=class_weights([batch[i] for i in with_classes]))
+        noise = image_generators(self.seed, [batch[i].id for i in with_classes]) if self.backbone.stochastic else None
+        out = seg(pixels, names, generator=noise, class_weights=class_weights([batch[i] for i in with_classes]))
         valid = out.valid
         tensors: dict[str, torch.Tensor] = {}
         by_size: dict[tuple[int, int], list[int]] = {}

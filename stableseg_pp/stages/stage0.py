@@ -131,6 +131,7 @@ def stage_key(cfg: DictConfig, dataset: DatasetDescription, backbone: DiffusionB
         "zero_shot": {**stableseg_settings(cfg, dataset), "splits": list(cfg.stage0.splits)},  # the run's splits
         "site_weights": None if weights is None else {"family": weights.family, "sites": dict(weights.weights)},
         "seed": cfg.seed if backbone.stochastic else None,  # only noise makes stage 0 random
+        **({"noise": "per image"} if backbone.stochastic else {}),  # drawn from (seed, image id) since 2026-12
     }
 
 
@@ -198,6 +199,7 @@ def _compute(
         dataset,
         stableseg=build_stableseg(cfg, dataset),
         site_weights=None if weights is None else weights.weights,
+        seed=cfg.seed,
     )
     splits = list(cfg.stage0.splits)
     layouts = {split: MaskSetLayout(out / split) for split in splits}

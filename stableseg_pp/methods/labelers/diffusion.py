@@ -22,13 +22,12 @@ when present: docs/labels.md), the maps labeler one split of all.
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
 
-from stableseg_pp.backbones.base import NoisingBackbone
+from stableseg_pp.backbones.base import NoisingBackbone, image_generators
 from stableseg_pp.backbones.prompts import PromptTooLongError, build_prompt
 from stableseg_pp.methods.labelers.thresholds import (
     Threshold,
@@ -139,7 +138,7 @@ class DenoisingLabeler:
         prompts = len(captions)
         errors = latents.new_zeros(len(ids), prompts, dtype=torch.float32)
         for i, sid in enumerate(ids):
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(sid.encode()))
+            (gen,) = image_generators(self.seed, [sid])
             clean = latents[i : i + 1]
             for t in self.times:
                 noise = torch.randn(clean.shape, generator=gen).to(clean)
