@@ -137,8 +137,7 @@ class DenoisingLabeler:
         text = backbone.encode_captions(captions)
         prompts = len(captions)
         errors = latents.new_zeros(len(ids), prompts, dtype=torch.float32)
-        for i, sid in enumerate(ids):
-            (gen,) = image_generators(self.seed, [sid])
+        for i, gen in enumerate(image_generators(self.seed, ids)):
             clean = latents[i : i + 1]
             for t in self.times:
                 noise = torch.randn(clean.shape, generator=gen).to(clean)
