@@ -72,7 +72,7 @@ def test_the_images_preset_says_what_it_needs(compose_fit, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_folder_of_photos_to_a_trained_segmenter_and_its_masks(compose_fit, miniature_model, tmp_path):
+def test_a_folder_of_photos_to_a_trained_segmenter_and_its_masks(compose_fit, miniature_model, tmp_path, capsys):
     """fit data=images on the miniature world's val pictures alone (sub-folders, no masks): labels predicted, round
     2's labels from round 1's DeepLabV3+, every step without a mask, the table saying there is nothing to score;
     predict on the folder writes a mask per photo."""
@@ -85,6 +85,10 @@ def test_a_folder_of_photos_to_a_trained_segmenter_and_its_masks(compose_fit, mi
         target = photos / ("a" if i % 2 else "b") / f"{sid}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(world / "JPEGImages" / f"{sid}.jpg", target)
+    for sid, size in ((val_ids[4], (96, 80)), (val_ids[8], (40, 48))):  # photos come in many sizes
+        path = photos / "b" / f"{sid}.jpg"
+        Image.open(path).resize(size).save(path)
+    (photos / "b" / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a picture")  # the last id: a val photo, skipped
     cfg = compose_fit(
         "data=images", f"data.root={photos}", CLASSES, "data.layout.val_every=5", "stage=all", "labeler=segmenter",
         "labeler.first_round.times=[200,600]", "stage0.n_overlays=1", "segmenter.train.max_epochs=2",
@@ -109,7 +113,13 @@ def test_a_folder_of_photos_to_a_trained_segmenter_and_its_masks(compose_fit, mi
     assert "No val mIoU: no ground truth to score against" in (run_dir / "results.md").read_text()
     assert len(list((final / "train" / "masks").rglob("*.png"))) == 16  # ids keep their sub-folder
 
-    written = predict([str(final), str(photos), "--out", str(tmp_path / "masks"), "--device", "cpu"])
+    with pytest.raises(SystemExit) as failed:  # the broken photo is named; the others are done
+        predict([str(final), str(photos), "--out", str(tmp_path / "masks"), "--device", "cpu"])
+    assert failed.value.code == 2 and "zz_broken.jpg cannot be read" in capsys.readouterr().err
     masks = sorted((tmp_path / "masks").glob("*_mask.png"))
-    assert len(masks) == 20 and all(p in written for p in masks)
+    assert len(masks) == 20 and not (tmp_path / "masks" / "zz_broken_mask.png").exists()
     assert Image.open(masks[0]).size == (64, 64) and np.array(Image.open(masks[0])).max() < len(CLASS_NAMES)
+    for sid, size in ((val_ids[4], (96, 80)), (val_ids[8], (40, 48))):  # each photo's mask at its own size
+        assert Image.open(tmp_path / "masks" / f"{sid}_mask.png").size == size
+        split = "val" if (final / "val" / "masks" / "b" / f"{sid}.png").exists() else "train"
+        assert Image.open(final / split / "masks" / "b" / f"{sid}.png").size == size

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from stableseg_pp.data.files import BadInputError
 from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
-from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
+from stableseg_pp.data.pairs import ImageMaskPairs, SameSizeBatches, eval_transform, picture_size, train_transform
 from stableseg_pp.data.palette import save_palette_png
 
 
@@ -52,3 +53,32 @@ def test_pseudo_mask_with_unknown_class_ids_names_the_file(root, tmp_path):
     Image.fromarray(m, mode="L").save(bad)
     with pytest.raises(BadInputError, match=r"ids.png holds class ids \[9\] outside 0..6"):
         _pairs(root, [bad])[0]
+
+
+def test_pictures_of_many_sizes_are_batched_by_size_each_whole(root, tmp_path):
+    """A folder of photos mixes sizes: evaluation batches hold one size each, every picture at its own size, in
+    order within a size; pictures of one size give exactly the plain DataLoader's batches."""
+    paths = []
+    for i, size in enumerate([(64, 64), (40, 56), (64, 64), (40, 56), (64, 64), (30, 30)]):
+        path = tmp_path / f"p{i}.png"
+        Image.open(root / "JPEGImages" / f"train_{i % 3:05d}.jpg").resize(size[::-1]).save(path)
+        paths.append(path)
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a picture")
+    assert picture_size(paths[1]) == (40, 56) and picture_size(tmp_path / "broken.jpg") is None
+
+    items = ImageMaskPairs(paths, None, len(CLASS_NAMES), eval_transform())
+    batches = SameSizeBatches(items, [picture_size(p) for p in paths], batch_size=2)
+    got = [(tuple(images.shape), index.tolist()) for images, index in DataLoader(batches, batch_size=None)]
+    assert got == [((2, 3, 64, 64), [0, 2]), ((1, 3, 64, 64), [4]), ((2, 3, 40, 56), [1, 3]), ((1, 3, 30, 30), [5])]
+    for images, index in DataLoader(batches, batch_size=None):  # each picture as it is read alone
+        for j, i in enumerate(index.tolist()):
+            assert torch.equal(images[j], items[i][0])
+
+    same = ImageMaskPairs(paths[0:5:2], None, len(CLASS_NAMES), eval_transform())
+    grouped = DataLoader(SameSizeBatches(same, [(64, 64)] * 3, batch_size=2), batch_size=None)
+    for (a, ia), (b, ib) in zip(grouped, DataLoader(same, batch_size=2), strict=True):
+        assert torch.equal(a, b) and torch.equal(ia, ib)
+    unread = SameSizeBatches(items, [None, *[picture_size(p) for p in paths[1:]]], batch_size=4)
+    assert unread.batches[0] == [0]  # a picture whose size is unknown is a batch of its own: its error names it
+    with pytest.raises(ValueError, match="6 items but 2 sizes"):
+        SameSizeBatches(items, [(1, 1)] * 2, batch_size=2)

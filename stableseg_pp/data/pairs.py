@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from PIL import Image
+from torch.utils.data import Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -93,3 +94,47 @@ class ImageMaskPairs(Dataset):
             )
         img, m = self.transform(img, tv_tensors.Mask(torch.from_numpy(mask)))
         return img, m
+
+
+def picture_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) from the file's header (the pixels are not decoded); None where it cannot be read (the
+    dataset's reader then gives its own clear error for that picture)."""
+    try:
+        with Image.open(path) as img:
+            return img.size[1], img.size[0]
+    except (OSError, ValueError):
+        return None
+
+
+class SameSizeBatches(Dataset):
+    """A dataset's items in batches of pictures of one size, one collated batch per item (use with
+    ``DataLoader(batch_size=None)``), for evaluation and prediction at each picture's own size.
+
+    A folder of photographs holds pictures of many sizes, which cannot be stacked into one tensor; padding them to
+    a common size would make a picture's prediction depend on the pictures batched with it. Pictures keep their
+    order within a size, so a folder of one size gives exactly the batches of ``DataLoader(items, batch_size)``.
+    Under DDP the distributed sampler shards whole batches over the ranks; the items carry their dataset index
+    where the writer needs it.
+
+    Args:
+        items: the dataset (e.g. :class:`ImageMaskPairs`), whose items the default collate can stack.
+        sizes: each item's (height, width) as it will be stacked (:func:`picture_size`; None: a batch of its own).
+        batch_size: the most items per batch.
+    """
+
+    def __init__(self, items: Dataset, sizes: Sequence[tuple[int, int] | None], batch_size: int):
+        if len(sizes) != len(items):
+            raise ValueError(f"{len(items)} items but {len(sizes)} sizes")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.items = items
+        groups: dict[object, list[int]] = {}
+        for i, size in enumerate(sizes):
+            groups.setdefault(size if size is not None else ("unread", i), []).append(i)
+        self.batches = [idx[k : k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, k: int):
+        return default_collate([self.items[i] for i in self.batches[k]])

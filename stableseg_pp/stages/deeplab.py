@@ -26,7 +26,7 @@ from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, SegmenterMaskWriter
 from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
-from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, train_transform
+from stableseg_pp.data.pairs import ImageMaskPairs, SameSizeBatches, eval_transform, picture_size, train_transform
 from stableseg_pp.evaluation.fit_check import check_segmenter_fit
 from stableseg_pp.evaluation.mask_sets import NO_GROUND_TRUTH, report_split
 from stableseg_pp.pictures import write_overlays
@@ -148,7 +148,7 @@ def _compute(
     layout = dataset.layout
     pseudo = MaskSetLayout(masks_dir / "train")
     train_ids = [sid for sid in dataset.split_ids("train") if pseudo.is_done(sid)]
-    val_ids = dataset.split_ids("val")
+    val_ids = readable(dataset, "val", dataset.split_ids("val"))
     if not train_ids:
         raise FileNotFoundError(f"no pseudo-masks in {pseudo.masks}: run the earlier stages first")
 
@@ -184,7 +184,9 @@ def _compute(
     loading = {"num_workers": workers, "pin_memory": on_gpu(cfg), "persistent_workers": False}
     train_loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, drop_last=len(train_ds) > t.batch_size,
                               **loading)  # fmt: skip
-    val_loader = DataLoader(val_ds, batch_size=seg.eval_batch_size, **loading) if val_ds is not None else None
+    val_loader = None
+    if val_ds is not None:
+        val_loader = DataLoader(same_size_batches(val_ds, seg.eval_batch_size), batch_size=None, **loading)
     # Seed here, not only at start-up: the result must not depend on which stages ran before in this process.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = build(seg.model, class_names=names, _convert_="all")
@@ -217,7 +219,7 @@ def _compute(
     for split, ids in (("train", train_ids), ("val", val_ids)):
         layouts[split] = MaskSetLayout(out / split)
         ds = ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), dataset.convert_to_rgb)
-        loader = DataLoader(ds, batch_size=seg.eval_batch_size, num_workers=workers)
+        loader = DataLoader(same_size_batches(ds, seg.eval_batch_size), batch_size=None, num_workers=workers)
         predictor = instantiate(
             cfg.trainer,
             callbacks=[SegmenterMaskWriter(layouts[split], ids, dataset.palette)],
@@ -238,6 +240,23 @@ def _compute(
         return entries
 
     evaluate_and_finish(out, key, report)
+
+
+def readable(dataset: DatasetDescription, split: str, ids: list[str]) -> list[str]:
+    """``ids`` less the pictures whose file cannot be read, where the dataset skips bad input (``data.on_bad_input=skip``:
+    stage 0 skipped them too, so they have no pseudo-mask); with ``error`` all of them, and the reader names a bad one."""
+    if dataset.on_bad_input != "skip":
+        return ids
+    kept = [sid for sid in ids if picture_size(dataset.layout.image_path(split, sid)) is not None]
+    if len(kept) < len(ids):
+        left = sorted(set(ids) - set(kept))
+        log.warning("deeplab [%s]: %d pictures cannot be read and are not predicted: %s", split, len(left), left[:10])
+    return kept
+
+
+def same_size_batches(items: ImageMaskPairs, batch_size: int) -> SameSizeBatches:
+    """Evaluation batches of pictures of one size each (a folder of photos mixes sizes; each is predicted whole)."""
+    return SameSizeBatches(items, [picture_size(p) for p in items.image_paths], batch_size)
 
 
 def load_trained_weights(module: L.LightningModule, folder: Path) -> None:

@@ -44,8 +44,10 @@ def load_examples(
     """
     examples, site_ids, family = [], None, None
     for sid in ids:
+        if not stage0.is_done(sid) or not targets.is_done(sid):  # a picture stage 0 skipped (data.on_bad_input=skip)
+            continue
         stored = load_stored_maps(stage0.maps_path(sid))
-        if not stored.class_ids or not targets.is_done(sid):
+        if not stored.class_ids:
             continue
         names = sorted(n for n in stored.site_maps if (parse_map_id(n)[1] is not None) == per_head)
         if not names:
