@@ -405,6 +405,11 @@ def test_the_segmenter_settles_the_classes_in_doubt_with_round_ones_scores(compo
     # overlapping groups: cuts at 0.175 and 0.55 each misplace one score (balanced accuracy 5/6): their middle
     assert separating_cut(np.array([0.8, 0.9, 0.2]), np.array([0.1, 0.15, 0.3])) == pytest.approx(0.3625)
     assert separating_cut(np.array([1.0]), np.array([1.0])) == 1.0
+    # the images named nothing are counted; without a background class they get their top class, and still count
+    assert labels_step.no_class_named(labeler, scores, 0.5, settled, True) == ["c", "d", "f", "g", "h"]
+    top = {sid: labeler.decide(scores[sid], 0.5, False) for sid in scores}
+    assert top["c"] == [1] and top["e"] == [1]
+    assert labels_step.no_class_named(labeler, scores, 0.5, top, False) == ["c", "d", "e", "f", "g", "h"]
     peaks_only = build(compose_fit("data.labels=predicted", "labeler=segmenter", "labeler.doubt=null").labeler)
     assert not peaks_only.second_opinion
     with pytest.raises(ConfigError, match="labeler.doubt=1.5"):

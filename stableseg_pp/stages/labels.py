@@ -170,7 +170,7 @@ def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path |
             labels, cuts = labeler.reconsider(scores, threshold, labels, first)
             settled = {"from": second_opinion.name, "cuts": cuts, "named": sum(map(len, labels.values())) - before}
             log.info("labels [%s]: %d classes in doubt named on %s's scores", split, settled["named"], second_opinion.name)
-        empty = [sid for sid, named in labels.items() if not named]
+        empty = no_class_named(labeler, scores, threshold, labels, dataset.has_background)
         written = {"threshold": threshold, "labels": labels, **({"second_opinion": settled} if settled else {})}
         if labeler.confidences:  # a weight per named class: stage 0 lets the surer class win a contested pixel
             written["confidence"] = labeler.confidence(scores, labels)
@@ -185,12 +185,21 @@ def _label(cfg, dataset: DatasetDescription, labeler, backbone, evidence: Path |
         quality = "no ground truth to score against"
         if metrics is not None:
             quality = ", ".join(f"{k} {metrics[k]:.3f}" for k in ("mean_f1", "map") if metrics[k] is not None)
-        log.info("labels [%s]: %d images, threshold %s, %d with no class named (background only); %s",
-                 split, len(ids), describe_threshold(threshold), len(empty), quality)  # fmt: skip
+        log.info("labels [%s]: %d images, threshold %s, %d with no class named (%s); %s", split, len(ids),
+                 describe_threshold(threshold), len(empty), "background only" if dataset.has_background else
+                 "prompted for their top-scoring class", quality)  # fmt: skip
         unscored = len(dataset.split_ids(split)) - len(ids)  # unreadable (data.on_bad_input=skip) or not in the evidence
         splits[split] = {"metrics": metrics, "images": len(ids), "unscored": unscored, "threshold": threshold,
                          "no_class_named": len(empty), "named_on_second_opinion": settled and settled["named"]}  # fmt: skip
     finish_stage(out, key, splits)
+
+
+def no_class_named(labeler, scores: dict, threshold, labels: dict[str, list[int]], has_background: bool) -> list[str]:
+    """The images where no class reached its threshold (nor was named on a second opinion): prompted for nothing
+    (background only), or, on a dataset without a background class, for their top-scoring class alone."""
+    fallback = 0 if has_background else 1
+    return [sid for sid, named in labels.items()
+            if len(named) <= fallback and not labeler.decide(scores[sid], threshold, True)]  # fmt: skip
 
 
 def read_label_files(folder: Path) -> tuple[dict[str, dict[str, list[int]]], dict[str, dict[str, dict[int, float]]]]:
