@@ -56,6 +56,7 @@ def _error_lines(stderr: str) -> list[str]:
         (["zero_shot.splits=[val]"], "zero_shot.splits is now stage0.splits"),
         (["data.class_names=[background,circle,circle,star]"], "data.class_names names ['circle'] more than once"),
         (["data.class_names=[background]"], "data.class_names=['background']: no class to segment"),
+        (["data.class_names=background"], "data.class_names='background' is not a list"),  # not its ten letters
         (["data.background_index=9"], "data.background_index=9: give the position of the background class"),
         (["emerdiff.clusters=5"], "emerdiff.clusters is now emerdiff_steps.clusters"),
         (["zero_shot.mode=sa+ca"], "zero_shot.mode=sa+ca: use one of ca, sa, ca+sa"),

@@ -180,6 +180,11 @@ def check_evaluation_settings(data: DictConfig) -> tuple[float, str]:
 
 def check_class_names(names: Sequence[object], background_index: object) -> None:
     """``data.class_names``: at least one class besides the background, each named once, as text."""
+    if isinstance(names, str) or not isinstance(names, Sequence):  # a bare word would be split into its letters
+        raise ConfigError(
+            f"data.class_names={names!r} is not a list: give the background first, then the classes, e.g. "
+            "data.class_names=[background,cat,dog]"
+        )
     if bad := [n for n in names if not isinstance(n, str) or not n.strip()]:
         raise ConfigError(f"data.class_names={list(names)}: {bad} are not class names; give each class as a word or phrase")
     if len(names) - (background_index is not None) < 1:
