@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import ExifTags, Image
 
 from stableseg_pp.data.layouts import DatasetLayoutError, ImageFolderLayout
 from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
@@ -89,6 +89,10 @@ def test_a_folder_of_photos_to_a_trained_segmenter_and_its_masks(compose_fit, mi
         path = photos / "b" / f"{sid}.jpg"
         Image.open(path).resize(size).save(path)
     (photos / "b" / "zz_broken.jpg").write_bytes(b"\xff\xd8 not a picture")  # the last id: a val photo, skipped
+    turned = photos / "a" / f"{val_ids[5]}.jpg"  # a phone's portrait photo: stored sideways, EXIF says turn it
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    Image.open(turned).resize((64, 48)).save(turned, exif=exif)
     cfg = compose_fit(
         "data=images", f"data.root={photos}", CLASSES, "data.layout.val_every=5", "stage=all", "labeler=segmenter",
         "labeler.first_round.times=[200,600]", "stage0.n_overlays=1", "segmenter.train.max_epochs=2",
@@ -119,7 +123,8 @@ def test_a_folder_of_photos_to_a_trained_segmenter_and_its_masks(compose_fit, mi
     masks = sorted((tmp_path / "masks").glob("*_mask.png"))
     assert len(masks) == 20 and not (tmp_path / "masks" / "zz_broken_mask.png").exists()
     assert Image.open(masks[0]).size == (64, 64) and np.array(Image.open(masks[0])).max() < len(CLASS_NAMES)
-    for sid, size in ((val_ids[4], (96, 80)), (val_ids[8], (40, 48))):  # each photo's mask at its own size
+    shown = ((val_ids[4], "b", (96, 80)), (val_ids[8], "b", (40, 48)), (val_ids[5], "a", (48, 64)))  # turned upright
+    for sid, folder, size in shown:  # each photo's mask at its own size, as a viewer shows it, in fit as in predict
         assert Image.open(tmp_path / "masks" / f"{sid}_mask.png").size == size
-        split = "val" if (final / "val" / "masks" / "b" / f"{sid}.png").exists() else "train"
-        assert Image.open(final / split / "masks" / "b" / f"{sid}.png").size == size
+        split = "val" if (final / "val" / "masks" / folder / f"{sid}.png").exists() else "train"
+        assert Image.open(final / split / "masks" / folder / f"{sid}.png").size == size

@@ -5,12 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import ExifTags, Image
 from torch.utils.data import DataLoader
 
-from stableseg_pp.data.files import BadInputError
+from stableseg_pp.data.files import BadInputError, image_size
 from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
-from stableseg_pp.data.pairs import ImageMaskPairs, SameSizeBatches, eval_transform, picture_size, train_transform
+from stableseg_pp.data.pairs import ImageMaskPairs, SameSizeBatches, eval_transform, train_transform
 from stableseg_pp.data.palette import save_palette_png
 
 
@@ -64,10 +64,16 @@ def test_pictures_of_many_sizes_are_batched_by_size_each_whole(root, tmp_path):
         Image.open(root / "JPEGImages" / f"train_{i % 3:05d}.jpg").resize(size[::-1]).save(path)
         paths.append(path)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a picture")
-    assert picture_size(paths[1]) == (40, 56) and picture_size(tmp_path / "broken.jpg") is None
+    assert image_size(paths[1]) == (56, 40) and image_size(tmp_path / "broken.jpg") is None
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6  # stored 56x40, shown turned a quarter: 40x56
+    Image.open(paths[1]).save(tmp_path / "turned.jpg", exif=exif)
+    assert image_size(tmp_path / "turned.jpg") == (56, 40) and image_size(tmp_path / "turned.jpg", True) == (40, 56)
+    upright = ImageMaskPairs([tmp_path / "turned.jpg"], None, len(CLASS_NAMES), eval_transform(), exif_transpose=True)
+    assert upright[0][0].shape == (3, 56, 40)
 
     items = ImageMaskPairs(paths, None, len(CLASS_NAMES), eval_transform())
-    batches = SameSizeBatches(items, [picture_size(p) for p in paths], batch_size=2)
+    batches = SameSizeBatches(items, [image_size(p) for p in paths], batch_size=2)
     got = [(tuple(images.shape), index.tolist()) for images, index in DataLoader(batches, batch_size=None)]
     assert got == [((2, 3, 64, 64), [0, 2]), ((1, 3, 64, 64), [4]), ((2, 3, 40, 56), [1, 3]), ((1, 3, 30, 30), [5])]
     for images, index in DataLoader(batches, batch_size=None):  # each picture as it is read alone
@@ -78,7 +84,7 @@ def test_pictures_of_many_sizes_are_batched_by_size_each_whole(root, tmp_path):
     grouped = DataLoader(SameSizeBatches(same, [(64, 64)] * 3, batch_size=2), batch_size=None)
     for (a, ia), (b, ib) in zip(grouped, DataLoader(same, batch_size=2), strict=True):
         assert torch.equal(a, b) and torch.equal(ia, ib)
-    unread = SameSizeBatches(items, [None, *[picture_size(p) for p in paths[1:]]], batch_size=4)
+    unread = SameSizeBatches(items, [None, *[image_size(p) for p in paths[1:]]], batch_size=4)
     assert unread.batches[0] == [0]  # a picture whose size is unknown is a batch of its own: its error names it
     with pytest.raises(ValueError, match="6 items but 2 sizes"):
         SameSizeBatches(items, [(1, 1)] * 2, batch_size=2)

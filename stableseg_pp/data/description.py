@@ -99,7 +99,7 @@ class DatasetDescription:
         return self.prompt_names.get(name, name)
 
     def read_image(self, split: str, sid: str):
-        return load_rgb(self.layout.image_path(split, sid), self.convert_to_rgb)
+        return load_rgb(self.layout.image_path(split, sid), self.convert_to_rgb, exif_transpose=self.layout.exif_transpose)
 
     def image_side(self, split: str, sample: int = 1000) -> int | None:
         """The median shorter side, in pixels, of the split's images (read from their headers; at most ``sample``

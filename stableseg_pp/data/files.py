@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from stableseg_pp.data.labels import LabelMap
 from stableseg_pp.data.palette import IGNORE_INDEX
@@ -93,11 +93,13 @@ def load_rgb(
         raise BadInputError(f"image {path} cannot be converted to RGB ({err}): save it as RGB{hint}") from err
 
 
-def image_size(path: Path) -> tuple[int, int] | None:
-    """(width, height) of an image as stored (reads the header only); None when unreadable."""
+def image_size(path: Path, exif_transpose: bool = False) -> tuple[int, int] | None:
+    """(width, height) of an image as stored, or (``exif_transpose``) as its EXIF orientation turns it (reads the
+    header only); None when unreadable."""
     try:
         with Image.open(path) as img:
-            return img.size
+            turned = exif_transpose and img.getexif().get(ExifTags.Base.Orientation) in (5, 6, 7, 8)
+            return (img.size[1], img.size[0]) if turned else img.size
     except (UnidentifiedImageError, OSError, SyntaxError):
         return None
 

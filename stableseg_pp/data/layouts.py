@@ -30,6 +30,9 @@ class DatasetLayout:
 
     #: the page of docs/datasets/ on preparing this dataset
     doc = "docs/datasets/README.md"
+    #: turn each picture as its EXIF orientation says before use (photographs as a viewer shows them); False for
+    #: datasets whose masks were drawn on the pixels as stored
+    exif_transpose = False
 
     def __init__(self, root: str | Path, splits: Mapping[str, str] | None = None, label_map: LabelMap | Mapping | None = None,
                  class_file: str | None = None, class_file_background: str | None = None,
@@ -261,6 +264,7 @@ class ImageFolderLayout(DatasetLayout):
     """
 
     doc = "docs/guide.md"
+    exif_transpose = True  # a phone stores a portrait photo sideways and says so in its EXIF, as `predict` reads it
 
     def __init__(self, root, val_images: str | None = None, val_masks: str | None = None, val_every: int = 10, **kwargs):
         super().__init__(Path(root).expanduser(), **kwargs)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, default_collate
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -56,6 +55,7 @@ class ImageMaskPairs(Dataset):
 
     ``read_mask``: how to read a mask file as class ids (a dataset's ground truth goes
     through its layout's label map); default: a palette PNG of class ids.
+    ``exif_transpose``: turn each picture as its EXIF orientation says (the dataset layout's setting).
     """
 
     def __init__(
@@ -66,6 +66,7 @@ class ImageMaskPairs(Dataset):
         transform: v2.Compose,
         convert_to_rgb: bool = True,
         read_mask: Callable[[Path], np.ndarray] | None = None,
+        exif_transpose: bool = False,
     ):
         if mask_paths is not None and len(mask_paths) != len(image_paths):
             raise ValueError(f"{len(image_paths)} images but {len(mask_paths)} masks")
@@ -75,13 +76,14 @@ class ImageMaskPairs(Dataset):
         self.transform = transform
         self.convert_to_rgb = convert_to_rgb
         self.read_mask = read_mask or partial(load_mask, n_classes=n_classes)
+        self.exif_transpose = exif_transpose
 
     def __len__(self) -> int:
         return len(self.image_paths)
 
     def __getitem__(self, i: int):
         img_path = self.image_paths[i]
-        image = load_rgb(Path(img_path), self.convert_to_rgb)
+        image = load_rgb(Path(img_path), self.convert_to_rgb, exif_transpose=self.exif_transpose)
         img = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
         if self.mask_paths is None:
             return self.transform(img), i
@@ -96,16 +98,6 @@ class ImageMaskPairs(Dataset):
         return img, m
 
 
-def picture_size(path: Path) -> tuple[int, int] | None:
-    """(height, width) from the file's header (the pixels are not decoded); None where it cannot be read (the
-    dataset's reader then gives its own clear error for that picture)."""
-    try:
-        with Image.open(path) as img:
-            return img.size[1], img.size[0]
-    except (OSError, ValueError):
-        return None
-
-
 class SameSizeBatches(Dataset):
     """A dataset's items in batches of pictures of one size, one collated batch per item (use with
     ``DataLoader(batch_size=None)``), for evaluation and prediction at each picture's own size.
@@ -118,7 +110,8 @@ class SameSizeBatches(Dataset):
 
     Args:
         items: the dataset (e.g. :class:`ImageMaskPairs`), whose items the default collate can stack.
-        sizes: each item's (height, width) as it will be stacked (:func:`picture_size`; None: a batch of its own).
+        sizes: each item's size as it will be stacked (e.g. :func:`~stableseg_pp.data.files.image_size`; None: a
+            batch of its own).
         batch_size: the most items per batch.
     """
 

@@ -100,7 +100,7 @@ class PromptedImages(Dataset):
 
     def read(self, sid: str) -> Sample:
         image_path = self.layout.image_path(self.split, sid)
-        image = load_rgb(image_path, self.convert_to_rgb)
+        image = load_rgb(image_path, self.convert_to_rgb, exif_transpose=self.layout.exif_transpose)
         mask = None
         if self.require_masks or self.layout.has_mask(self.split, sid):
             mask = self.layout.read_mask(self.split, sid, len(self.class_names))

@@ -26,7 +26,8 @@ from stableseg_pp import tracking
 from stableseg_pp.artifacts import MaskSetLayout, SegmenterMaskWriter
 from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
-from stableseg_pp.data.pairs import ImageMaskPairs, SameSizeBatches, eval_transform, picture_size, train_transform
+from stableseg_pp.data.files import image_size
+from stableseg_pp.data.pairs import ImageMaskPairs, SameSizeBatches, eval_transform, train_transform
 from stableseg_pp.evaluation.fit_check import check_segmenter_fit
 from stableseg_pp.evaluation.mask_sets import NO_GROUND_TRUTH, report_split
 from stableseg_pp.pictures import write_overlays
@@ -163,6 +164,7 @@ def _compute(
         len(names),
         train_transform(plan["crop_size"], tuple(plan["scale"]), plan["base_size"]),
         dataset.convert_to_rgb,
+        exif_transpose=layout.exif_transpose,
     )
     scored = bool(val_ids) and all(layout.has_mask("val", i) for i in val_ids)
     val_ds = None
@@ -174,6 +176,7 @@ def _compute(
             eval_transform(),
             dataset.convert_to_rgb,
             read_mask=partial(layout.read_mask_file, n_classes=len(names)),
+            exif_transpose=layout.exif_transpose,
         )
     else:
         log.info("deeplab: the val pictures have no masks, so the training is not validated (%s)", NO_GROUND_TRUTH)
@@ -218,7 +221,8 @@ def _compute(
     layouts = {}
     for split, ids in (("train", train_ids), ("val", val_ids)):
         layouts[split] = MaskSetLayout(out / split)
-        ds = ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), dataset.convert_to_rgb)
+        ds = ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), dataset.convert_to_rgb,
+                            exif_transpose=layout.exif_transpose)  # fmt: skip
         loader = DataLoader(same_size_batches(ds, seg.eval_batch_size), batch_size=None, num_workers=workers)
         predictor = instantiate(
             cfg.trainer,
@@ -247,7 +251,7 @@ def readable(dataset: DatasetDescription, split: str, ids: list[str]) -> list[st
     stage 0 skipped them too, so they have no pseudo-mask); with ``error`` all of them, and the reader names a bad one."""
     if dataset.on_bad_input != "skip":
         return ids
-    kept = [sid for sid in ids if picture_size(dataset.layout.image_path(split, sid)) is not None]
+    kept = [sid for sid in ids if image_size(dataset.layout.image_path(split, sid)) is not None]
     if len(kept) < len(ids):
         left = sorted(set(ids) - set(kept))
         log.warning("deeplab [%s]: %d pictures cannot be read and are not predicted: %s", split, len(left), left[:10])
@@ -256,7 +260,7 @@ def readable(dataset: DatasetDescription, split: str, ids: list[str]) -> list[st
 
 def same_size_batches(items: ImageMaskPairs, batch_size: int) -> SameSizeBatches:
     """Evaluation batches of pictures of one size each (a folder of photos mixes sizes; each is predicted whole)."""
-    return SameSizeBatches(items, [picture_size(p) for p in items.image_paths], batch_size)
+    return SameSizeBatches(items, [image_size(p, items.exif_transpose) for p in items.image_paths], batch_size)
 
 
 def load_trained_weights(module: L.LightningModule, folder: Path) -> None:
