@@ -48,6 +48,9 @@ def test_a_folder_of_photos_is_found_recursively_in_any_format(tmp_path):
         ImageFolderLayout(tmp_path / "missing").check(["train"])
     with pytest.raises(DatasetLayoutError, match="val_every=1"):
         ImageFolderLayout(photos, val_every=1)
+    assert layout.exif_transpose and not ImageFolderLayout(photos, exif_transpose=False).exif_transpose
+    with pytest.raises(DatasetLayoutError, match="exif_transpose='yes'"):
+        ImageFolderLayout(photos, exif_transpose="yes")
 
     # a small labelled val set of its own: scored
     _picture(tmp_path / "val" / "v.jpg")

@@ -261,13 +261,17 @@ class ImageFolderLayout(DatasetLayout):
         val_images: a folder of val pictures (default: held out from ``root``).
         val_masks: their masks, ``<id>.png`` (class ids, 255 = ignore), ids as in ``val_images``.
         val_every: without ``val_images``, every n-th picture (in name order) is val, at least one.
+        exif_transpose: turn each photo as its EXIF orientation says, as ``predict`` does (false: as stored).
     """
 
     doc = "docs/guide.md"
-    exif_transpose = True  # a phone stores a portrait photo sideways and says so in its EXIF, as `predict` reads it
 
-    def __init__(self, root, val_images: str | None = None, val_masks: str | None = None, val_every: int = 10, **kwargs):
+    def __init__(self, root, val_images: str | None = None, val_masks: str | None = None, val_every: int = 10,
+                 exif_transpose: bool = True, **kwargs):  # fmt: skip
         super().__init__(Path(root).expanduser(), **kwargs)
+        if not isinstance(exif_transpose, bool):
+            raise DatasetLayoutError(f"data.layout.exif_transpose={exif_transpose!r}: use true or false")
+        self.exif_transpose = exif_transpose  # a phone stores a portrait photo sideways and says so in its EXIF
         if isinstance(val_every, bool) or not isinstance(val_every, int) or val_every < 2:
             raise DatasetLayoutError(f"data.layout.val_every={val_every}: give a whole number >= 2 (every n-th picture is val)")
         if val_masks and not val_images:
