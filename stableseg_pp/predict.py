@@ -77,7 +77,8 @@ def load_segmenter(path: Path, device: str, trusted: bool = False) -> DeepLabV3P
 
 
 def predict_mask(module: DeepLabV3PlusModule, image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 RGB -> (H, W) uint8 class ids, at the picture's own size."""
+    """(H, W, 3) uint8 RGB -> (H, W) uint8 class ids, at the picture's own size (computed at a scale the training
+    showed, :meth:`DeepLabV3PlusModule.predict_logits`)."""
     import torch
 
     from stableseg_pp.data.pairs import IMAGENET_MEAN, IMAGENET_STD
@@ -86,7 +87,7 @@ def predict_mask(module: DeepLabV3PlusModule, image: np.ndarray) -> np.ndarray:
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float().to(module.device) / 255.0
         mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-        logits = module((x - mean) / std)
+        logits = module.predict_logits((x - mean) / std)
     return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
 
 

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 
 from stableseg_pp.data.files import BadInputError, image_size
 from stableseg_pp.data.miniature import CLASS_NAMES, write_miniature_voc
-from stableseg_pp.data.pairs import ImageMaskPairs, SameSizeBatches, eval_transform, train_transform
+from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, evaluation_batch_size, train_transform
 from stableseg_pp.data.palette import save_palette_png
 
 
@@ -55,13 +55,13 @@ def test_pseudo_mask_with_unknown_class_ids_names_the_file(root, tmp_path):
         _pairs(root, [bad])[0]
 
 
-def test_pictures_of_many_sizes_are_batched_by_size_each_whole(root, tmp_path):
-    """A folder of photos mixes sizes: evaluation batches hold one size each, every picture at its own size, in
-    order within a size; pictures of one size give exactly the plain DataLoader's batches."""
+def test_pictures_of_many_sizes_are_predicted_one_at_a_time_each_whole(root, tmp_path):
+    """A folder of photos mixes sizes: evaluation then takes one picture per batch, each at its own size (turned as
+    its EXIF says where the layout asks); pictures of one size keep the configured batch."""
     paths = []
-    for i, size in enumerate([(64, 64), (40, 56), (64, 64), (40, 56), (64, 64), (30, 30)]):
+    for i, size in enumerate([(64, 64), (40, 56), (64, 64)]):
         path = tmp_path / f"p{i}.png"
-        Image.open(root / "JPEGImages" / f"train_{i % 3:05d}.jpg").resize(size[::-1]).save(path)
+        Image.open(root / "JPEGImages" / f"train_{i:05d}.jpg").resize(size[::-1]).save(path)
         paths.append(path)
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a picture")
     assert image_size(paths[1]) == (56, 40) and image_size(tmp_path / "broken.jpg") is None
@@ -69,22 +69,16 @@ def test_pictures_of_many_sizes_are_batched_by_size_each_whole(root, tmp_path):
     exif[ExifTags.Base.Orientation] = 6  # stored 56x40, shown turned a quarter: 40x56
     Image.open(paths[1]).save(tmp_path / "turned.jpg", exif=exif)
     assert image_size(tmp_path / "turned.jpg") == (56, 40) and image_size(tmp_path / "turned.jpg", True) == (40, 56)
-    upright = ImageMaskPairs([tmp_path / "turned.jpg"], None, len(CLASS_NAMES), eval_transform(), exif_transpose=True)
+
+    def pairs(files, exif_transpose=False):
+        return ImageMaskPairs(files, None, len(CLASS_NAMES), eval_transform(), exif_transpose=exif_transpose)
+
+    mixed = pairs(paths)
+    assert evaluation_batch_size(mixed, 8) == 1
+    assert [tuple(x.shape) for x, _ in DataLoader(mixed, batch_size=1)] == [(1, 3, 64, 64), (1, 3, 40, 56), (1, 3, 64, 64)]
+    assert evaluation_batch_size(pairs(paths[::2]), 8) == 8
+    assert evaluation_batch_size(pairs([paths[0], tmp_path / "broken.jpg"]), 8) == 1  # its reader names it
+    upright = pairs([tmp_path / "turned.jpg"], exif_transpose=True)
     assert upright[0][0].shape == (3, 56, 40)
-
-    items = ImageMaskPairs(paths, None, len(CLASS_NAMES), eval_transform())
-    batches = SameSizeBatches(items, [image_size(p) for p in paths], batch_size=2)
-    got = [(tuple(images.shape), index.tolist()) for images, index in DataLoader(batches, batch_size=None)]
-    assert got == [((2, 3, 64, 64), [0, 2]), ((1, 3, 64, 64), [4]), ((2, 3, 40, 56), [1, 3]), ((1, 3, 30, 30), [5])]
-    for images, index in DataLoader(batches, batch_size=None):  # each picture as it is read alone
-        for j, i in enumerate(index.tolist()):
-            assert torch.equal(images[j], items[i][0])
-
-    same = ImageMaskPairs(paths[0:5:2], None, len(CLASS_NAMES), eval_transform())
-    grouped = DataLoader(SameSizeBatches(same, [(64, 64)] * 3, batch_size=2), batch_size=None)
-    for (a, ia), (b, ib) in zip(grouped, DataLoader(same, batch_size=2), strict=True):
-        assert torch.equal(a, b) and torch.equal(ia, ib)
-    unread = SameSizeBatches(items, [None, *[image_size(p) for p in paths[1:]]], batch_size=4)
-    assert unread.batches[0] == [0]  # a picture whose size is unknown is a batch of its own: its error names it
-    with pytest.raises(ValueError, match="6 items but 2 sizes"):
-        SameSizeBatches(items, [(1, 1)] * 2, batch_size=2)
+    assert evaluation_batch_size(pairs([paths[1], tmp_path / "turned.jpg"], exif_transpose=True), 8) == 1
+    assert evaluation_batch_size(pairs([paths[1], tmp_path / "turned.jpg"]), 8) == 8  # as stored: one size

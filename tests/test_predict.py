@@ -19,7 +19,7 @@ from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform
 from stableseg_pp.evaluation.site_plots import short_site_labels
 from stableseg_pp.models.deeplab import DeepLabV3PlusModule
 from stableseg_pp.pictures import legend_strip, overlay_png, present_classes
-from stableseg_pp.predict import main
+from stableseg_pp.predict import main, predict_mask
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +139,21 @@ def test_site_labels_are_short_and_distinct():
             "up_blocks.1.attentions.1.transformer_blocks.0.attn2"]  # fmt: skip
     assert short_site_labels(unet) == ["down.0.att.0", "mid.att.0", "up.1.att.1"]
     assert short_site_labels([f"transformer_blocks.{i}.attn" for i in range(3)]) == ["block.0", "block.1", "block.2"]
+
+
+def test_a_picture_far_larger_than_the_training_is_predicted_at_the_training_scale():
+    """eval_max_side: a picture whose shorter side is past it is predicted scaled down to it, logits back at its
+    size; pictures within it, and modules without it (older checkpoints), predict at their own size."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    module = DeepLabV3PlusModule(CLASS_NAMES, encoder_name="resnet18", eval_max_side=32).eval()
+    big, small = torch.randn(1, 3, 96, 128), torch.randn(1, 3, 32, 48)
+    with torch.no_grad():
+        scaled = F.interpolate(big, size=(32, 43), mode="bilinear", align_corners=False, antialias=True)
+        expected = F.interpolate(module(scaled), size=(96, 128), mode="bilinear", align_corners=False)
+        assert torch.allclose(module.predict_logits(big), expected)
+        assert torch.equal(module.predict_logits(small), module(small))
+        module.hparams.eval_max_side = None
+        assert torch.equal(module.predict_logits(big), module(big))
+    assert predict_mask(module, np.zeros((96, 128, 3), np.uint8)).shape == (96, 128)

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from stableseg_pp.data.files import BadInputError, load_mask, load_rgb
+from stableseg_pp.data.files import BadInputError, image_size, load_mask, load_rgb
 from stableseg_pp.data.palette import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -98,36 +98,10 @@ class ImageMaskPairs(Dataset):
         return img, m
 
 
-class SameSizeBatches(Dataset):
-    """A dataset's items in batches of pictures of one size, one collated batch per item (use with
-    ``DataLoader(batch_size=None)``), for evaluation and prediction at each picture's own size.
-
-    A folder of photographs holds pictures of many sizes, which cannot be stacked into one tensor; padding them to
-    a common size would make a picture's prediction depend on the pictures batched with it. Pictures keep their
-    order within a size, so a folder of one size gives exactly the batches of ``DataLoader(items, batch_size)``.
-    Under DDP the distributed sampler shards whole batches over the ranks; the items carry their dataset index
-    where the writer needs it.
-
-    Args:
-        items: the dataset (e.g. :class:`ImageMaskPairs`), whose items the default collate can stack.
-        sizes: each item's size as it will be stacked (e.g. :func:`~stableseg_pp.data.files.image_size`; None: a
-            batch of its own).
-        batch_size: the most items per batch.
-    """
-
-    def __init__(self, items: Dataset, sizes: Sequence[tuple[int, int] | None], batch_size: int):
-        if len(sizes) != len(items):
-            raise ValueError(f"{len(items)} items but {len(sizes)} sizes")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.items = items
-        groups: dict[object, list[int]] = {}
-        for i, size in enumerate(sizes):
-            groups.setdefault(size if size is not None else ("unread", i), []).append(i)
-        self.batches = [idx[k : k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def __getitem__(self, k: int):
-        return default_collate([self.items[i] for i in self.batches[k]])
+def evaluation_batch_size(items: ImageMaskPairs, batch_size: int) -> int:
+    """``batch_size`` where every picture has one size; 1 where sizes differ (a folder of photos). Each picture is
+    predicted whole at its own size: pictures of different sizes cannot be stacked, and padding them to one would
+    make a picture's prediction depend on its batch. (One picture per batch keeps Lightning's sharding of the
+    pictures over DDP ranks as it is.)"""
+    sizes = {image_size(p, items.exif_transpose) for p in items.image_paths}
+    return batch_size if len(sizes) <= 1 else 1

@@ -19,6 +19,17 @@ from stableseg_pp.runtime.errors import ConfigError
 
 
 class DeepLabV3PlusModule(L.LightningModule):
+    """DeepLabV3+ trained on pseudo-masks.
+
+    Args:
+        class_names: the classes, in the order of the masks' ids.
+        encoder_name / encoder_weights / encoder_depth / decoder_channels / output_stride: smp's DeepLabV3+.
+        lr / momentum / weight_decay / poly_power: SGD with the poly schedule.
+        eval_max_side: the largest shorter side the training's random scaling showed; a larger picture (a
+            12-megapixel photo against 512-pixel training crops) is predicted scaled down to it, its logits scaled
+            back to its size (None: every picture at its own size).
+    """
+
     def __init__(
         self,
         class_names: Sequence[str],
@@ -31,6 +42,7 @@ class DeepLabV3PlusModule(L.LightningModule):
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         poly_power: float = 0.9,
+        eval_max_side: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -67,6 +79,18 @@ class DeepLabV3PlusModule(L.LightningModule):
             images = F.pad(images, (0, pw, 0, ph))
         return self.model(images)[..., :h, :w]
 
+    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits at the input size, computed at a scale the training showed (``eval_max_side``): a picture far
+        larger than the training's would show its objects at sizes the model never learned, and fill the memory."""
+        h, w = images.shape[-2:]
+        limit = self.hparams.get("eval_max_side")
+        if not limit or min(h, w) <= limit:
+            return self(images)
+        f = limit / min(h, w)
+        small = F.interpolate(images, size=(max(1, round(h * f)), max(1, round(w * f))), mode="bilinear",
+                              align_corners=False, antialias=True)  # fmt: skip
+        return F.interpolate(self(small), size=(h, w), mode="bilinear", align_corners=False)
+
     def training_step(self, batch, batch_idx):
         images, masks = batch
         logits = self(images)
@@ -78,7 +102,7 @@ class DeepLabV3PlusModule(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         images, masks = batch
-        logits = self(images)
+        logits = self.predict_logits(images)
         self.val_miou.update(logits.argmax(1), masks.long())
 
     def on_validation_epoch_end(self) -> None:
@@ -87,7 +111,7 @@ class DeepLabV3PlusModule(L.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         images, index = batch
-        return self(images).softmax(1), index
+        return self.predict_logits(images).softmax(1), index
 
     def configure_optimizers(self):
         hp = self.hparams

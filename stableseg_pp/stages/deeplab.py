@@ -27,7 +27,7 @@ from stableseg_pp.artifacts import MaskSetLayout, SegmenterMaskWriter
 from stableseg_pp.config import build
 from stableseg_pp.data.description import DatasetDescription
 from stableseg_pp.data.files import image_size
-from stableseg_pp.data.pairs import ImageMaskPairs, SameSizeBatches, eval_transform, train_transform
+from stableseg_pp.data.pairs import ImageMaskPairs, eval_transform, evaluation_batch_size, train_transform
 from stableseg_pp.evaluation.fit_check import check_segmenter_fit
 from stableseg_pp.evaluation.mask_sets import NO_GROUND_TRUTH, report_split
 from stableseg_pp.pictures import write_overlays
@@ -189,10 +189,11 @@ def _compute(
                               **loading)  # fmt: skip
     val_loader = None
     if val_ds is not None:
-        val_loader = DataLoader(same_size_batches(val_ds, seg.eval_batch_size), batch_size=None, **loading)
+        val_loader = DataLoader(val_ds, batch_size=evaluation_batch_size(val_ds, seg.eval_batch_size), **loading)
     # Seed here, not only at start-up: the result must not depend on which stages ran before in this process.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = build(seg.model, class_names=names, _convert_="all")
+    eval_max_side = int(plan["base_size"] * max(plan["scale"]))  # larger pictures are predicted scaled down to it
+    module = build(seg.model, class_names=names, eval_max_side=eval_max_side, _convert_="all")
     ckpt_dir = out / "checkpoints"
     # monitor=None: keep the newest epoch (choosing by val mIoU would use labels); last.ckpt links to it
     checkpoint = ModelCheckpoint(dirpath=ckpt_dir, save_last="link", save_top_k=1, every_n_epochs=1)
@@ -223,7 +224,7 @@ def _compute(
         layouts[split] = MaskSetLayout(out / split)
         ds = ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), dataset.convert_to_rgb,
                             exif_transpose=layout.exif_transpose)  # fmt: skip
-        loader = DataLoader(same_size_batches(ds, seg.eval_batch_size), batch_size=None, num_workers=workers)
+        loader = DataLoader(ds, batch_size=evaluation_batch_size(ds, seg.eval_batch_size), num_workers=workers)
         predictor = instantiate(
             cfg.trainer,
             callbacks=[SegmenterMaskWriter(layouts[split], ids, dataset.palette)],
@@ -256,11 +257,6 @@ def readable(dataset: DatasetDescription, split: str, ids: list[str]) -> list[st
         left = sorted(set(ids) - set(kept))
         log.warning("deeplab [%s]: %d pictures cannot be read and are not predicted: %s", split, len(left), left[:10])
     return kept
-
-
-def same_size_batches(items: ImageMaskPairs, batch_size: int) -> SameSizeBatches:
-    """Evaluation batches of pictures of one size each (a folder of photos mixes sizes; each is predicted whole)."""
-    return SameSizeBatches(items, [image_size(p, items.exif_transpose) for p in items.image_paths], batch_size)
 
 
 def load_trained_weights(module: L.LightningModule, folder: Path) -> None:
