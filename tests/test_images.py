@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,20 @@ def test_the_images_preset_says_what_it_needs(compose_fit, tmp_path):
     dataset = describe_dataset(compose_fit("data=images", f"data.root={tmp_path / 'photos'}", CLASSES).data)
     assert dataset.labels == "predicted" and not dataset.require_masks
     assert dataset.split_ids("val") == ["a"] and dataset.split_ids("train") == ["b"]
+
+    # the steps' keys hold the folder's listing: a photo added or replaced recomputes, an unchanged folder reuses
+    def key():
+        return describe_dataset(compose_fit("data=images", f"data.root={tmp_path / 'photos'}", CLASSES).data).key()
+
+    before = key()
+    assert before == key() and set(before["pictures"]) == {"train", "val"}
+    _picture(tmp_path / "photos" / "c.jpg")
+    added = key()
+    assert added["pictures"]["train"] != before["pictures"]["train"]
+    Image.fromarray(np.full((8, 8, 3), 9, np.uint8)).save(tmp_path / "photos" / "c.jpg")  # replaced, same name
+    os.utime(tmp_path / "photos" / "c.jpg", ns=(10**18, 10**18))  # (whatever the file system's time resolution)
+    assert key()["pictures"]["train"] != added["pictures"]["train"]
+    assert "pictures" not in describe_dataset(compose_fit().data).key()  # a dataset with split lists: as it was
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from stableseg_pp.data.miniature import write_miniature_voc
 from stableseg_pp.data.palette import palette_for
 from stableseg_pp.data.prompted_images import PromptedImages
 from stableseg_pp.runtime.errors import ConfigError
+from stableseg_pp.runtime.hashing import config_hash
 
 log = logging.getLogger(__name__)
 # settings of ``cfg.data`` that change how fast images are read, or what happens at a bad file, not what any
@@ -118,6 +119,9 @@ class DatasetDescription:
         """What the dataset contributes to a step's content key (execution and evaluation settings left out)."""
         key = {k: v for k, v in self.settings.items() if k not in EXECUTION_KEYS + EVALUATION_KEYS}
         key["root"] = str(Path(key["root"]).resolve())
+        if self.layout.listing_in_key:  # a folder of photos: a photo added, removed or replaced recomputes the steps
+            key["pictures"] = {split: config_hash([[sid, *_file_state(self.layout.image_path(split, sid))]
+                                                   for sid in self.split_ids(split)]) for split in ("train", "val")}  # fmt: skip
         return key
 
     def protocol(self, split: str) -> dict:
@@ -176,6 +180,15 @@ def check_evaluation_settings(data: DictConfig) -> tuple[float, str]:
             "(masks hold segment ids, Hungarian-matched to classes)"
         )
     return tolerance, str(protocol)
+
+
+def _file_state(path: Path) -> list[int]:
+    """A picture's size and modification time: a replaced photo changes them (without reading every picture)."""
+    try:
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+    except OSError:  # gone since the listing: the step's reader names it
+        return [-1, -1]
 
 
 def check_class_names(names: Sequence[object], background_index: object) -> None:

@@ -33,6 +33,9 @@ class DatasetLayout:
     #: turn each picture as its EXIF orientation says before use (photographs as a viewer shows them); False for
     #: datasets whose masks were drawn on the pixels as stored
     exif_transpose = False
+    #: whether the steps' keys hold the listing of the pictures (ids and file sizes): True for a folder whose
+    #: pictures are the dataset, where adding or replacing a photo must recompute, not reuse a finished step
+    listing_in_key = False
 
     def __init__(self, root: str | Path, splits: Mapping[str, str] | None = None, label_map: LabelMap | Mapping | None = None,
                  class_file: str | None = None, class_file_background: str | None = None,
@@ -265,6 +268,7 @@ class ImageFolderLayout(DatasetLayout):
     """
 
     doc = "docs/guide.md"
+    listing_in_key = True
 
     def __init__(self, root, val_images: str | None = None, val_masks: str | None = None, val_every: int = 10,
                  exif_transpose: bool = True, **kwargs):  # fmt: skip
