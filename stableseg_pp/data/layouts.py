@@ -33,7 +33,7 @@ class DatasetLayout:
     #: turn each picture as its EXIF orientation says before use (photographs as a viewer shows them); False for
     #: datasets whose masks were drawn on the pixels as stored
     exif_transpose = False
-    #: whether the steps' keys hold the listing of the pictures (ids and file sizes): True for a folder whose
+    #: whether the steps' keys hold the listing of the pictures (ids, file sizes and times): True for a folder whose
     #: pictures are the dataset, where adding or replacing a photo must recompute, not reuse a finished step
     listing_in_key = False
 
