@@ -83,6 +83,7 @@ class DatasetDescription:
     boundary_tolerance: float = 2
     evaluation_protocol: str = "supervised"
     _ids: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    _listing: dict[str, str] | None = field(default=None, repr=False)
 
     @property
     def has_background(self) -> bool:
@@ -120,9 +121,14 @@ class DatasetDescription:
         key = {k: v for k, v in self.settings.items() if k not in EXECUTION_KEYS + EVALUATION_KEYS}
         key["root"] = str(Path(key["root"]).resolve())
         if self.layout.listing_in_key:  # a folder of photos: a photo added, removed or replaced recomputes the steps
-            key["pictures"] = {split: config_hash([[sid, *_file_state(self.layout.image_path(split, sid))]
-                                                   for sid in self.split_ids(split)]) for split in ("train", "val")}  # fmt: skip
+            if self._listing is None:  # read once per run, like the split ids (every step's key asks)
+                self._listing = {split: self._listing_hash(split) for split in ("train", "val")}
+            key["pictures"] = dict(self._listing)
         return key
+
+    def _listing_hash(self, split: str) -> str:
+        """A hash of the split's photos: each one's id, file size and modification time."""
+        return config_hash([[sid, *_file_state(self.layout.image_path(split, sid))] for sid in self.split_ids(split)])
 
     def protocol(self, split: str) -> dict:
         """The evaluation setting, written into every metrics file: numbers are comparable only when it matches."""

@@ -187,9 +187,13 @@ def _compute(
     loading = {"num_workers": workers, "pin_memory": on_gpu(cfg), "persistent_workers": False}
     train_loader = DataLoader(train_ds, batch_size=t.batch_size, shuffle=True, drop_last=len(train_ds) > t.batch_size,
                               **loading)  # fmt: skip
-    val_loader = None
-    if val_ds is not None:
-        val_loader = DataLoader(val_ds, batch_size=evaluation_batch_size(val_ds, seg.eval_batch_size), **loading)
+    # the pictures predicted after training, and their batch size (1 where sizes differ), read once: val's also
+    # validates the training
+    splits = (("train", train_ids), ("val", val_ids))
+    to_predict = {split: ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), dataset.convert_to_rgb,
+                                        exif_transpose=layout.exif_transpose) for split, ids in splits}  # fmt: skip
+    eval_batch = {split: evaluation_batch_size(items, seg.eval_batch_size) for split, items in to_predict.items()}
+    val_loader = DataLoader(val_ds, batch_size=eval_batch["val"], **loading) if val_ds is not None else None
     # Seed here, not only at start-up: the result must not depend on which stages ran before in this process.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     eval_max_side = int(plan["base_size"] * max(plan["scale"]))  # larger pictures are predicted scaled down to it
@@ -220,11 +224,9 @@ def _compute(
 
     # Predict the training images (next stage's targets) and the val images (the reported mIoU), sharded across ranks.
     layouts = {}
-    for split, ids in (("train", train_ids), ("val", val_ids)):
+    for split, ids in splits:
         layouts[split] = MaskSetLayout(out / split)
-        ds = ImageMaskPairs(images(split, ids), None, len(names), eval_transform(), dataset.convert_to_rgb,
-                            exif_transpose=layout.exif_transpose)  # fmt: skip
-        loader = DataLoader(ds, batch_size=evaluation_batch_size(ds, seg.eval_batch_size), num_workers=workers)
+        loader = DataLoader(to_predict[split], batch_size=eval_batch[split], num_workers=workers)
         predictor = instantiate(
             cfg.trainer,
             callbacks=[SegmenterMaskWriter(layouts[split], ids, dataset.palette)],
@@ -233,7 +235,6 @@ def _compute(
             sync_batchnorm=False,
         )
         run_lightning(predictor.predict, module, loader, return_predictions=False)
-    splits = (("train", train_ids), ("val", val_ids))
     distributed.barrier()  # every rank's predictions are written
     n = cfg.stage0.n_overlays
     distributed.on_main(lambda: [write_overlays(dataset, s, ids[:n], layouts[s], "DeepLabV3+") for s, ids in splits])
